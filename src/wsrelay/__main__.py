@@ -1,0 +1,3 @@
+from wsrelay.cli import main
+
+raise SystemExit(main())

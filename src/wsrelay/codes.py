@@ -1,0 +1,55 @@
+"""WebSocket close codes used by wsrelay, with what a client should do on each.
+
+The ranges follow the convention Centrifugo documents, so that client libraries
+can decide without a table of every code:
+
+* ``1000``-``1015`` are the standard codes of RFC 6455 section 7.4.1.
+* ``4000``-``4499``: application codes after which the client **should
+  reconnect** (with backoff).
+* ``4500``-``4999``: application codes after which the client **must not
+  reconnect** with the same URL; something has to change first.
+
+Every code wsrelay sends is defined here; nothing else in the package writes a
+bare number.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+NORMAL: Final = 1000
+"""The registration was deleted (``DELETE /register/<id>``), or the client closed."""
+
+GOING_AWAY: Final = 1001
+"""The server is shutting down. Reconnect, possibly to another node."""
+
+UNSUPPORTED_DATA: Final = 1003
+"""Raw-mode client sent a binary frame (JSON-mode clients get an error frame instead)."""
+
+POLICY_VIOLATION: Final = 1008
+"""Raw-mode client sent an invalid command; the close reason names the problem."""
+
+MESSAGE_TOO_BIG: Final = 1009
+"""The client sent a message larger than ``max_message_size``."""
+
+INTERNAL_ERROR: Final = 1011
+"""Unexpected server failure. Reconnect with backoff."""
+
+SLOW_CONSUMER: Final = 4008
+"""The client did not read fast enough and its outbox passed ``outbox_limit``
+bytes; pending messages were dropped for this client only. Reconnect."""
+
+REPLACED: Final = 4500
+"""Another connection was opened with the same registration id and took over.
+Do not reconnect: the two connections would keep replacing each other."""
+
+RECONNECT_RANGE: Final = range(4000, 4500)
+TERMINAL_RANGE: Final = range(4500, 5000)
+
+
+def should_reconnect(code: int) -> bool:
+    """Whether a client that saw close ``code`` should reconnect to the same URL."""
+    if code in TERMINAL_RANGE or code in (NORMAL, UNSUPPORTED_DATA, POLICY_VIOLATION):
+        return False
+    return True

@@ -1,0 +1,53 @@
+"""Hand one publication to its recipients, encoding it once.
+
+The envelope is serialized once per publication, and framed once per mode
+(JSON envelope or raw text), lazily: a publication nobody reads in raw mode is
+never framed raw. Every recipient gets the same ``bytes`` object; nothing is
+allocated per recipient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from wsrelay.core.registry import Client
+from wsrelay.core.schema import MessageFrame, encode
+
+Framer = Callable[[bytes], bytes]
+"""Turns a UTF-8 text payload into the bytes of one WebSocket text frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A message on its way to subscribers. ``user`` is a user key or None (everyone)."""
+
+    topic: str
+    message: str
+    user: str | None = None
+
+    def envelope(self) -> bytes:
+        """The JSON-mode payload: ``{"type":"message","topic":...,"message":...}``."""
+        return encode(MessageFrame(self.topic, self.message))
+
+
+def deliver(publication: Publication, recipients: Iterable[Client], framer: Framer) -> int:
+    """Queue ``publication`` to each recipient's connection; returns how many accepted it."""
+    json_frame: bytes | None = None
+    raw_frame: bytes | None = None
+    accepted = 0
+    for client in recipients:
+        sink = client.sink
+        if sink is None:
+            continue
+        if sink.raw:
+            if raw_frame is None:
+                raw_frame = framer(publication.message.encode())
+            frame = raw_frame
+        else:
+            if json_frame is None:
+                json_frame = framer(publication.envelope())
+            frame = json_frame
+        if sink.send(frame):
+            accepted += 1
+    return accepted

@@ -1,0 +1,150 @@
+"""Shapes of what crosses the wire, and strict decoding into them.
+
+HTTP bodies and WebSocket frames are described once, as msgspec structs. The
+same structs validate input, encode output, and generate the JSON Schemas in
+the OpenAPI document (:mod:`wsrelay.server.openapi`), so the document cannot
+drift from what the server accepts.
+
+User ids may be integers or strings and are compared as strings: ``42`` and
+``"42"`` are the same user. ``null`` (or no user id) makes an anonymous client,
+which receives only publications that target no user.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from wsrelay.errors import InvalidField, InvalidJSON
+
+UserId = Annotated[
+    int | str | None,
+    msgspec.Meta(description="An integer or string; 42 and \"42\" are the same user."),
+]
+Topic = Annotated[str, msgspec.Meta(description="A topic name; see the topic rule.")]
+
+# -- HTTP request and response bodies ---------------------------------------------------
+
+
+class RegisterRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /register``."""
+
+    user_id: UserId = None
+    topics: list[Topic] = []
+
+
+class RegisterResponse(msgspec.Struct):
+    """Answer to ``POST /register``: ``url`` is where the client opens its WebSocket."""
+
+    id: str
+    url: str
+
+
+class UnregisterResponse(msgspec.Struct):
+    """Answer to ``DELETE /register/<id>``."""
+
+    id: str
+    unregistered: bool = True
+
+
+class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /publish``. With ``user_id``, only that user's clients receive it."""
+
+    topic: Topic
+    message: str
+    user_id: UserId = None
+
+
+class PublishResponse(msgspec.Struct):
+    """Answer to ``POST /publish``: the number of connections on this node it was handed to."""
+
+    recipients: int
+
+
+class HealthResponse(msgspec.Struct):
+    """Answer to ``GET /health``."""
+
+    status: Literal["ok"]
+    version: str
+    connections: int
+    registrations: int
+    topics: int
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct):
+    """Body of every 4xx/5xx answer and of WebSocket error frames."""
+
+    error: ErrorDetail
+
+
+# -- WebSocket frames -----------------------------------------------------------------------
+
+
+class ClientCommand(msgspec.Struct, forbid_unknown_fields=True):
+    """A frame from client to server; exactly one field must be present.
+
+    ``{"topics": [...]}`` replaces the subscriptions (the seed's command),
+    ``{"subscribe": [...]}`` adds to them, ``{"unsubscribe": [...]}`` removes from them.
+    """
+
+    topics: list[Topic] | None = None
+    subscribe: list[Topic] | None = None
+    unsubscribe: list[Topic] | None = None
+
+
+class MessageFrame(msgspec.Struct, tag_field="type", tag="message"):
+    """A publication, as JSON-mode clients receive it."""
+
+    topic: str
+    message: str
+
+
+class SubscribedFrame(msgspec.Struct, tag_field="type", tag="subscribed"):
+    """Sent after each subscription command: the client's whole topic set, sorted."""
+
+    topics: list[str]
+
+
+class ErrorFrame(msgspec.Struct, tag_field="type", tag="error"):
+    """Sent for a command the server could not apply; the connection stays open."""
+
+    error: ErrorDetail
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+encode = msgspec.json.Encoder().encode
+
+
+def decode(data: bytes | str, into: type[T]) -> T:
+    """Decode JSON ``data`` into ``into``, strictly (no type coercion).
+
+    Raises:
+        InvalidJSON: ``data`` is not JSON, or not UTF-8.
+        InvalidField: it is JSON of the wrong shape; the message names the field.
+    """
+    decoder = _decoders.get(into)
+    if decoder is None:
+        decoder = _decoders[into] = msgspec.json.Decoder(into)
+    try:
+        return decoder.decode(data)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise InvalidField(_describe(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidJSON(f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON(f"not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `str`, got `int` - at `$.topic`"; keep it, it names the field.
+    return str(exc)

@@ -1,0 +1,117 @@
+"""Errors that cross the relay's boundary, each knowing how it is reported.
+
+The hierarchy::
+
+    RelayError                      code, http_status, close_code
+    ├── ClientError                 the peer's fault (4xx / error frame)
+    │   ├── BadRequest              400: malformed or invalid input
+    │   │   ├── InvalidJSON         400 invalid_json
+    │   │   ├── InvalidField        400 invalid_field (wrong type, missing, unknown)
+    │   │   ├── InvalidTopic        400 invalid_topic
+    │   │   ├── TooManyTopics       400 too_many_topics
+    │   │   └── UnsupportedFrame    400 unsupported_frame (binary WebSocket frame)
+    │   ├── NotFound                404 not_found / unknown_client
+    │   ├── MethodNotAllowed        405 method_not_allowed
+    │   ├── PayloadTooLarge         413 payload_too_large
+    │   └── UpgradeRequired         426 upgrade_required
+    └── ServerError                 ours (5xx / close 1011)
+        └── BrokerUnavailable       503 broker_unavailable
+
+Over HTTP an error becomes ``{"error": {"code": ..., "message": ...}}`` with
+``http_status``; on a WebSocket it becomes an error frame with the same body
+(JSON mode) or a close with ``close_code`` (raw mode).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from wsrelay import codes
+
+
+class RelayError(Exception):
+    """Base of every error wsrelay reports to a peer."""
+
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+    close_code: ClassVar[int] = codes.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # an instance may refine its class's code
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        """The JSON body sent for this error, over HTTP and in error frames."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, code={self.code!r})"
+
+
+class ClientError(RelayError):
+    """The request or frame was wrong; retrying it unchanged will fail again."""
+
+    code = "bad_request"
+    http_status = 400
+    close_code = codes.POLICY_VIOLATION
+
+
+class BadRequest(ClientError):
+    code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidField(BadRequest):
+    code = "invalid_field"
+
+
+class InvalidTopic(BadRequest):
+    code = "invalid_topic"
+
+
+class TooManyTopics(BadRequest):
+    code = "too_many_topics"
+
+
+class UnsupportedFrame(BadRequest):
+    code = "unsupported_frame"
+    close_code = codes.UNSUPPORTED_DATA
+
+
+class NotFound(ClientError):
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowed(ClientError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class PayloadTooLarge(ClientError):
+    code = "payload_too_large"
+    http_status = 413
+    close_code = codes.MESSAGE_TOO_BIG
+
+
+class UpgradeRequired(ClientError):
+    code = "upgrade_required"
+    http_status = 426
+
+
+class ServerError(RelayError):
+    """Something on our side failed; the same request may succeed later."""
+
+    code = "internal_error"
+    http_status = 500
+    close_code = codes.INTERNAL_ERROR
+
+
+class BrokerUnavailable(ServerError):
+    code = "broker_unavailable"
+    http_status = 503

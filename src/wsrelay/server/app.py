@@ -1,0 +1,91 @@
+"""The application factory: routes, error middleware, and the relay's lifetime.
+
+``create_app(settings)`` returns a fresh aiohttp application holding its own
+relay, so several can run in one process (tests do) and one can be mounted in
+an existing aiohttp app. :func:`serve` runs one until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from wsrelay import codes
+from wsrelay.brokers import Broker, from_url
+from wsrelay.config import Settings
+from wsrelay.relay import Relay
+from wsrelay.server import http, ws
+from wsrelay.server.connection import Flusher, frame_text
+from wsrelay.server.errors import json_errors
+from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
+
+log = logging.getLogger("wsrelay")
+
+SHUTDOWN_TIMEOUT = 10.0
+"""Seconds open connections get to close on shutdown before they are dropped."""
+
+
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> web.Application:
+    """A new relay application. ``broker`` overrides ``settings.broker`` (for tests)."""
+    settings = settings if settings is not None else Settings()
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_size)
+    app[SETTINGS] = settings
+    app[RELAY] = Relay(settings, frame_text, broker if broker is not None else from_url(settings.broker))
+    app[CONNECTIONS] = set()
+    app.router.add_get("/health", http.health)
+    app.router.add_post("/register", http.register)
+    app.router.add_delete("/register/{client_id}", http.unregister)
+    app.router.add_post("/publish", http.publish)
+    app.router.add_get("/ws/{client_id}", ws.websocket)
+    app.router.add_get("/openapi.json", http.openapi)
+    app.on_startup.append(_start)
+    app.on_shutdown.append(_close_connections)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    app[FLUSHER] = Flusher(asyncio.get_running_loop())
+    await app[RELAY].start()
+
+
+async def _close_connections(app: web.Application) -> None:
+    connections = list(app[CONNECTIONS])
+    for connection in connections:
+        connection.close(codes.GOING_AWAY, "server shutting down")
+    await asyncio.gather(*(c.wait_closed() for c in connections), return_exceptions=True)
+
+
+async def _stop(app: web.Application) -> None:
+    await app[RELAY].stop()
+
+
+async def serve(
+    settings: Settings, *, on_listening: Callable[[list[str]], None] | None = None
+) -> None:
+    """Run a relay with ``settings`` until SIGINT or SIGTERM, then shut down cleanly."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        urls = [f"http://{_format_host(host)}:{port}" for host, port, *_ in runner.addresses]
+        if on_listening is not None:
+            on_listening(urls)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

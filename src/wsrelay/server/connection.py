@@ -1,0 +1,130 @@
+"""One WebSocket connection as a :class:`~wsrelay.core.registry.Sink`, and the flusher.
+
+Fan-out only appends frames to outboxes. Once per event-loop pass the
+:class:`Flusher` writes each dirty connection's frames with one transport call,
+so a burst of publications costs one system call per connection, not one per
+message. Frames go straight to the connection's transport: they are complete
+WebSocket frames built once per publication (no compression is negotiated, so
+the bytes are the same for every client), and aiohttp's own writer only ever
+adds whole frames too (pongs, the close frame), so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from websockets.frames import Frame, Opcode
+
+from wsrelay import codes
+from wsrelay.core.outbox import Outbox, OutboxOverflow
+
+log = logging.getLogger("wsrelay.server")
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing connection gets to answer the close frame before it is dropped."""
+
+MAX_CLOSE_REASON = 123
+"""RFC 6455 5.5: a control frame's payload is at most 125 bytes, 2 of them the code."""
+
+
+def frame_text(payload: bytes) -> bytes:
+    """An unmasked, uncompressed WebSocket text frame carrying ``payload``."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+class Flusher:
+    """Writes every connection that has queued frames, once per event-loop pass."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def schedule(self, connection: Connection) -> None:
+        self._dirty.append(connection)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for connection in dirty:
+            connection.flush()
+
+
+class Connection:
+    """The server side of one client's WebSocket."""
+
+    __slots__ = ("_closer", "_flusher", "_outbox", "_transport", "_ws", "closing", "raw")
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        *,
+        raw: bool,
+        outbox_limit: int,
+        flusher: Flusher,
+    ) -> None:
+        self.raw = raw
+        self.closing = False
+        self._ws = ws
+        self._transport = transport
+        self._flusher = flusher
+        self._outbox = Outbox(outbox_limit, transport.get_write_buffer_size)
+        self._closer: asyncio.Task[None] | None = None
+
+    def send(self, frame: bytes) -> bool:
+        if self.closing:
+            return False
+        try:
+            first = self._outbox.push(frame)
+        except OutboxOverflow:
+            self.close(codes.SLOW_CONSUMER, "slow consumer: outbox limit exceeded")
+            return False
+        if first:
+            self._flusher.schedule(self)
+        return True
+
+    def flush(self) -> None:
+        frames = self._outbox.take()
+        transport = self._transport
+        if self.closing or not frames or transport.is_closing():
+            return
+        if len(frames) == 1:
+            transport.write(frames[0])
+        else:
+            transport.writelines(frames)
+        self._outbox.written(transport.get_write_buffer_size())
+
+    def close(self, code: int, reason: str) -> None:
+        """Drop what is queued and close with ``code`` in the background."""
+        if self.closing:
+            return
+        self.closing = True
+        self._outbox.take()
+        self._closer = asyncio.ensure_future(self._close(code, reason))
+
+    async def wait_closed(self) -> None:
+        if self._closer is not None:
+            await self._closer
+
+    async def _close(self, code: int, reason: str) -> None:
+        message = reason.encode()[:MAX_CLOSE_REASON]
+        try:
+            # No drain: a slow consumer's buffer may never drain; the close frame
+            # is queued behind what it holds and the timeout bounds the wait.
+            await asyncio.wait_for(
+                self._ws.close(code=code, message=message, drain=False), CLOSE_TIMEOUT
+            )
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            if self._transport.get_write_buffer_size():
+                # The peer never read its data: close() would wait to flush forever.
+                self._transport.abort()

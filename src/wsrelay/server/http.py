@@ -1,0 +1,90 @@
+"""HTTP handlers: parse, call the relay, answer JSON. No relay logic lives here."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from wsrelay import __version__
+from wsrelay.core.schema import (
+    HealthResponse,
+    PublishRequest,
+    PublishResponse,
+    RegisterRequest,
+    RegisterResponse,
+    UnregisterResponse,
+    decode,
+    encode,
+)
+from wsrelay.errors import PayloadTooLarge
+from wsrelay.server.keys import RELAY, SETTINGS
+
+T = TypeVar("T")
+
+
+def json_response(body: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=encode(body), status=status, content_type="application/json")
+
+
+async def read_json(request: web.Request, into: type[T]) -> T:
+    """The request body decoded into ``into``.
+
+    Raises:
+        PayloadTooLarge: the declared length is over the limit (nothing is read).
+        InvalidJSON, InvalidField: the body is not valid JSON of that shape.
+    """
+    limit = request.app[SETTINGS].max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"request body is {request.content_length} bytes; the limit is {limit}"
+        )
+    # aiohttp stops reading and raises 413 past client_max_size (chunked bodies).
+    return decode(await request.read(), into)
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[RELAY].registry
+    return json_response(
+        HealthResponse(
+            status="ok",
+            version=__version__,
+            connections=registry.connections,
+            registrations=registry.registrations,
+            topics=registry.topics,
+        )
+    )
+
+
+async def register(request: web.Request) -> web.Response:
+    body = await read_json(request, RegisterRequest)
+    client = request.app[RELAY].register(body.user_id, body.topics)
+    return json_response(RegisterResponse(id=client.id, url=websocket_url(request, client.id)))
+
+
+async def unregister(request: web.Request) -> web.Response:
+    client = await request.app[RELAY].unregister(request.match_info["client_id"])
+    return json_response(UnregisterResponse(id=client.id))
+
+
+async def publish(request: web.Request) -> web.Response:
+    body = await read_json(request, PublishRequest)
+    recipients = await request.app[RELAY].publish(body.topic, body.message, body.user_id)
+    return json_response(PublishResponse(recipients=recipients))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from wsrelay.server.openapi import document
+
+    doc: dict[str, Any] = document(request.app[SETTINGS])
+    return web.json_response(doc)
+
+
+def websocket_url(request: web.Request, client_id: str) -> str:
+    """Where the client connects: under ``public_url`` if set, else the Host it used."""
+    base = request.app[SETTINGS].public_url
+    if base is None:
+        scheme = "wss" if request.secure else "ws"
+        base = f"{scheme}://{request.host}"
+    return f"{base.rstrip('/')}/ws/{client_id}"

@@ -1,0 +1,14 @@
+"""Typed keys for what the application object carries (one app, no globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from wsrelay.config import Settings
+from wsrelay.relay import Relay
+from wsrelay.server.connection import Connection, Flusher
+
+SETTINGS = web.AppKey("settings", Settings)
+RELAY = web.AppKey("relay", Relay)
+FLUSHER = web.AppKey("flusher", Flusher)
+CONNECTIONS = web.AppKey("connections", set[Connection])
