@@ -65,8 +65,8 @@ class WorkerConfig:
     user_ids: list[int]  # one per subscriber of this worker
     topics: list[str]  # topic of each subscriber (parallel to user_ids)
     source_host: str | None  # loopback source address (127.0.0.x) for this worker's sockets
-    expected: int  # measured deliveries this worker should see
-    expected_probes: int  # warm-up probe deliveries this worker should see
+    expected_each: list[int]  # measured deliveries each subscriber should see
+    warmup: bool  # each subscriber gets one probe before the measurement
     client: str = "raw"  # "raw" | "aiohttp"
     concurrency: int = 64  # registrations/handshakes in flight
 
@@ -248,7 +248,7 @@ class Worker:
         self.cfg = cfg
         self.conn = conn
         self.counters = counters
-        self.stats = Stats(counters, cfg.index, cfg.expected, cfg.expected_probes)
+        self.stats = Stats(counters, cfg.index, 0, 0)
         self.connected = 0
         self.failed = 0
         self.errors: list[str] = []
@@ -266,14 +266,18 @@ class Worker:
         async with aiohttp.ClientSession(connector=connector) as session:
             sem = asyncio.Semaphore(self.cfg.concurrency)
             flusher = asyncio.create_task(self._flush_loop())
-            await asyncio.gather(
+            ok = await asyncio.gather(
                 *(self._open(session, sem, u, t) for u, t in zip(self.cfg.user_ids, self.cfg.topics))
             )
             self._row(CONNECTED, self.connected)
             self._row(FAILED, self.failed)
+            # Only subscribers that are connected count towards what this worker expects.
+            expected = sum(e for e, good in zip(self.cfg.expected_each, ok) if good)
+            self.stats.expected = expected
+            self.stats.expected_probes = self.connected if self.cfg.warmup else 0
             self.conn.send(
                 {"kind": "connected", "connected": self.connected, "failed": self.failed,
-                 "errors": self.errors[:5]}
+                 "expected": expected, "errors": self.errors[:5]}
             )
             await self._wait_for_stop()
             flusher.cancel()
@@ -288,8 +292,9 @@ class Worker:
             for closer in self.closers:
                 closer.abort() if isinstance(closer, asyncio.Transport) else closer.close()
 
-    async def _open(self, session: Any, sem: asyncio.Semaphore, user_id: int, topic: str) -> None:
+    async def _open(self, session: Any, sem: asyncio.Semaphore, user_id: int, topic: str) -> bool:
         async with sem:
+            ok = False
             try:
                 body = {"user_id": user_id, "topics": [topic]}
                 async with session.post(self.cfg.base_url + "/register", json=body) as resp:
@@ -302,12 +307,14 @@ class Worker:
                 else:
                     await self._raw_connect(url)
                 self.connected += 1
+                ok = True
             except Exception as exc:
                 self.failed += 1
                 self.errors.append(f"{type(exc).__name__}: {exc}")
             if (self.connected + self.failed) % 100 == 0:
                 self._row(CONNECTED, self.connected)
                 self._row(FAILED, self.failed)
+            return ok
 
     async def _raw_connect(self, url: str) -> None:
         loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from wsrelay import codes
 from wsrelay.brokers import Broker, from_url
@@ -68,6 +69,7 @@ async def serve(
     settings: Settings, *, on_listening: Callable[[list[str]], None] | None = None
 ) -> None:
     """Run a relay with ``settings`` until SIGINT or SIGTERM, then shut down cleanly."""
+    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_http)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
@@ -89,3 +91,16 @@ async def serve(
 
 def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _quiet_bad_http(record: logging.LogRecord) -> bool:
+    """A peer sending malformed HTTP is routine on the internet, not a server fault:
+    log one line at INFO instead of aiohttp's ERROR with a traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and exc.code < 500:
+        summary = f"{record.getMessage()}: {' '.join(str(exc).split())}"
+        record.msg, record.args = summary, None
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True

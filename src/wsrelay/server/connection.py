@@ -12,6 +12,7 @@ adds whole frames too (pongs, the close frame), so frames never interleave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
@@ -115,16 +116,12 @@ class Connection:
             await self._closer
 
     async def _close(self, code: int, reason: str) -> None:
+        # A peer that never reads (a slow consumer) would keep the transport open
+        # forever, waiting to flush; past the deadline it is dropped. abort() on a
+        # transport that already closed cleanly does nothing.
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
         message = reason.encode()[:MAX_CLOSE_REASON]
-        try:
-            # No drain: a slow consumer's buffer may never drain; the close frame
-            # is queued behind what it holds and the timeout bounds the wait.
-            await asyncio.wait_for(
-                self._ws.close(code=code, message=message, drain=False), CLOSE_TIMEOUT
-            )
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            if self._transport.get_write_buffer_size():
-                # The peer never read its data: close() would wait to flush forever.
-                self._transport.abort()
+        with contextlib.suppress(ConnectionError):
+            # No drain: the close frame is queued behind whatever the peer has not
+            # read yet, and aiohttp waits at most CLOSE_TIMEOUT for its answer.
+            await self._ws.close(code=code, message=message, drain=False)

@@ -1,0 +1,175 @@
+"""Tables, JSON and plots for bench/fanout.py."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+from array import array
+from dataclasses import asdict
+from typing import Any
+
+from runner import RunResult
+from scenarios import Scenario
+
+# (key, label, format, lower_is_better) in table order; "%" formats a 0..1 fraction.
+METRICS: list[tuple[str, str, str, bool]] = [
+    ("deliveries_per_s", "deliveries/s", ",.0f", False),
+    ("publishes_per_s", "publishes/s", ",.0f", False),
+    ("server_cpu_us_per_delivery", "server CPU us/delivery", ".2f", True),
+    ("server_cpu_util", "server CPU busy", "%", True),
+    ("latency_p50_ms", "latency p50 ms", ".2f", True),
+    ("latency_p99_ms", "latency p99 ms", ".2f", True),
+    ("latency_max_ms", "latency max ms", ".2f", True),
+    ("rss_before_mb", "server RSS before connect MB", ".1f", True),
+    ("rss_connected_mb", "server RSS connected MB", ".1f", True),
+    ("rss_end_mb", "server RSS at end MB", ".1f", True),
+    ("rss_per_conn_kb", "RSS per connection KiB", ".2f", True),
+    ("idle_cpu_util", "server CPU busy while idle", "%", True),
+    ("connect_s", "connect + register time s", ".2f", True),
+    ("expected", "deliveries expected", ",.0f", False),
+    ("received", "deliveries received", ",.0f", False),
+    ("lost", "deliveries lost", ",.0f", True),
+    ("client_cpu_us_per_delivery", "client CPU us/delivery", ".2f", True),
+    ("client_cpu_util_max", "busiest client worker CPU", "%", True),
+    ("publisher_cpu_util", "publisher CPU", "%", True),
+]
+NO_RATIO = {"expected", "received", "lost", "rss_before_mb", "client_cpu_us_per_delivery",
+            "client_cpu_util_max", "publisher_cpu_util", "connect_s"}
+
+
+def median_metrics(runs: list[RunResult]) -> dict[str, float | None]:
+    keys = runs[0].metrics.keys() if runs else []
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [v for r in runs if (v := r.metrics.get(key)) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def ratios(medians: dict[str, dict[str, float | None]], baseline: str
+           ) -> dict[str, dict[str, float | None]]:
+    base = medians.get(baseline, {})
+    out: dict[str, dict[str, float | None]] = {}
+    for target, values in medians.items():
+        out[target] = {}
+        for key, value in values.items():
+            b = base.get(key)
+            out[target][key] = value / b if value is not None and b else None
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec == "%":
+        return f"{value * 100:.0f}%"
+    return format(value, spec)
+
+
+def table(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str, repeat: int) -> str:
+    medians = {t: median_metrics(rs) for t, rs in runs.items()}
+    rel = ratios(medians, baseline)
+    targets = list(runs)
+    header = ["metric (median of %d run%s)" % (repeat, "s" if repeat > 1 else "")] + targets
+    rows: list[list[str]] = []
+    for key, label, spec, _ in METRICS:
+        values = [medians[t].get(key) for t in targets]
+        if all(v is None for v in values):
+            continue
+        cells = [label]
+        for t, v in zip(targets, values):
+            cell = _fmt(v, spec)
+            r = rel[t].get(key)
+            if key not in NO_RATIO and r is not None and t != baseline and baseline in medians:
+                cell += f" ({r:.2f}x)"
+            cells.append(cell)
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [scenario.describe()]
+    if baseline in medians and len(targets) > 1:
+        lines.append(f"(x) = ratio to {baseline}")
+    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                           for i, (h, w) in enumerate(zip(header, widths))))
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
+    notes = [f"{t} run {r.run}: {w}" for t, rs in runs.items() for r in rs for w in r.warnings]
+    lines += ["", "warnings:", *("  " + n for n in notes)] if notes else []
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                         "")
+    except OSError:
+        pass
+    node = ""
+    if shutil.which("node"):
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpus": str(os.cpu_count()), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version(), "node": node}
+
+
+def as_json(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str) -> dict[str, Any]:
+    medians = {t: median_metrics(rs) for t, rs in runs.items()}
+    rel = ratios(medians, baseline)
+    return {
+        "scenario": asdict(scenario),
+        "machine": machine_info(),
+        "baseline": baseline,
+        "targets": {
+            t: {"median": medians[t], "ratio_to_baseline": rel[t],
+                "runs": [r.metrics for r in rs], "warnings": [w for r in rs for w in r.warnings]}
+            for t, rs in runs.items()
+        },
+    }
+
+
+def plot(path: str, scenario: Scenario, runs: dict[str, list[RunResult]]) -> None:
+    """Latency CDF per target (all runs pooled) and deliveries/s per run (or RSS per connection)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for target, rs in runs.items():
+        pooled: array[int] = array("q")
+        for r in rs:
+            pooled.extend(r.latencies_ns)
+        if not pooled:
+            continue
+        values = sorted(pooled)
+        step = max(1, len(values) // 5000)
+        xs = [v / 1e6 for v in values[::step]] + [values[-1] / 1e6]
+        ys = [i * step / len(values) for i in range(len(xs) - 1)] + [1.0]
+        ax_lat.plot(xs, ys, label=target)
+    ax_lat.set_xscale("log")
+    ax_lat.set_xlabel("end-to-end latency (ms, log scale)")
+    ax_lat.set_ylabel("fraction of deliveries")
+    ax_lat.set_title("latency CDF")
+    ax_lat.grid(True, which="both", alpha=0.3)
+    if ax_lat.lines:
+        ax_lat.legend()
+    key, label = ("deliveries_per_s", "deliveries/s")
+    if scenario.messages == 0:
+        key, label = ("rss_per_conn_kb", "RSS per connection (KiB)")
+    names = list(runs)
+    meds = [median_metrics(runs[t]).get(key) or 0.0 for t in names]
+    ax_bar.bar(names, meds, color="#9ab", label="median")
+    for i, t in enumerate(names):
+        points = [v for r in runs[t] if (v := r.metrics.get(key)) is not None]
+        ax_bar.scatter([i] * len(points), points, color="black", s=12, zorder=3)
+    ax_bar.set_ylabel(label)
+    ax_bar.set_title(f"{label}: median (bar) and each run (dots)")
+    fig.suptitle(scenario.describe(), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,280 @@
+"""One measured run of one scenario against one target (used by bench/fanout.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing as mp
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+from clients import CONNECTED, FAILED, LAST_RECV_NS, NCOUNTERS, PROBES, RECEIVED, WorkerConfig
+from clients import WorkerResult, worker_main
+from scenarios import Publisher, Scenario, messages_per_topic, topic_name
+from servers import Server, Target
+
+
+@dataclass
+class RunOptions:
+    workers: int | None = None  # None: one per ~4000 subscribers
+    per_worker: int = 4000
+    client: str = "raw"
+    drain_timeout: float = 10.0  # give up when no delivery arrives for this long
+    connect_timeout: float = 300.0
+    run_index: int = 0  # rotates loopback source addresses between runs
+
+
+@dataclass
+class RunResult:
+    target: str
+    run: int
+    metrics: dict[str, float | None]
+    latencies_ns: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """Progress lines on stderr: rewritten in place on a terminal, throttled otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, text: str, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < (0.2 if self.tty else 2.0):
+            return
+        self.last = now
+        line = f"[{self.label}] {text}"
+        if self.tty:
+            sys.stderr.write("\r\x1b[K" + line + ("\n" if final else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def cpu_seconds(proc: psutil.Process | None) -> float | None:
+    if proc is None:
+        return None
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def rss_bytes(proc: psutil.Process | None) -> int | None:
+    return None if proc is None else int(proc.memory_info().rss)
+
+
+def percentile(sorted_values: list[int], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    idx = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return float(sorted_values[idx])
+
+
+class Run:
+    def __init__(self, target: Target, scenario: Scenario, opts: RunOptions, label: str) -> None:
+        self.target = target
+        self.scenario = scenario
+        self.opts = opts
+        self.progress = Progress(label)
+        self.server = Server(target)
+        self.warnings: list[str] = []
+        n = scenario.clients
+        self.nworkers = opts.workers or max(1, math.ceil(n / opts.per_worker))
+        self.ctx = mp.get_context("spawn")
+        self.counters: Any = self.ctx.Array("q", self.nworkers * NCOUNTERS, lock=False)
+        self.procs: list[Any] = []
+        self.pipes: list[Any] = []
+
+    def total(self, column: int) -> int:
+        return sum(self.counters[w * NCOUNTERS + column] for w in range(self.nworkers))
+
+    def _start_workers(self) -> None:
+        s, n, w = self.scenario, self.scenario.clients, self.nworkers
+        bounds = [n * i // w for i in range(w + 1)]
+        per_topic = messages_per_topic(s)
+        for i in range(w):
+            ids = range(bounds[i], bounds[i + 1])
+            # A fresh 127.0.0.x per worker and per run: ephemeral ports never run short, and
+            # TIME_WAIT sockets of a previous run do not collide.
+            host_octet = 2 + (self.opts.run_index * w + i) % 250
+            cfg = WorkerConfig(
+                index=i, base_url=self.server.base_url, user_ids=list(ids),
+                topics=[topic_name(c % s.topics) for c in ids],
+                source_host=f"127.0.0.{host_octet}",
+                expected_each=[per_topic[c % s.topics] for c in ids], warmup=s.warmup,
+                client=self.opts.client,
+            )
+            parent, child = self.ctx.Pipe()
+            proc = self.ctx.Process(target=worker_main, args=(cfg, child, self.counters),
+                                    daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            self.pipes.append(parent)
+
+    async def _wait_connected(self) -> tuple[int, int, int, list[str]]:
+        pending = set(range(self.nworkers))
+        connected = failed = expected = 0
+        errors: list[str] = []
+        deadline = time.monotonic() + self.opts.connect_timeout
+        while pending:
+            for i in list(pending):
+                if self.pipes[i].poll():
+                    msg = self.pipes[i].recv()
+                    if msg.get("kind") == "error":
+                        raise RuntimeError(f"client worker {i}: {msg['error']}")
+                    pending.discard(i)
+                    connected += msg["connected"]
+                    failed += msg["failed"]
+                    expected += msg["expected"]
+                    errors += msg["errors"]
+                elif not self.procs[i].is_alive():
+                    raise RuntimeError(f"client worker {i} died (exit {self.procs[i].exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out connecting subscribers")
+            self.progress.show(f"connecting {self.total(CONNECTED)}/{self.scenario.clients}"
+                               f" (failed {self.total(FAILED)})")
+            await asyncio.sleep(0.05)
+        self.progress.show(f"connected {connected}/{self.scenario.clients} (failed {failed})",
+                           final=True)
+        return connected, failed, expected, errors
+
+    async def _wait_for(self, column: int, goal: int, what: str, publishing: asyncio.Task[None]
+                        ) -> None:
+        """Poll the shared counters until ``goal`` is reached or deliveries stall."""
+        last, last_change = -1, time.monotonic()
+        while True:
+            got = self.total(column)
+            now = time.monotonic()
+            if got != last or not publishing.done():
+                last, last_change = got, now
+            if got >= goal:
+                break
+            if now - last_change > self.opts.drain_timeout:
+                self.warnings.append(f"{what}: stalled at {got}/{goal} deliveries")
+                break
+            self.progress.show(f"{what} {got}/{goal} delivered")
+            await asyncio.sleep(0.005)
+        self.progress.show(f"{what} {got}/{goal} delivered", final=True)
+
+    async def execute(self) -> RunResult:
+        s = self.scenario
+        self.server.start()
+        try:
+            sproc = psutil.Process(self.server.pid) if self.server.pid else None
+            rss_before = rss_bytes(sproc)
+            t_connect = time.monotonic()
+            self._start_workers()
+            connected, failed, expected, errors = await self._wait_connected()
+            connect_s = time.monotonic() - t_connect
+            if failed:
+                self.warnings.append(f"{failed} subscribers failed to connect: {errors[:3]}")
+            await asyncio.sleep(0.5)
+            rss_connected = rss_bytes(sproc)
+            async with Publisher(self.server.base_url, s) as pub:
+                if s.warmup:
+                    task = asyncio.create_task(pub.probes())
+                    await self._wait_for(PROBES, connected, "warm-up", task)
+                    await task
+                idle_cpu = None
+                if s.hold:
+                    c0 = cpu_seconds(sproc)
+                    self.progress.show(f"holding {connected} idle connections for {s.hold:g} s",
+                                       final=True)
+                    await asyncio.sleep(s.hold)
+                    c1 = cpu_seconds(sproc)
+                    idle_cpu = None if c0 is None or c1 is None else (c1 - c0) / s.hold
+                wprocs = [psutil.Process(p.pid) for p in self.procs]
+                me = psutil.Process()
+                cpu0, wcpu0, pcpu0 = cpu_seconds(sproc), [cpu_seconds(p) for p in wprocs], \
+                    cpu_seconds(me)
+                task = asyncio.create_task(pub.run())
+                await self._wait_for(RECEIVED, expected, "publishing", task)
+                cpu1, wcpu1, pcpu1 = cpu_seconds(sproc), [cpu_seconds(p) for p in wprocs], \
+                    cpu_seconds(me)
+                await task
+                rss_end = rss_bytes(sproc)
+            results = self._collect()
+        finally:
+            self._shutdown()
+            self.server.stop()
+        received = sum(r.received for r in results)
+        lat = array("q")
+        for r in results:
+            lat.frombytes(r.latencies_ns)
+        last_recv = max((r.last_recv_ns for r in results), default=0)
+        wall = (last_recv - pub.first_ns) / 1e9 if received and pub.first_ns else None
+        srt = sorted(lat)
+        server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        client_cpu = [b - a for a, b in zip(wcpu0, wcpu1) if a is not None and b is not None]
+        pub_cpu = None if pcpu0 is None or pcpu1 is None else pcpu1 - pcpu0
+        if pub.errors:
+            self.warnings.append(f"{pub.errors} publishes failed: {pub.last_error}")
+        closed = sum(r.closed for r in results)
+        if closed:
+            self.warnings.append(f"{closed} connections were closed by the server during the run")
+        metrics: dict[str, float | None] = {
+            "subscribers": float(connected),
+            "connect_s": connect_s,
+            "published": float(pub.sent),
+            "expected": float(expected),
+            "received": float(received),
+            "lost": float(expected - received),
+            "duration_s": wall,
+            "deliveries_per_s": received / wall if wall else None,
+            "publishes_per_s": pub.sent / wall if wall else None,
+            "server_cpu_us_per_delivery": server_cpu * 1e6 / received
+            if server_cpu is not None and received else None,
+            "server_cpu_util": server_cpu / wall if server_cpu is not None and wall else None,
+            "client_cpu_us_per_delivery": sum(client_cpu) * 1e6 / received
+            if client_cpu and received else None,
+            "client_cpu_util_max": max(client_cpu) / wall if client_cpu and wall else None,
+            "publisher_cpu_util": pub_cpu / wall if pub_cpu is not None and wall else None,
+            "latency_p50_ms": _ms(percentile(srt, 0.50)),
+            "latency_p99_ms": _ms(percentile(srt, 0.99)),
+            "latency_max_ms": _ms(float(srt[-1]) if srt else None),
+            "rss_before_mb": _mb(rss_before),
+            "rss_connected_mb": _mb(rss_connected),
+            "rss_end_mb": _mb(rss_end),
+            "rss_per_conn_kb": (rss_connected - rss_before) / connected / 1024
+            if rss_before is not None and rss_connected is not None and connected else None,
+            "idle_cpu_util": idle_cpu,
+        }
+        return RunResult(self.target.name, self.opts.run_index, metrics, lat, self.warnings)
+
+    def _collect(self) -> list[WorkerResult]:
+        for pipe in self.pipes:
+            pipe.send("stop")
+        results: list[WorkerResult] = []
+        for i, pipe in enumerate(self.pipes):
+            if not pipe.poll(60):
+                raise RuntimeError(f"client worker {i} did not report its results")
+            msg = pipe.recv()
+            if not isinstance(msg, WorkerResult):
+                raise RuntimeError(f"client worker {i}: {msg}")
+            results.append(msg)
+        return results
+
+    def _shutdown(self) -> None:
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _ms(ns: float | None) -> float | None:
+    return None if ns is None else ns / 1e6
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else n / 2**20
+
+
+async def run_once(target: Target, scenario: Scenario, opts: RunOptions, label: str) -> RunResult:
+    return await Run(target, scenario, opts, label).execute()

@@ -1,0 +1,25 @@
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.brokers.conformance import BrokerConformance, Inbox, Node
+from wsrelay.brokers import MemoryBroker, MemoryBus, from_url
+
+
+class TestMemoryBroker(BrokerConformance):
+    @pytest.fixture
+    async def nodes(self) -> AsyncIterator[tuple[Node, Node]]:
+        bus = MemoryBus()
+        a, b = MemoryBroker(bus), MemoryBroker(bus)
+        inbox_a, inbox_b = Inbox(), Inbox()
+        await a.start(inbox_a)
+        await b.start(inbox_b)
+        yield (a, inbox_a), (b, inbox_b)
+        await a.stop()
+        await b.stop()
+
+
+def test_from_url_picks_memory_and_refuses_unknown_schemes() -> None:
+    assert isinstance(from_url("memory://"), MemoryBroker)
+    with pytest.raises(ValueError, match="unsupported broker URL"):
+        from_url("kafka://localhost")

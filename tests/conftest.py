@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import aiohttp
+import pytest
+
+from tests.utils import Api, ServerProcess
+
+
+def _stop_and_check(server: ServerProcess) -> None:
+    status = server.stop()
+    log = server.log()
+    assert "Traceback" not in log, f"the server logged a traceback:\n{log}"
+    assert status == 0, f"the server exited with {status}:\n{log}"
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """One relay shared by tests that isolate themselves by topic; checked for
+    tracebacks and a clean exit at the end."""
+    process = ServerProcess().start()
+    yield process
+    _stop_and_check(process)
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Start a relay with extra ``serve`` arguments or environment; stopped and
+    checked after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        process = ServerProcess(args, env or {}).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        _stop_and_check(process)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+def api(server: ServerProcess, session: aiohttp.ClientSession) -> Api:
+    return Api(session, server.url)
+
+
+@pytest.fixture
+def topic(request: pytest.FixtureRequest) -> str:
+    """A topic name unique to the test, so tests sharing a server never cross."""
+    name = request.node.name
+    return "t." + "".join(c if c.isalnum() else "-" for c in name)[:100]

@@ -1,0 +1,61 @@
+import pytest
+
+from wsrelay.core.schema import (
+    ClientCommand,
+    MessageFrame,
+    PublishRequest,
+    RegisterRequest,
+    decode,
+    encode,
+)
+from wsrelay.errors import InvalidField, InvalidJSON
+
+
+def test_publish_request_accepts_the_seed_body() -> None:
+    """The seed's {"topic", "user_id", "message"} decodes as is."""
+    body = decode(b'{"topic": "cats", "user_id": 1, "message": "hi"}', PublishRequest)
+    assert (body.topic, body.user_id, body.message) == ("cats", 1, "hi")
+
+
+def test_user_id_may_be_a_string_or_absent() -> None:
+    assert decode(b'{"topic":"a","message":"m","user_id":"u1"}', PublishRequest).user_id == "u1"
+    assert decode(b'{"topic":"a","message":"m"}', PublishRequest).user_id is None
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "fragment"),
+    [
+        (b"{", InvalidJSON, "not valid JSON"),
+        (b"", InvalidJSON, "not valid JSON"),
+        (b'{"topic":"a","message":"\xff"}', InvalidJSON, "UTF-8"),
+        (b'{"message":"m"}', InvalidField, "missing required field `topic`"),
+        (b'{"topic":1,"message":"m"}', InvalidField, "$.topic"),
+        (b'{"topic":"a","message":1}', InvalidField, "$.message"),
+        (b'{"topic":"a","message":"m","user_id":true}', InvalidField, "$.user_id"),
+        (b'{"topic":"a","message":"m","user_id":1.5}', InvalidField, "$.user_id"),
+        (b'{"topic":"a","message":"m","user_id":1' + b"0" * 5000 + b"}", InvalidField, "$.user_id"),
+        (b'{"topic":"a","message":"m","extra":1}', InvalidField, "unknown field `extra`"),
+        (b'["topic"]', InvalidField, "Expected `object`"),
+        (b"[" * 100_000, InvalidField, "Expected `object`"),
+    ],
+)
+def test_bad_publish_bodies_name_the_problem(body: bytes, error: type, fragment: str) -> None:
+    """Malformed JSON and wrong shapes raise errors whose message names the field."""
+    with pytest.raises(error) as info:
+        decode(body, PublishRequest)
+    assert fragment in info.value.message
+
+
+def test_register_topics_must_be_strings() -> None:
+    with pytest.raises(InvalidField, match=r"\$\.topics\[1\]"):
+        decode(b'{"user_id":1,"topics":["a",2]}', RegisterRequest)
+
+
+def test_command_fields_default_to_absent() -> None:
+    command = decode('{"subscribe":["a"]}', ClientCommand)
+    assert (command.topics, command.subscribe, command.unsubscribe) == (None, ["a"], None)
+
+
+def test_message_frame_names_its_topic() -> None:
+    """The delivered envelope tells a client on several topics where a message came from."""
+    assert encode(MessageFrame("cats", "hi")) == b'{"type":"message","topic":"cats","message":"hi"}'
