@@ -81,9 +81,10 @@ async def test_broker_follows_local_occupancy() -> None:
 async def test_publications_cross_nodes_sharing_a_bus() -> None:
     """Two nodes on one memory bus: a publish on A reaches B's subscriber, once."""
     bus = MemoryBus()
-    async with Relay(Settings(), identity_framer, MemoryBroker(bus)) as a, Relay(
-        Settings(), identity_framer, MemoryBroker(bus)
-    ) as b:
+    async with (
+        Relay(Settings(), identity_framer, MemoryBroker(bus)) as a,
+        Relay(Settings(), identity_framer, MemoryBroker(bus)) as b,
+    ):
         client = b.register("u", ["t"])
         sink = RecordingSink()
         await b.attach(client, sink)

@@ -141,8 +141,12 @@ class Api:
         async with self.session.request(method, self.base + path, json=body, **kw) as response:
             return response.status, await response.json(content_type=None)
 
-    async def register(self, user_id: int | str | None = None, topics: Sequence[str] = ()) -> dict[str, Any]:
-        status, body = await self.call("POST", "/register", {"user_id": user_id, "topics": list(topics)})
+    async def register(
+        self, user_id: int | str | None = None, topics: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        status, body = await self.call(
+            "POST", "/register", {"user_id": user_id, "topics": list(topics)}
+        )
         assert status == 200, body
         return dict(body)
 
@@ -154,7 +158,10 @@ class Api:
         return int(body["recipients"])
 
     async def connect(
-        self, user_id: int | str | None = None, topics: Sequence[str] = (), fmt: str | None = None,
+        self,
+        user_id: int | str | None = None,
+        topics: Sequence[str] = (),
+        fmt: str | None = None,
         **kw: Any,
     ) -> Subscriber:
         """Register and connect; with ``topics`` subscribed at registration."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from wsrelay.config import Settings  # noqa: E402
-from wsrelay.server.app import create_app, serve  # noqa: E402
+from wsrelay.config import Settings
+from wsrelay.server.app import create_app, serve
 
 __all__ = ["Settings", "__version__", "create_app", "serve"]

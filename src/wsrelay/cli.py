@@ -82,7 +82,9 @@ def _parser_for(f: dataclasses.Field[Any]) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     # Flags given explicitly win over WSRELAY_* variables, which win over defaults.
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    explicit = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)
+    }
     try:
         settings = Settings.from_env(**explicit)
     except ValueError as exc:
@@ -119,9 +121,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("WSRELAY_URL", DEFAULT_URL),
         help="the relay's base URL [env: WSRELAY_URL]",
     )
-    parser.add_argument(
-        "--user-id", default=None, help="target (pub) or act as (sub) this user id"
-    )
+    parser.add_argument("--user-id", default=None, help="target (pub) or act as (sub) this user id")
 
 
 def _add_pub(commands: Any) -> None:
@@ -164,9 +164,11 @@ async def _pub(args: argparse.Namespace) -> int:
 
     body = {"topic": args.topic, "message": args.message, "user_id": _user_id(args.user_id)}
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(args.url.rstrip("/") + "/publish", json=body) as response:
-                answer = await _json_or_fail(response, "pub")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(args.url.rstrip("/") + "/publish", json=body) as response,
+        ):
+            answer = await _json_or_fail(response, "pub")
     except (aiohttp.ClientError, OSError) as exc:
         return _fail("pub", f"cannot reach {args.url}: {exc}")
     if answer is None:
@@ -198,8 +200,11 @@ async def _print_messages(session: Any, url: str, args: argparse.Namespace) -> i
     import aiohttp
 
     async with session.ws_connect(url) as ws:
-        print(f"subscribed to {', '.join(args.topics)}; waiting for messages", file=sys.stderr,
-              flush=True)
+        print(
+            f"subscribed to {', '.join(args.topics)}; waiting for messages",
+            file=sys.stderr,
+            flush=True,
+        )
         async for frame in ws:
             if frame.type is not aiohttp.WSMsgType.TEXT:
                 break

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Final
 
-
 NORMAL: Final = 1000
 """The registration was deleted (``DELETE /register/<id>``), or the client closed."""
 
@@ -50,6 +49,4 @@ TERMINAL_RANGE: Final = range(4500, 5000)
 
 def should_reconnect(code: int) -> bool:
     """Whether a client that saw close ``code`` should reconnect to the same URL."""
-    if code in TERMINAL_RANGE or code in (NORMAL, UNSUPPORTED_DATA, POLICY_VIOLATION):
-        return False
-    return True
+    return code not in TERMINAL_RANGE and code not in (NORMAL, UNSUPPORTED_DATA, POLICY_VIOLATION)

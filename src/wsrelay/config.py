@@ -55,14 +55,21 @@ class Settings:
         "disconnected with 4008 (slow consumer) and the others are unaffected.",
         metavar="BYTES",
     )
-    max_topics_per_client: int = _setting(256, "Topics one client may subscribe to at once.", metavar="N")
+    max_topics_per_client: int = _setting(
+        256, "Topics one client may subscribe to at once.", metavar="N"
+    )
     max_topic_length: int = _setting(128, "Longest topic name, in characters.", metavar="N")
     log_level: str = _setting("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", metavar="LEVEL")
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_body_size", "max_message_size", "outbox_limit",
-                     "max_topics_per_client", "max_topic_length"):
+        for name in (
+            "max_body_size",
+            "max_message_size",
+            "outbox_limit",
+            "max_topics_per_client",
+            "max_topic_length",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.port <= 65535:

@@ -139,4 +139,3 @@ class Relay:
             await self.broker.subscribe(topic)
         for topic in change.vacated:
             await self.broker.unsubscribe(topic)
-

@@ -97,9 +97,7 @@ class BrokerConformance:
         await inbox.wait_for(200)
         assert [p.message for p in inbox.items] == [str(i) for i in range(200)]
 
-    async def test_stop_is_idempotent_and_silences_the_node(
-        self, nodes: tuple[Node, Node]
-    ) -> None:
+    async def test_stop_is_idempotent_and_silences_the_node(self, nodes: tuple[Node, Node]) -> None:
         (a, inbox_a), (b, inbox_b) = nodes
         await a.subscribe("t")
         await b.subscribe("t")

@@ -5,7 +5,9 @@ from wsrelay.core.registry import Client, Registry, user_key
 from wsrelay.errors import NotFound
 
 
-def make(registry: Registry, cid: str, user: str | None = None, topics: set[str] | None = None) -> Client:
+def make(
+    registry: Registry, cid: str, user: str | None = None, topics: set[str] | None = None
+) -> Client:
     client = Client(cid, user, set(topics or ()))
     registry.add(client)
     return client

@@ -8,7 +8,7 @@ from wsrelay.core.schema import (
     decode,
     encode,
 )
-from wsrelay.errors import InvalidField, InvalidJSON
+from wsrelay.errors import InvalidField, InvalidJSON, RelayError
 
 
 def test_publish_request_accepts_the_seed_body() -> None:
@@ -39,7 +39,9 @@ def test_user_id_may_be_a_string_or_absent() -> None:
         (b"[" * 100_000, InvalidField, "Expected `object`"),
     ],
 )
-def test_bad_publish_bodies_name_the_problem(body: bytes, error: type, fragment: str) -> None:
+def test_bad_publish_bodies_name_the_problem(
+    body: bytes, error: type[RelayError], fragment: str
+) -> None:
     """Malformed JSON and wrong shapes raise errors whose message names the field."""
     with pytest.raises(error) as info:
         decode(body, PublishRequest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -63,23 +64,53 @@ BAD_REQUESTS = [
     ("POST", "/publish", b'{"topic": "t"}', 400, "invalid_field", "`message`"),
     ("POST", "/publish", b'{"topic": 5, "message": "m"}', 400, "invalid_field", "$.topic"),
     ("POST", "/publish", b'{"topic": "t", "message": {"a": 1}}', 400, "invalid_field", "$.message"),
-    ("POST", "/publish", b'{"topic": "t", "message": "m", "user_id": []}', 400, "invalid_field",
-     "$.user_id"),
+    (
+        "POST",
+        "/publish",
+        b'{"topic": "t", "message": "m", "user_id": []}',
+        400,
+        "invalid_field",
+        "$.user_id",
+    ),
     ("POST", "/publish", b'{"topic": "t", "message": "m", "usr": 1}', 400, "invalid_field", "usr"),
-    ("POST", "/publish", b'{"topic": "no spaces", "message": "m"}', 400, "invalid_topic",
-     "character"),
+    (
+        "POST",
+        "/publish",
+        b'{"topic": "no spaces", "message": "m"}',
+        400,
+        "invalid_topic",
+        "character",
+    ),
     ("POST", "/publish", b'{"topic": "", "message": "m"}', 400, "invalid_topic", "empty"),
-    ("POST", "/publish", b'{"topic": "' + b"x" * 129 + b'", "message": "m"}', 400, "invalid_topic",
-     "limit is 128"),
+    (
+        "POST",
+        "/publish",
+        b'{"topic": "' + b"x" * 129 + b'", "message": "m"}',
+        400,
+        "invalid_topic",
+        "limit is 128",
+    ),
     ("POST", "/publish", b"[1, 2]", 400, "invalid_field", "object"),
     ("POST", "/publish", b'"just a string"', 400, "invalid_field", "object"),
     ("POST", "/publish", b'{"topic": "t", "message": "\xff\xfe"}', 400, "invalid_json", "UTF-8"),
     ("POST", "/register", b'{"user_id": true}', 400, "invalid_field", "$.user_id"),
     ("POST", "/register", b'{"user_id": 1, "topics": "cats"}', 400, "invalid_field", "$.topics"),
-    ("POST", "/register", b'{"user_id": 1, "topics": ["ok", "not ok"]}', 400, "invalid_topic",
-     "not ok"),
-    ("POST", "/register", b'{"user_id": 1, "topics": [' + b",".join(
-        b'"t%d"' % i for i in range(257)) + b"]}", 400, "too_many_topics", "at most 256"),
+    (
+        "POST",
+        "/register",
+        b'{"user_id": 1, "topics": ["ok", "not ok"]}',
+        400,
+        "invalid_topic",
+        "not ok",
+    ),
+    (
+        "POST",
+        "/register",
+        b'{"user_id": 1, "topics": [' + b",".join(b'"t%d"' % i for i in range(257)) + b"]}",
+        400,
+        "too_many_topics",
+        "at most 256",
+    ),
     ("GET", "/no/such/route", b"", 404, "not_found", "/no/such/route"),
     ("GET", "/publish", b"", 405, "method_not_allowed", "POST"),
     ("PUT", "/register", b"", 405, "method_not_allowed", "POST"),
@@ -144,7 +175,7 @@ async def test_oversized_chunked_body_is_refused(start_server, session) -> None:
     """Without a Content-Length the limit still holds; the server stops reading past it."""
     server = start_server("--max-body-size", "1KiB")
 
-    async def chunks():
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(64):
             yield b"x" * 1024
 
@@ -177,7 +208,11 @@ async def test_openapi_document_describes_every_route(api: Api) -> None:
     assert status == 200
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {
-        "/health", "/register", "/register/{client_id}", "/publish", "/ws/{client_id}"
+        "/health",
+        "/register",
+        "/register/{client_id}",
+        "/publish",
+        "/ws/{client_id}",
     }
     schemas = doc["components"]["schemas"]
     assert schemas["PublishRequest"]["required"] == ["topic", "message"]

@@ -37,7 +37,10 @@ async def test_topics_command_replaces_and_is_acknowledged(api: Api, topic: str)
 
 async def test_subscribe_and_unsubscribe_add_and_remove(api: Api, topic: str) -> None:
     sub = await api.connect(1)
-    assert (await sub.subscribe(f"{topic}.x", f"{topic}.y"))["topics"] == [f"{topic}.x", f"{topic}.y"]
+    assert (await sub.subscribe(f"{topic}.x", f"{topic}.y"))["topics"] == [
+        f"{topic}.x",
+        f"{topic}.y",
+    ]
     ack = await sub.command({"unsubscribe": [f"{topic}.x", f"{topic}.never"]})
     assert ack["topics"] == [f"{topic}.y"]
     assert await api.publish(f"{topic}.x", "no") == 0
@@ -51,7 +54,10 @@ async def test_frames_name_their_topic(api: Api, topic: str) -> None:
     sub = await api.connect(1, [f"{topic}.1", f"{topic}.2"])
     await api.publish(f"{topic}.2", "two")
     await api.publish(f"{topic}.1", "one")
-    assert [await sub.message(), await sub.message()] == [(f"{topic}.2", "two"), (f"{topic}.1", "one")]
+    assert [await sub.message(), await sub.message()] == [
+        (f"{topic}.2", "two"),
+        (f"{topic}.1", "one"),
+    ]
     await sub.close()
 
 
@@ -107,7 +113,9 @@ async def test_unregister_closes_the_live_socket_normally(api: Api, topic: str) 
     assert await api.publish(topic, "m") == 0
 
 
-async def test_reconnect_after_disconnect_keeps_registration_and_topics(api: Api, topic: str) -> None:
+async def test_reconnect_after_disconnect_keeps_registration_and_topics(
+    api: Api, topic: str
+) -> None:
     sub = await api.connect(1, [topic])
     await sub.subscribe(f"{topic}.later")
     await sub.close()
@@ -148,7 +156,9 @@ async def test_many_subscribers_get_every_message_once_in_order(api: Api, topic:
     await asyncio.gather(*(s.close() for s in subs))
 
 
-async def test_concurrent_publishes_arrive_once_each_in_accepted_order(api: Api, topic: str) -> None:
+async def test_concurrent_publishes_arrive_once_each_in_accepted_order(
+    api: Api, topic: str
+) -> None:
     """16 publishes in flight: each client sees each message once, all in one order."""
     subs = await asyncio.gather(*(api.connect(i, [topic], fmt="raw") for i in range(10)))
     sem = asyncio.Semaphore(16)

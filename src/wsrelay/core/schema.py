@@ -20,7 +20,7 @@ from wsrelay.errors import InvalidField, InvalidJSON
 
 UserId = Annotated[
     int | str | None,
-    msgspec.Meta(description="An integer or string; 42 and \"42\" are the same user."),
+    msgspec.Meta(description='An integer or string; 42 and "42" are the same user.'),
 ]
 Topic = Annotated[str, msgspec.Meta(description="A topic name; see the topic rule.")]
 

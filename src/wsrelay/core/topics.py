@@ -28,9 +28,7 @@ def validate_topic(topic: str, max_length: int) -> str:
     if len(topic) > max_length:
         raise InvalidTopic(f"topic is {len(topic)} characters long; the limit is {max_length}")
     if _TOPIC_CHARS.fullmatch(topic) is None:
-        raise InvalidTopic(
-            f"topic {_shorten(topic)!r} has a character outside {TOPIC_ALPHABET}"
-        )
+        raise InvalidTopic(f"topic {_shorten(topic)!r} has a character outside {TOPIC_ALPHABET}")
     return topic
 
 

@@ -20,7 +20,7 @@ from wsrelay.brokers import Broker, from_url
 from wsrelay.config import Settings
 from wsrelay.relay import Relay
 from wsrelay.server import http, ws
-from wsrelay.server.connection import Flusher, frame_text
+from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
 
@@ -30,13 +30,18 @@ SHUTDOWN_TIMEOUT = 10.0
 """Seconds open connections get to close on shutdown before they are dropped."""
 
 
-def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> web.Application:
+def create_app(
+    settings: Settings | None = None, *, broker: Broker | None = None
+) -> web.Application:
     """A new relay application. ``broker`` overrides ``settings.broker`` (for tests)."""
     settings = settings if settings is not None else Settings()
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
-    app[RELAY] = Relay(settings, frame_text, broker if broker is not None else from_url(settings.broker))
-    app[CONNECTIONS] = set()
+    app[RELAY] = Relay(
+        settings, frame_text, broker if broker is not None else from_url(settings.broker)
+    )
+    connections: set[Connection] = set()
+    app[CONNECTIONS] = connections
     app.router.add_get("/health", http.health)
     app.router.add_post("/register", http.register)
     app.router.add_delete("/register/{client_id}", http.unregister)
@@ -55,7 +60,8 @@ async def _start(app: web.Application) -> None:
 
 
 async def _close_connections(app: web.Application) -> None:
-    connections = list(app[CONNECTIONS])
+    live: set[Connection] = app[CONNECTIONS]
+    connections = list(live)
     for connection in connections:
         connection.close(codes.GOING_AWAY, "server shutting down")
     await asyncio.gather(*(c.wait_closed() for c in connections), return_exceptions=True)

@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from wsrelay.core.schema import encode
-
 from wsrelay.errors import (
     ClientError,
     MethodNotAllowed,

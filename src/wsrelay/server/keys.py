@@ -11,4 +11,4 @@ from wsrelay.server.connection import Connection, Flusher
 SETTINGS = web.AppKey("settings", Settings)
 RELAY = web.AppKey("relay", Relay)
 FLUSHER = web.AppKey("flusher", Flusher)
-CONNECTIONS = web.AppKey("connections", set[Connection])
+CONNECTIONS: web.AppKey[set[Connection]] = web.AppKey("connections")

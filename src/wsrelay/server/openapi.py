@@ -68,7 +68,9 @@ def document(settings: Settings) -> dict[str, Any]:
             "/health": {
                 "get": {
                     "summary": "Liveness and counters",
-                    "responses": {"200": {"description": "Up.", "content": _json("HealthResponse")}},
+                    "responses": {
+                        "200": {"description": "Up.", "content": _json("HealthResponse")}
+                    },
                 }
             },
             "/register": {

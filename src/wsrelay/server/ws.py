@@ -54,7 +54,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
     connection = Connection(
         ws,
-        transport,  # type: ignore[arg-type]  # aiohttp types it as BaseTransport
+        transport,
         raw=fmt == "raw",
         outbox_limit=settings.outbox_limit,
         flusher=request.app[FLUSHER],
@@ -71,7 +71,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if message.type is WSMsgType.TEXT:
                 await _on_text(relay, client, connection, message.data)
             elif message.type is WSMsgType.BINARY:
-                _report(connection, UnsupportedFrame("binary frames are not supported; send JSON text"))
+                _report(
+                    connection, UnsupportedFrame("binary frames are not supported; send JSON text")
+                )
     finally:
         connections.discard(connection)
         await relay.detach(client, connection)
