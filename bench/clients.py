@@ -29,7 +29,7 @@ import os
 import time
 from array import array
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 # Columns of the shared counter array, one row of ``NCOUNTERS`` per worker.
@@ -69,6 +69,7 @@ class WorkerConfig:
     warmup: bool  # each subscriber gets one probe before the measurement
     client: str = "raw"  # "raw" | "aiohttp"
     concurrency: int = 64  # registrations/handshakes in flight
+    cpus: frozenset[int] | None = None  # CPU affinity of the worker (--pin)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class WorkerResult:
     probes: int
     last_recv_ns: int
     closed: int  # connections closed by the server during the run
+    other: int  # unexpected messages (e.g. JSON frames: the server ignored ?format=raw)
     latencies_ns: bytes  # array('q') of receive - send times
 
 
@@ -93,16 +95,19 @@ class Stats:
         self.probes = 0
         self.last_ns = 0
         self.closed = 0
+        self.other = 0  # messages that are neither measured nor probes (should stay 0)
         self.latencies: array[int] = array("q")
 
     def on_text(self, text: str, now: int) -> None:
         """aiohttp path: one decoded text message."""
-        if text[0] == "p":
-            self.probes += 1
-        else:
+        if text[:1].isdigit():
             i = text.index(":")
             self.latencies.append(now - int(text[i + 1 : text.index(":", i + 1)]))
             self.received += 1
+        elif text[:1] == "p":
+            self.probes += 1
+        else:
+            self.other += 1
         self.last_ns = now
         self.check_done()
 
@@ -130,18 +135,23 @@ class RawWebSocket(asyncio.Protocol):
         self.key = base64.b64encode(os.urandom(16))
         target = parts.path + ("?" + parts.query if parts.query else "")
         self.request = (
-            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-        ).encode() + b"Sec-WebSocket-Key: " + self.key + b"\r\n\r\n"
+            (
+                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            ).encode()
+            + b"Sec-WebSocket-Key: "
+            + self.key
+            + b"\r\n\r\n"
+        )
         self.transport: asyncio.Transport | None = None
         self.is_open = False
         self.buf = b""
         self.fragments: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
+        # uvloop's TCPTransport does not subclass asyncio.Transport, hence the cast.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -158,7 +168,8 @@ class RawWebSocket(asyncio.Protocol):
         head, rest = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
         self.buf = b""
         lines = head.split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        fields = (line.partition(":") for line in lines[1:])
+        headers = {k.strip().lower(): v.strip() for k, _, v in fields}
         accept = base64.b64encode(hashlib.sha1(self.key + _WS_GUID).digest()).decode()
         if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
             self.opened.set_exception(ConnectionError(f"handshake failed: {lines[0]!r}"))
@@ -200,14 +211,15 @@ class RawWebSocket(asyncio.Protocol):
                 break
             opcode = b0 & 0x0F
             if (opcode == 1 or opcode == 2) and b0 & 0x80:
-                if start == end:
-                    pass  # empty message: not ours
-                elif buf[start] == _PROBE:
-                    probes += 1
-                else:
+                first = buf[start] if start < end else 0
+                if 48 <= first <= 57:  # "<seq>:<sent ns>:..."
                     i = buf.index(_COLON, start, end)
                     latencies.append(now - int(buf[i + 1 : buf.index(_COLON, i + 1, end)]))
                     received += 1
+                elif first == _PROBE:  # "p:<sent ns>:..."
+                    probes += 1
+                else:
+                    stats.other += 1
             else:
                 self._control(b0, opcode, buf[start:end], now)
             pos = end
@@ -266,31 +278,45 @@ class Worker:
         async with aiohttp.ClientSession(connector=connector) as session:
             sem = asyncio.Semaphore(self.cfg.concurrency)
             flusher = asyncio.create_task(self._flush_loop())
-            ok = await asyncio.gather(
-                *(self._open(session, sem, u, t) for u, t in zip(self.cfg.user_ids, self.cfg.topics))
-            )
+            pairs = zip(self.cfg.user_ids, self.cfg.topics, strict=True)
+            ok = await asyncio.gather(*(self._open(session, sem, u, t) for u, t in pairs))
             self._row(CONNECTED, self.connected)
             self._row(FAILED, self.failed)
             # Only subscribers that are connected count towards what this worker expects.
-            expected = sum(e for e, good in zip(self.cfg.expected_each, ok) if good)
+            expected = sum(e for e, good in zip(self.cfg.expected_each, ok, strict=True) if good)
             self.stats.expected = expected
             self.stats.expected_probes = self.connected if self.cfg.warmup else 0
             self.conn.send(
-                {"kind": "connected", "connected": self.connected, "failed": self.failed,
-                 "expected": expected, "errors": self.errors[:5]}
+                {
+                    "kind": "connected",
+                    "connected": self.connected,
+                    "failed": self.failed,
+                    "expected": expected,
+                    "errors": self.errors[:5],
+                }
             )
             await self._wait_for_stop()
             flusher.cancel()
             self.stats.flush()
             s = self.stats
             self.conn.send(
-                WorkerResult(self.cfg.index, s.received, s.probes, s.last_ns, s.closed,
-                             s.latencies.tobytes())
+                WorkerResult(
+                    self.cfg.index,
+                    s.received,
+                    s.probes,
+                    s.last_ns,
+                    s.closed,
+                    s.other,
+                    s.latencies.tobytes(),
+                )
             )
             for reader in self.readers:
                 reader.cancel()
             for closer in self.closers:
-                closer.abort() if isinstance(closer, asyncio.Transport) else closer.close()
+                if hasattr(closer, "abort"):
+                    closer.abort()  # raw transport: drop it, the server is stopped next anyway
+                else:
+                    await closer.close()
 
     async def _open(self, session: Any, sem: asyncio.Semaphore, user_id: int, topic: str) -> bool:
         async with sem:
@@ -323,7 +349,9 @@ class Worker:
         local = (self.cfg.source_host, 0) if self.cfg.source_host else None
         transport, _ = await loop.create_connection(
             lambda: RawWebSocket(url, self.stats, opened),
-            parts.hostname, parts.port or 80, local_addr=local,
+            parts.hostname or "127.0.0.1",
+            parts.port or 80,
+            local_addr=local,
         )
         self.closers.append(transport)
         await asyncio.wait_for(opened, 30)
@@ -336,8 +364,11 @@ class Worker:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.TEXT:
                 stats.on_text(msg.data, time.time_ns())
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                              aiohttp.WSMsgType.ERROR):
+            elif msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
                 stats.closed += 1
                 return
 
@@ -359,12 +390,15 @@ class Worker:
             await stop
         finally:
             loop.remove_reader(self.conn.fileno())
+            os.set_blocking(self.conn.fileno(), True)  # the loop made it non-blocking
 
 
 def worker_main(cfg: WorkerConfig, conn: Conn, counters: Counters) -> None:
     """Entry point of a worker process (multiprocessing, spawn context)."""
     import uvloop
 
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
     try:
         uvloop.run(Worker(cfg, conn, counters).run())
     except Exception as exc:  # report instead of dying silently

@@ -10,8 +10,8 @@ and publications go over keep-alive HTTP. See bench/README.md for what every num
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import resource
 import sys
 
@@ -30,12 +30,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=f"Scenarios -- {presets}. Explicit knobs override the preset's values.",
     )
     t = p.add_argument_group("targets")
-    t.add_argument("--target", action="append", default=[], metavar="NAME|URL",
-                   help=f"server to measure: {', '.join(BUILTIN)} or an http:// URL "
-                        "(repeatable)")
+    t.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME|URL",
+        help=f"server to measure: {', '.join(BUILTIN)} or an http:// URL (repeatable)",
+    )
     t.add_argument("--targets", default="", metavar="LIST", help="comma-separated targets")
     t.add_argument("--server-pid", type=int, help="pid of a URL target (enables its CPU/RSS)")
-    t.add_argument("--baseline", default="node", help="target that ratios refer to (node)")
+    t.add_argument(
+        "--baseline",
+        default="node",
+        help="target that ratios refer to (default node, else the first target)",
+    )
     s = p.add_argument_group("scenario")
     s.add_argument("--scenario", choices=sorted(PRESETS), help="named preset (default: burst)")
     s.add_argument("--clients", type=int, help="subscribers (WebSocket connections)")
@@ -46,15 +54,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pace.add_argument("--inflight", type=int, help="publish as fast as possible, K in flight")
     pace.add_argument("--rate", type=float, help="publish at R messages per second")
     s.add_argument("--hold", type=float, help="seconds to hold connections idle before publishing")
-    s.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
-                   help="skip the warm-up probe round (it also checks every subscriber is live)")
+    s.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_const",
+        const=False,
+        help="skip the warm-up probe round (it also checks every subscriber is live)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--repeat", type=int, default=1, help="runs per target, alternating; medians")
     r.add_argument("--workers", type=int, help="client worker processes (default: 1 per 4000)")
-    r.add_argument("--client", choices=["raw", "aiohttp"], default="raw",
-                   help="subscriber WebSocket client implementation (default raw)")
-    r.add_argument("--drain-timeout", type=float, default=10.0,
-                   help="stop waiting when no delivery arrives for this long (s)")
+    r.add_argument(
+        "--client",
+        choices=["raw", "aiohttp"],
+        default="raw",
+        help="subscriber WebSocket client implementation (default raw)",
+    )
+    r.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the server to CPU 0 and clients + publisher to the other CPUs",
+    )
+    r.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="stop waiting when no delivery arrives for this long (s)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print JSON results instead of a table")
     o.add_argument("--plot", metavar="FILE.png", help="write latency CDF + throughput plot")
@@ -73,20 +99,40 @@ def raise_fd_limit(needed: int) -> None:
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     if needed > want:
-        print(f"bench: warning: {needed} connections need more than the open-file limit {want}",
-              file=sys.stderr)
+        print(
+            f"bench: warning: {needed} connections need more than the open-file limit {want}",
+            file=sys.stderr,
+        )
 
 
 async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, list[RunResult]]:
     targets = [resolve_target(spec, args.server_pid) for spec in args.target_list]
     runs: dict[str, list[RunResult]] = {t.name: [] for t in targets}
     counter = 0
+    server_cpus = client_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        server_cpus, client_cpus = frozenset(cpus[:1]), frozenset(cpus[1:])
+        os.sched_setaffinity(0, client_cpus)  # this process publishes
     for rep in range(args.repeat):
         for target in targets:  # alternate targets so drift on a noisy machine hits all alike
-            opts = RunOptions(workers=args.workers, client=args.client,
-                              drain_timeout=args.drain_timeout, run_index=counter)
+            opts = RunOptions(
+                workers=args.workers,
+                client=args.client,
+                drain_timeout=args.drain_timeout,
+                run_index=counter,
+                server_cpus=server_cpus,
+                client_cpus=client_cpus,
+            )
             label = f"{target.name} {rep + 1}/{args.repeat}"
-            result = await run_once(target, scenario, opts, label)
+            try:
+                result = await run_once(target, scenario, opts, label)
+            except (RuntimeError, OSError) as exc:  # one broken target must not sink the rest
+                print(f"[{label}] failed: {exc}", file=sys.stderr)
+                first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                result = RunResult(target.name, counter, {}, warnings=[f"failed: {first_line}"])
             result.run = rep + 1
             runs[target.name].append(result)
             counter += 1
@@ -96,20 +142,31 @@ async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, lis
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scenario = build_scenario(
-        args.scenario, clients=args.clients, topics=args.topics, messages=args.messages,
-        size=args.size, inflight=args.inflight, rate=args.rate, hold=args.hold,
+        args.scenario,
+        clients=args.clients,
+        topics=args.topics,
+        messages=args.messages,
+        size=args.size,
+        inflight=args.inflight,
+        rate=args.rate,
+        hold=args.hold,
         warmup=args.warmup,
     )
     raise_fd_limit(scenario.clients + 1000)
-    print(f"bench: {scenario.describe()}; targets {', '.join(args.target_list)}; "
-          f"{args.repeat} run(s) each", file=sys.stderr)
+    print(
+        f"bench: {scenario.describe()}; targets {', '.join(args.target_list)}; "
+        f"{args.repeat} run(s) each",
+        file=sys.stderr,
+    )
     import uvloop
 
     runs = uvloop.run(run_all(args, scenario))
+    # Ratios refer to --baseline (node) when it ran, else to the first target.
+    baseline = args.baseline if args.baseline in runs else next(iter(runs))
     if args.json:
-        print(json.dumps(as_json(scenario, runs, args.baseline), indent=2))
+        print(json.dumps(as_json(scenario, runs, baseline), indent=2))
     else:
-        print(table(scenario, runs, args.baseline, args.repeat))
+        print(table(scenario, runs, baseline, args.repeat))
     if args.plot:
         plot(args.plot, scenario, runs)
         print(f"bench: plot written to {args.plot}", file=sys.stderr)

@@ -20,6 +20,7 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("publishes_per_s", "publishes/s", ",.0f", False),
     ("server_cpu_us_per_delivery", "server CPU us/delivery", ".2f", True),
     ("server_cpu_util", "server CPU busy", "%", True),
+    ("server_sys_share", "server CPU in kernel", "%", True),
     ("latency_p50_ms", "latency p50 ms", ".2f", True),
     ("latency_p99_ms", "latency p99 ms", ".2f", True),
     ("latency_max_ms", "latency max ms", ".2f", True),
@@ -27,30 +28,44 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("rss_connected_mb", "server RSS connected MB", ".1f", True),
     ("rss_end_mb", "server RSS at end MB", ".1f", True),
     ("rss_per_conn_kb", "RSS per connection KiB", ".2f", True),
-    ("idle_cpu_util", "server CPU busy while idle", "%", True),
+    ("idle_cpu_util", "server CPU busy while idle", "%.1", True),
     ("connect_s", "connect + register time s", ".2f", True),
     ("expected", "deliveries expected", ",.0f", False),
     ("received", "deliveries received", ",.0f", False),
     ("lost", "deliveries lost", ",.0f", True),
     ("client_cpu_us_per_delivery", "client CPU us/delivery", ".2f", True),
+    ("client_sys_share", "client CPU in kernel", "%", True),
     ("client_cpu_util_max", "busiest client worker CPU", "%", True),
     ("publisher_cpu_util", "publisher CPU", "%", True),
+    ("client_side_cpu_util", "client workers + publisher CPU", "%", True),
 ]
-NO_RATIO = {"expected", "received", "lost", "rss_before_mb", "client_cpu_us_per_delivery",
-            "client_cpu_util_max", "publisher_cpu_util", "connect_s"}
+NO_RATIO = {
+    "expected",
+    "received",
+    "lost",
+    "rss_before_mb",
+    "client_cpu_us_per_delivery",
+    "server_sys_share",
+    "client_sys_share",
+    "client_cpu_util_max",
+    "publisher_cpu_util",
+    "client_side_cpu_util",
+    "connect_s",
+    "idle_cpu_util",
+}
 
 
 def median_metrics(runs: list[RunResult]) -> dict[str, float | None]:
-    keys = runs[0].metrics.keys() if runs else []
     out: dict[str, float | None] = {}
-    for key in keys:
+    for key in dict.fromkeys(k for r in runs for k in r.metrics):
         values = [v for r in runs if (v := r.metrics.get(key)) is not None]
         out[key] = statistics.median(values) if values else None
     return out
 
 
-def ratios(medians: dict[str, dict[str, float | None]], baseline: str
-           ) -> dict[str, dict[str, float | None]]:
+def ratios(
+    medians: dict[str, dict[str, float | None]], baseline: str
+) -> dict[str, dict[str, float | None]]:
     base = medians.get(baseline, {})
     out: dict[str, dict[str, float | None]] = {}
     for target, values in medians.items():
@@ -64,8 +79,8 @@ def ratios(medians: dict[str, dict[str, float | None]], baseline: str
 def _fmt(value: float | None, spec: str) -> str:
     if value is None:
         return "-"
-    if spec == "%":
-        return f"{value * 100:.0f}%"
+    if spec.startswith("%"):
+        return f"{value * 100:.{spec[2:] or 0}f}%"
     return format(value, spec)
 
 
@@ -73,14 +88,14 @@ def table(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str, r
     medians = {t: median_metrics(rs) for t, rs in runs.items()}
     rel = ratios(medians, baseline)
     targets = list(runs)
-    header = ["metric (median of %d run%s)" % (repeat, "s" if repeat > 1 else "")] + targets
+    header = [f"metric (median of {repeat} run{'s' if repeat > 1 else ''})", *targets]
     rows: list[list[str]] = []
     for key, label, spec, _ in METRICS:
         values = [medians[t].get(key) for t in targets]
         if all(v is None for v in values):
             continue
         cells = [label]
-        for t, v in zip(targets, values):
+        for t, v in zip(targets, values, strict=True):
             cell = _fmt(v, spec)
             r = rel[t].get(key)
             if key not in NO_RATIO and r is not None and t != baseline and baseline in medians:
@@ -91,12 +106,20 @@ def table(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str, r
     lines = [scenario.describe()]
     if baseline in medians and len(targets) > 1:
         lines.append(f"(x) = ratio to {baseline}")
-    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w)
-                           for i, (h, w) in enumerate(zip(header, widths))))
+    lines.append(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    )
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     notes = [f"{t} run {r.run}: {w}" for t, rs in runs.items() for r in rs for w in r.warnings]
     lines += ["", "warnings:", *("  " + n for n in notes)] if notes else []
     return "\n".join(lines)
@@ -106,15 +129,21 @@ def machine_info() -> dict[str, str]:
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                         "")
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
+            )
     except OSError:
         pass
     node = ""
     if shutil.which("node"):
         node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
-    return {"cpus": str(os.cpu_count()), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "node": node}
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "node": node,
+    }
 
 
 def as_json(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str) -> dict[str, Any]:
@@ -125,8 +154,12 @@ def as_json(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str)
         "machine": machine_info(),
         "baseline": baseline,
         "targets": {
-            t: {"median": medians[t], "ratio_to_baseline": rel[t],
-                "runs": [r.metrics for r in rs], "warnings": [w for r in rs for w in r.warnings]}
+            t: {
+                "median": medians[t],
+                "ratio_to_baseline": rel[t],
+                "runs": [r.metrics for r in rs],
+                "warnings": [w for r in rs for w in r.warnings],
+            }
             for t, rs in runs.items()
         },
     }

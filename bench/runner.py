@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
 from array import array
@@ -12,8 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-from clients import CONNECTED, FAILED, LAST_RECV_NS, NCOUNTERS, PROBES, RECEIVED, WorkerConfig
-from clients import WorkerResult, worker_main
+
+from clients import (
+    CONNECTED,
+    FAILED,
+    NCOUNTERS,
+    PROBES,
+    RECEIVED,
+    WorkerConfig,
+    WorkerResult,
+    worker_main,
+)
 from scenarios import Publisher, Scenario, messages_per_topic, topic_name
 from servers import Server, Target
 
@@ -26,6 +36,8 @@ class RunOptions:
     drain_timeout: float = 10.0  # give up when no delivery arrives for this long
     connect_timeout: float = 300.0
     run_index: int = 0  # rotates loopback source addresses between runs
+    server_cpus: frozenset[int] | None = None  # --pin: the server's cores ...
+    client_cpus: frozenset[int] | None = None  # ... and those of the clients and publisher
 
 
 @dataclass
@@ -58,11 +70,39 @@ class Progress:
         sys.stderr.flush()
 
 
-def cpu_seconds(proc: psutil.Process | None) -> float | None:
+CpuTimes = tuple[float, float]  # (user, system) seconds
+
+
+def cpu_times(proc: psutil.Process | None) -> CpuTimes | None:
     if proc is None:
         return None
     t = proc.cpu_times()
-    return float(t.user + t.system)
+    return float(t.user), float(t.system)
+
+
+def _delta(before: CpuTimes | None, after: CpuTimes | None, scale: float = 1.0) -> float | None:
+    """CPU seconds (user + system) spent between two samples, times ``scale``."""
+    if before is None or after is None:
+        return None
+    # max(): the float sums can come out a hair below zero for an idle process.
+    return max(0.0, after[0] + after[1] - before[0] - before[1]) * scale
+
+
+def _sys_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
+    total = _delta(before, after)
+    if before is None or after is None or not total:
+        return None
+    return (after[1] - before[1]) / total
+
+
+def _sys_share_many(before: list[CpuTimes | None], after: list[CpuTimes | None]) -> float | None:
+    pairs = [(b, a) for b, a in zip(before, after, strict=True) if b is not None and a is not None]
+    total = sum(a[0] + a[1] - b[0] - b[1] for b, a in pairs)
+    return sum(a[1] - b[1] for b, a in pairs) / total if total else None
+
+
+def _mul(value: float | None, factor: float | None) -> float | None:
+    return None if value is None or factor is None else value * factor
 
 
 def rss_bytes(proc: psutil.Process | None) -> int | None:
@@ -104,15 +144,20 @@ class Run:
             # TIME_WAIT sockets of a previous run do not collide.
             host_octet = 2 + (self.opts.run_index * w + i) % 250
             cfg = WorkerConfig(
-                index=i, base_url=self.server.base_url, user_ids=list(ids),
+                index=i,
+                base_url=self.server.base_url,
+                user_ids=list(ids),
                 topics=[topic_name(c % s.topics) for c in ids],
                 source_host=f"127.0.0.{host_octet}",
-                expected_each=[per_topic[c % s.topics] for c in ids], warmup=s.warmup,
+                expected_each=[per_topic[c % s.topics] for c in ids],
+                warmup=s.warmup,
                 client=self.opts.client,
+                cpus=self.opts.client_cpus,
             )
             parent, child = self.ctx.Pipe()
-            proc = self.ctx.Process(target=worker_main, args=(cfg, child, self.counters),
-                                    daemon=True)
+            proc = self.ctx.Process(
+                target=worker_main, args=(cfg, child, self.counters), daemon=True
+            )
             proc.start()
             self.procs.append(proc)
             self.pipes.append(parent)
@@ -137,15 +182,19 @@ class Run:
                     raise RuntimeError(f"client worker {i} died (exit {self.procs[i].exitcode})")
             if time.monotonic() > deadline:
                 raise RuntimeError("timed out connecting subscribers")
-            self.progress.show(f"connecting {self.total(CONNECTED)}/{self.scenario.clients}"
-                               f" (failed {self.total(FAILED)})")
+            self.progress.show(
+                f"connecting {self.total(CONNECTED)}/{self.scenario.clients}"
+                f" (failed {self.total(FAILED)})"
+            )
             await asyncio.sleep(0.05)
-        self.progress.show(f"connected {connected}/{self.scenario.clients} (failed {failed})",
-                           final=True)
+        self.progress.show(
+            f"connected {connected}/{self.scenario.clients} (failed {failed})", final=True
+        )
         return connected, failed, expected, errors
 
-    async def _wait_for(self, column: int, goal: int, what: str, publishing: asyncio.Task[None]
-                        ) -> None:
+    async def _wait_for(
+        self, column: int, goal: int, what: str, publishing: asyncio.Task[None]
+    ) -> None:
         """Poll the shared counters until ``goal`` is reached or deliveries stall."""
         last, last_change = -1, time.monotonic()
         while True:
@@ -164,39 +213,38 @@ class Run:
 
     async def execute(self) -> RunResult:
         s = self.scenario
-        self.server.start()
+        m: dict[str, float | None] = {}
+        self.server.start(cpus=set(self.opts.server_cpus or ()))
         try:
             sproc = psutil.Process(self.server.pid) if self.server.pid else None
             rss_before = rss_bytes(sproc)
             t_connect = time.monotonic()
             self._start_workers()
             connected, failed, expected, errors = await self._wait_connected()
-            connect_s = time.monotonic() - t_connect
+            m["connect_s"] = time.monotonic() - t_connect
+            if not connected:
+                raise RuntimeError(f"no subscriber could connect: {errors[:3]}")
             if failed:
                 self.warnings.append(f"{failed} subscribers failed to connect: {errors[:3]}")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # let the server settle before reading its RSS
             rss_connected = rss_bytes(sproc)
             async with Publisher(self.server.base_url, s) as pub:
                 if s.warmup:
                     task = asyncio.create_task(pub.probes())
                     await self._wait_for(PROBES, connected, "warm-up", task)
                     await task
-                idle_cpu = None
                 if s.hold:
-                    c0 = cpu_seconds(sproc)
-                    self.progress.show(f"holding {connected} idle connections for {s.hold:g} s",
-                                       final=True)
+                    self.progress.show(
+                        f"holding {connected} idle connections for {s.hold:g} s", final=True
+                    )
+                    c0 = cpu_times(sproc)
                     await asyncio.sleep(s.hold)
-                    c1 = cpu_seconds(sproc)
-                    idle_cpu = None if c0 is None or c1 is None else (c1 - c0) / s.hold
-                wprocs = [psutil.Process(p.pid) for p in self.procs]
-                me = psutil.Process()
-                cpu0, wcpu0, pcpu0 = cpu_seconds(sproc), [cpu_seconds(p) for p in wprocs], \
-                    cpu_seconds(me)
+                    m["idle_cpu_util"] = _delta(c0, cpu_times(sproc), 1 / s.hold)
+                procs = [sproc, psutil.Process(), *(psutil.Process(p.pid) for p in self.procs)]
+                before = [cpu_times(p) for p in procs]  # just before the first publish
                 task = asyncio.create_task(pub.run())
                 await self._wait_for(RECEIVED, expected, "publishing", task)
-                cpu1, wcpu1, pcpu1 = cpu_seconds(sproc), [cpu_seconds(p) for p in wprocs], \
-                    cpu_seconds(me)
+                after = [cpu_times(p) for p in procs]  # just after the last delivery
                 await task
                 rss_end = rss_bytes(sproc)
             results = self._collect()
@@ -204,48 +252,67 @@ class Run:
             self._shutdown()
             self.server.stop()
         received = sum(r.received for r in results)
-        lat = array("q")
+        lat: array[int] = array("q")
         for r in results:
             lat.frombytes(r.latencies_ns)
         last_recv = max((r.last_recv_ns for r in results), default=0)
         wall = (last_recv - pub.first_ns) / 1e9 if received and pub.first_ns else None
+        per_delivery = 1e6 / received if received else None
+        per_second = 1 / wall if wall else None
+        server_cpu = _delta(before[0], after[0])
+        clients = [_delta(b, a) or 0.0 for b, a in zip(before[2:], after[2:], strict=True)]
         srt = sorted(lat)
-        server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-        client_cpu = [b - a for a, b in zip(wcpu0, wcpu1) if a is not None and b is not None]
-        pub_cpu = None if pcpu0 is None or pcpu1 is None else pcpu1 - pcpu0
-        if pub.errors:
-            self.warnings.append(f"{pub.errors} publishes failed: {pub.last_error}")
-        closed = sum(r.closed for r in results)
-        if closed:
-            self.warnings.append(f"{closed} connections were closed by the server during the run")
-        metrics: dict[str, float | None] = {
+        m |= {
             "subscribers": float(connected),
-            "connect_s": connect_s,
             "published": float(pub.sent),
             "expected": float(expected),
             "received": float(received),
             "lost": float(expected - received),
             "duration_s": wall,
-            "deliveries_per_s": received / wall if wall else None,
-            "publishes_per_s": pub.sent / wall if wall else None,
-            "server_cpu_us_per_delivery": server_cpu * 1e6 / received
-            if server_cpu is not None and received else None,
-            "server_cpu_util": server_cpu / wall if server_cpu is not None and wall else None,
-            "client_cpu_us_per_delivery": sum(client_cpu) * 1e6 / received
-            if client_cpu and received else None,
-            "client_cpu_util_max": max(client_cpu) / wall if client_cpu and wall else None,
-            "publisher_cpu_util": pub_cpu / wall if pub_cpu is not None and wall else None,
-            "latency_p50_ms": _ms(percentile(srt, 0.50)),
-            "latency_p99_ms": _ms(percentile(srt, 0.99)),
-            "latency_max_ms": _ms(float(srt[-1]) if srt else None),
-            "rss_before_mb": _mb(rss_before),
-            "rss_connected_mb": _mb(rss_connected),
-            "rss_end_mb": _mb(rss_end),
+            "deliveries_per_s": received * per_second if per_second else None,
+            "publishes_per_s": pub.sent * per_second if per_second else None,
+            "server_cpu_us_per_delivery": _mul(server_cpu, per_delivery),
+            "server_cpu_util": _mul(server_cpu, per_second),
+            "server_sys_share": _sys_share(before[0], after[0]) if received else None,
+            "client_cpu_us_per_delivery": _mul(sum(clients), per_delivery),
+            "client_sys_share": _sys_share_many(before[2:], after[2:]) if received else None,
+            "client_cpu_util_max": _mul(max(clients), per_second),
+            "publisher_cpu_util": _mul(_delta(before[1], after[1]), per_second),
+            "client_side_cpu_util": _mul(
+                sum(clients) + (_delta(before[1], after[1]) or 0.0), per_second
+            ),
+            "latency_p50_ms": _mul(percentile(srt, 0.50), 1e-6),
+            "latency_p99_ms": _mul(percentile(srt, 0.99), 1e-6),
+            "latency_max_ms": _mul(float(srt[-1]) if srt else None, 1e-6),
+            "rss_before_mb": _mul(rss_before, 2**-20),
+            "rss_connected_mb": _mul(rss_connected, 2**-20),
+            "rss_end_mb": _mul(rss_end, 2**-20),
             "rss_per_conn_kb": (rss_connected - rss_before) / connected / 1024
-            if rss_before is not None and rss_connected is not None and connected else None,
-            "idle_cpu_util": idle_cpu,
+            if rss_before is not None and rss_connected is not None
+            else None,
         }
-        return RunResult(self.target.name, self.opts.run_index, metrics, lat, self.warnings)
+        if pub.errors:
+            self.warnings.append(f"{pub.errors} publishes failed: {pub.last_error}")
+        other = sum(r.other for r in results)
+        if other:
+            self.warnings.append(f"{other} unexpected messages (not raw benchmark payloads)")
+        closed = sum(r.closed for r in results)
+        if closed:
+            self.warnings.append(f"{closed} connections were closed by the server during the run")
+        self._check_clients(m)
+        return RunResult(self.target.name, self.opts.run_index, m, lat, self.warnings)
+
+    def _check_clients(self, m: dict[str, float | None]) -> None:
+        """Warn when the client side, not the server, may have set the pace."""
+        busiest, total = m["client_cpu_util_max"], m["client_side_cpu_util"]
+        # Cores left for clients + publisher: the pinned ones, else all but the server's one.
+        cores = len(self.opts.client_cpus or ()) or max(1, (os.cpu_count() or 2) - 1)
+        if (busiest is not None and busiest > 0.85) or (total is not None and total > 0.9 * cores):
+            self.warnings.append(
+                f"client side busy (busiest worker {busiest or 0:.0%}, workers + publisher "
+                f"{total or 0:.0%} of {cores} core(s)): deliveries/s and latency may be "
+                "limited by the clients, not the server"
+            )
 
     def _collect(self) -> list[WorkerResult]:
         for pipe in self.pipes:
@@ -266,14 +333,6 @@ class Run:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-
-
-def _ms(ns: float | None) -> float | None:
-    return None if ns is None else ns / 1e6
-
-
-def _mb(n: int | None) -> float | None:
-    return None if n is None else n / 2**20
 
 
 async def run_once(target: Target, scenario: Scenario, opts: RunOptions, label: str) -> RunResult:

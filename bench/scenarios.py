@@ -29,15 +29,19 @@ class Scenario:
 
     def describe(self) -> str:
         pace = f"{self.rate:g} msg/s" if self.rate else f"{self.inflight} in flight"
-        text = (f"{self.name}: {self.clients} subscribers on {self.topics} topic(s), "
-                f"{self.messages} x {self.size} B messages, {pace}")
+        text = f"{self.name}: {self.clients} subscribers on {self.topics} topic(s), "
+        if self.messages:
+            text += f"{self.messages} x {self.size} B messages, {pace}"
+        else:
+            text += "no messages"
         return text + (f", {self.hold:g} s idle hold" if self.hold else "")
 
 
 PRESETS: dict[str, Scenario] = {
     "burst": Scenario("burst", clients=1000, topics=1, messages=200, size=100, inflight=16),
-    "steady": Scenario("steady", clients=1000, topics=1, messages=200, size=100,
-                       inflight=None, rate=20.0),
+    "steady": Scenario(
+        "steady", clients=1000, topics=1, messages=200, size=100, inflight=None, rate=20.0
+    ),
     "idle": Scenario("idle", clients=8000, topics=1, messages=0, size=100, hold=5.0),
     "wide": Scenario("wide", clients=10000, topics=10000, messages=10000, size=100, inflight=16),
 }
@@ -46,7 +50,7 @@ SCENARIO_HELP = {
     "burst": "1000 subscribers, 200 x 100 B messages, 16 publishes in flight (throughput, CPU)",
     "steady": "1000 subscribers, 20 msg/s for 10 s (latency at a modest rate)",
     "idle": "8000 idle subscribers, 5 s hold (RSS per connection, idle CPU)",
-    "wide": "10000 topics x 1 subscriber, 10000 publishes spread over the topics (per-publish cost)",
+    "wide": "10000 topics x 1 subscriber, 10000 publishes over the topics (per-publish cost)",
 }
 
 

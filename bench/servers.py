@@ -66,8 +66,11 @@ def ensure_node_modules() -> None:
     if npm is None:
         raise RuntimeError("the node target needs npm (Node.js 18+) on PATH")
     print(f"bench: npm install --prefix {NODE_DIR}", file=sys.stderr)
-    subprocess.run([npm, "install", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"],
-                   check=True, stdout=sys.stderr)
+    subprocess.run(
+        [npm, "install", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"],
+        check=True,
+        stdout=sys.stderr,
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -93,7 +96,8 @@ class Server:
         self.base_url = target.url or ""
         self.pid = target.pid
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, cpus: set[int] | None = None) -> None:
+        """Start the target (pinned to ``cpus``, if given) and wait for ``GET /health``."""
         if not self.target.argv:
             self._wait_healthy(timeout)
             return
@@ -106,8 +110,14 @@ class Server:
         env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1"}
         with os.fdopen(fd, "wb") as out:
             self.process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=REPO_ROOT,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=REPO_ROOT,
+                # Pin before exec, so every thread of the server inherits the affinity.
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         self.pid = self.process.pid
         self.base_url = f"http://127.0.0.1:{port}"
@@ -126,8 +136,9 @@ class Server:
             except (OSError, urllib.error.URLError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.target.name} not healthy after {timeout}s\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"{self.target.name} not healthy after {timeout}s\n" + self.log_tail()
+                )
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 20) -> str:

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import aiohttp
 import pytest
 
+from tests.redis_server import RedisServer
 from tests.utils import Api, ServerProcess
 
 
@@ -56,3 +57,11 @@ def topic(request: pytest.FixtureRequest) -> str:
     """A topic name unique to the test, so tests sharing a server never cross."""
     name = request.node.name
     return "t." + "".join(c if c.isalnum() else "-" for c in name)[:100]
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server on a free port (see tests/redis_server.py on skipping)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()

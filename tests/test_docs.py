@@ -39,9 +39,7 @@ def test_readme_lists_every_setting() -> None:
 
 def test_readme_lists_every_close_code() -> None:
     named = {
-        value
-        for name, value in vars(codes).items()
-        if name.isupper() and isinstance(value, int)
+        value for name, value in vars(codes).items() if name.isupper() and isinstance(value, int)
     }
     documented = {int(c) for c in re.findall(r"^\| (\d{4}) \|", README, flags=re.MULTILINE)}
     assert named == documented

@@ -1,29 +1,31 @@
-"""The node, in-process over the memory broker, with recording sinks."""
+"""The node, in-process over memory backends, with recording sinks."""
+
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.fakes import RecordingSink, identity_framer
 from wsrelay import codes
-from wsrelay.brokers import MemoryBroker, MemoryBus
+from wsrelay.brokers import MemoryBus
 from wsrelay.config import Settings
 from wsrelay.errors import InvalidTopic, NotFound, TooManyTopics
-from wsrelay.relay import Relay
+from wsrelay.relay import CONTROL_TOPIC, Relay
 
 
 @pytest.fixture
-async def relay():
+async def relay() -> AsyncIterator[Relay]:
     async with Relay(Settings(max_topics_per_client=3), identity_framer) as r:
         yield r
 
 
 async def test_ids_are_128_bit_and_unique(relay: Relay) -> None:
-    ids = {relay.register(None).id for _ in range(1000)}
+    ids = {(await relay.register(None)).id for _ in range(1000)}
     assert len(ids) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
 async def test_publish_reaches_subscribers_and_counts_them(relay: Relay) -> None:
-    a, b = relay.register(1, ["t"]), relay.register(2, ["u"])
+    a, b = await relay.register(1, ["t"]), await relay.register(2, ["u"])
     sa, sb = RecordingSink(), RecordingSink()
     await relay.attach(a, sa)
     await relay.attach(b, sb)
@@ -32,7 +34,7 @@ async def test_publish_reaches_subscribers_and_counts_them(relay: Relay) -> None
 
 
 async def test_unregister_closes_with_normal_code(relay: Relay) -> None:
-    client = relay.register(1, ["t"])
+    client = await relay.register(1, ["t"])
     sink = RecordingSink()
     await relay.attach(client, sink)
     await relay.unregister(client.id)
@@ -40,10 +42,20 @@ async def test_unregister_closes_with_normal_code(relay: Relay) -> None:
     assert await relay.publish("t", "m") == 0
     with pytest.raises(NotFound):
         await relay.unregister(client.id)
+    with pytest.raises(NotFound):
+        await relay.lookup(client.id)
+
+
+async def test_attaching_a_deleted_registration_fails_and_leaves_nothing(relay: Relay) -> None:
+    client = await relay.register(1, ["t"])
+    await relay.unregister(client.id)
+    with pytest.raises(NotFound):
+        await relay.attach(client, RecordingSink())
+    assert relay.registry.connections == 0 and relay.registry.topics == 0
 
 
 async def test_second_connection_replaces_the_first(relay: Relay) -> None:
-    client = relay.register(1, ["t"])
+    client = await relay.register(1, ["t"])
     first, second = RecordingSink(), RecordingSink()
     await relay.attach(client, first)
     await relay.attach(client, second)
@@ -54,40 +66,61 @@ async def test_second_connection_replaces_the_first(relay: Relay) -> None:
 
 async def test_topic_rules_apply_to_every_entry_point(relay: Relay) -> None:
     with pytest.raises(InvalidTopic):
-        relay.register(1, ["bad topic"])
-    client = relay.register(1, ["a", "b"])
+        await relay.register(1, ["bad topic"])
+    with pytest.raises(InvalidTopic):
+        await relay.register(1, [CONTROL_TOPIC])
+    client = await relay.register(1, ["a", "b"])
     with pytest.raises(TooManyTopics):
         await relay.subscribe(client, ["c", "d"])
     assert client.topics == {"a", "b"}
     with pytest.raises(InvalidTopic):
         await relay.publish("", "m")
+    with pytest.raises(InvalidTopic):
+        await relay.publish(CONTROL_TOPIC, "m")
 
 
 async def test_broker_follows_local_occupancy() -> None:
     """The broker is subscribed to a topic exactly while someone here listens to it."""
-    broker = MemoryBroker()
-    async with Relay(Settings(), identity_framer, broker) as relay:
-        client = relay.register(None, ["t"])
-        assert broker.topics == set()
+    backend = MemoryBus().backend()
+    broker = backend.broker
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        client = await relay.register(None, ["t"])
+        assert broker.topics == {CONTROL_TOPIC}  # type: ignore[attr-defined]
         sink = RecordingSink()
         await relay.attach(client, sink)
-        assert broker.topics == {"t"}
+        assert broker.topics == {CONTROL_TOPIC, "t"}  # type: ignore[attr-defined]
         await relay.set_topics(client, ["u"])
-        assert broker.topics == {"u"}
+        assert broker.topics == {CONTROL_TOPIC, "u"}  # type: ignore[attr-defined]
         await relay.detach(client, sink)
-        assert broker.topics == set()
+        assert broker.topics == {CONTROL_TOPIC}  # type: ignore[attr-defined]
+
+
+async def two_nodes(bus: MemoryBus) -> tuple[Relay, Relay]:
+    a = Relay(Settings(), identity_framer, bus.backend())
+    b = Relay(Settings(), identity_framer, bus.backend())
+    await a.start()
+    await b.start()
+    return a, b
 
 
 async def test_publications_cross_nodes_sharing_a_bus() -> None:
     """Two nodes on one memory bus: a publish on A reaches B's subscriber, once."""
-    bus = MemoryBus()
-    async with (
-        Relay(Settings(), identity_framer, MemoryBroker(bus)) as a,
-        Relay(Settings(), identity_framer, MemoryBroker(bus)) as b,
-    ):
-        client = b.register("u", ["t"])
-        sink = RecordingSink()
-        await b.attach(client, sink)
-        assert await a.publish("t", "m", "u") == 0  # none local to A
-        await a.publish("t", "not for u", "someone else")
-        assert sink.frames == [b'{"type":"message","topic":"t","message":"m"}']
+    a, b = await two_nodes(MemoryBus())
+    client = await a.register("u", ["t"])  # registered on A, connected on B
+    sink = RecordingSink()
+    await b.attach(await b.lookup(client.id), sink)
+    assert await a.publish("t", "m", "u") == 0  # none local to A
+    await a.publish("t", "not for u", "someone else")
+    assert sink.frames == [b'{"type":"message","topic":"t","message":"m"}']
+
+
+async def test_unregister_and_reconnect_on_another_node_close_the_old_socket() -> None:
+    a, b = await two_nodes(MemoryBus())
+    client = await a.register(1, ["t"])
+    on_a = RecordingSink()
+    await a.attach(client, on_a)
+    on_b = RecordingSink()
+    await b.attach(await b.lookup(client.id), on_b)
+    assert on_a.closed == (codes.REPLACED, "replaced by a newer connection")
+    await a.unregister(client.id)
+    assert on_b.closed == (codes.NORMAL, "unregistered")

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -59,13 +58,20 @@ def _add_serve(commands: Any) -> None:
     )
     for f in dataclasses.fields(Settings):
         default = "" if f.default is None else f" (default: {f.default})"
+        kind: dict[str, Any] = {
+            "type": _parser_for(f),
+            "metavar": f.metadata.get("metavar") or f.name.upper(),
+        }
+        if f.type in ("bool", bool):
+            kind = {"action": "store_true"}
+        elif f.type == "tuple[str, ...]":
+            kind["action"] = "append"  # repeatable; each value may also be comma-separated
         serve.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=argparse.SUPPRESS,  # absent flags fall through to WSRELAY_* variables
-            type=_parser_for(f),
-            metavar=f.metadata.get("metavar") or f.name.upper(),
             help=f"{f.metadata['help']}{default} [env: {env_name(f.name)}]",
+            **kind,
         )
     serve.set_defaults(run=_serve)
 
@@ -85,23 +91,65 @@ def _serve(args: argparse.Namespace) -> int:
     explicit = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)
     }
+    for name, value in explicit.items():
+        if isinstance(value, list):  # a repeated flag: a list of tuples
+            explicit[name] = tuple(item for part in value for item in part)
+    from wsrelay.server.auth import startup_problem
+
     try:
         settings = Settings.from_env(**explicit)
     except ValueError as exc:
         print(f"wsrelay serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    problem = startup_problem(settings)
+    if problem is not None:
+        print(f"wsrelay serve: {problem}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        return _supervise_workers(settings)
+    _run_server(settings)
+    return 0
+
+
+def _run_server(settings: Settings) -> None:
+    """One relay process, until SIGINT or SIGTERM."""
     from wsrelay.server.app import serve
+    from wsrelay.server.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
     def listening(urls: list[str]) -> None:
         for url in urls:
             print(f"wsrelay listening on {url}", flush=True)
 
     _install_uvloop()
-    asyncio.run(serve(settings, on_listening=listening))
-    return 0
+    asyncio.run(serve(settings, on_listening=listening, reuse_port=settings.workers > 1))
+
+
+def _supervise_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` relay processes on one port; SIGINT/SIGTERM stops them all.
+    Returns 0 if every worker exited cleanly."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
+    workers = [
+        context.Process(target=_run_server, args=(settings,), name=f"wsrelay-worker-{i}")
+        for i in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def stop_all(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for worker in workers:
+        worker.join()
+    return 0 if all(worker.exitcode == 0 for worker in workers) else 1
 
 
 def _install_uvloop() -> None:

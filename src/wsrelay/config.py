@@ -18,10 +18,12 @@ KiB = 1024
 MiB = 1024 * KiB
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
-def _setting(default: Any, help: str, *, metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "metavar": metavar})
+def _setting(default: Any, help: str, *, metavar: str | None = None, secret: bool = False) -> Any:
+    # A secret is kept out of repr(), so a logged Settings never shows it.
+    return field(default=default, repr=not secret, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,24 @@ class Settings:
     )
     broker: str = _setting(
         "memory://", "Broker URL; memory:// keeps everything in this process.", metavar="URL"
+    )
+    registration_ttl: int = _setting(
+        86400,
+        "Seconds a registration lives while no connection is open for it (Redis broker "
+        "only; in memory, registrations live until deleted).",
+        metavar="SECONDS",
+    )
+    workers: int = _setting(
+        1,
+        "Processes to run, sharing the port (SO_REUSEPORT) so that every core is used; "
+        "more than 1 needs a Redis broker, which lets them act as one relay.",
+        metavar="N",
+    )
+    history_size: int = _setting(
+        1000,
+        "Publications kept per topic in the Redis stream, from which a node that lost "
+        "its Redis connection catches up (Redis broker only).",
+        metavar="N",
     )
     max_body_size: int = _setting(
         1 * MiB, "Largest HTTP request body accepted, in bytes; larger gets 413.", metavar="BYTES"
@@ -60,24 +80,104 @@ class Settings:
     )
     max_topic_length: int = _setting(128, "Longest topic name, in characters.", metavar="N")
     log_level: str = _setting("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", metavar="LEVEL")
+    log_format: str = _setting(
+        "text",
+        "Log line format: text, or json (one JSON object per line).",
+        metavar="FORMAT",
+    )
+    # -- hardening (docs/security.md) --
+    api_key: tuple[str, ...] = _setting(
+        (),
+        "API keys that POST /register, DELETE /register/<id>, POST /publish and GET /metrics "
+        "require as 'Authorization: Bearer <key>'; several (repeat the flag, or separate "
+        "with commas) allow rotation, none asks for no key. Prefer the variable: flags are "
+        "visible to other local users.",
+        metavar="KEY",
+        secret=True,
+    )
+    insecure: bool = _setting(
+        False,
+        "Allow listening on a non-loopback address without --api-key (for example behind "
+        "a proxy that authenticates).",
+    )
+    allowed_origin: tuple[str, ...] = _setting(
+        (),
+        "Origins whose web pages may open WebSockets, as patterns such as "
+        "https://*.example.com (repeat the flag, or separate with commas); another Origin "
+        "gets 403 before the upgrade. None: no Origin check (see docs/security.md).",
+        metavar="PATTERN",
+    )
+    max_connections: int = _setting(
+        10000,
+        "WebSocket connections this process holds at once; past it an upgrade gets 503.",
+        metavar="N",
+    )
+    jwt_secret: str | None = _setting(
+        None,
+        "HS256 secret that verifies connection tokens (GET /ws?token=...). Default: none.",
+        metavar="SECRET",
+        secret=True,
+    )
+    jwt_public_key_file: str | None = _setting(
+        None,
+        "PEM file holding the RSA public key that verifies RS256 connection tokens "
+        "(GET /ws?token=...). Default: none.",
+        metavar="PATH",
+    )
+    ping_interval: float = _setting(
+        25.0,
+        "Seconds between the server's pings on each WebSocket; a client that has not "
+        "answered half an interval later is disconnected. 0 turns pings off.",
+        metavar="SECONDS",
+    )
+    request_timeout: float = _setting(
+        30.0,
+        "Seconds a client gets to send a request's headers (from connecting, or from its "
+        "previous request on a kept-alive connection) and, separately, its body; past it "
+        "the connection is closed (headers) or answered 408 (body).",
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         problems = []
         for name in (
+            "registration_ttl",
+            "history_size",
+            "workers",
             "max_body_size",
             "max_message_size",
             "outbox_limit",
             "max_topics_per_client",
             "max_topic_length",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.ping_interval < 0:
+            problems.append("ping_interval must be 0 (off) or more")
+        if self.request_timeout <= 0:
+            problems.append("request_timeout must be more than 0")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if any(not key.strip() or "," in key for key in self.api_key):
+            problems.append("api_key: a key must not be empty or contain a comma")
+        if self.jwt_secret is not None and not self.jwt_secret:
+            problems.append("jwt_secret must not be empty")
+        if self.jwt_public_key_file is not None and not os.path.isfile(self.jwt_public_key_file):
+            problems.append(f"jwt_public_key_file: no such file {self.jwt_public_key_file!r}")
         if not 0 <= self.port <= 65535:
             problems.append("port must be between 0 and 65535")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.public_url is not None and not self.public_url.startswith(("ws://", "wss://")):
             problems.append("public_url must start with ws:// or wss://")
+        if self.workers > 1 and self.broker.startswith("memory:"):
+            problems.append(
+                "workers above 1 need a shared broker (memory:// keeps everything inside one "
+                "process); add --broker redis://HOST:6379/0"
+            )
+        if self.workers > 1 and self.port == 0:
+            problems.append("workers above 1 need a fixed port to share, not 0")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -107,7 +207,30 @@ def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
     """Parse ``raw`` for field ``f``; sizes accept a ``KiB``/``MiB`` suffix."""
     if f.type in ("int", int):
         return parse_size(raw, env_name(f.name))
+    if f.type in ("float", float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{env_name(f.name)}: expected a number, got {raw!r}") from None
+    if f.type in ("bool", bool):
+        return parse_bool(raw, env_name(f.name))
+    if f.type == "tuple[str, ...]":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw
+
+
+def parse_bool(raw: str, what: str = "value") -> bool:
+    """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``, any case.
+
+    Raises:
+        ValueError: ``raw`` is none of those.
+    """
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{what}: expected true or false, got {raw!r}")
 
 
 def parse_size(raw: str, what: str = "value") -> int:

@@ -10,12 +10,18 @@ The hierarchy::
     │   │   ├── InvalidTopic        400 invalid_topic
     │   │   ├── TooManyTopics       400 too_many_topics
     │   │   └── UnsupportedFrame    400 unsupported_frame (binary WebSocket frame)
+    │   ├── Unauthorized            401 unauthorized (missing or wrong API key)
+    │   │   ├── TokenExpired        401 token_expired (refresh the token, reconnect)
+    │   │   └── InvalidToken        401 invalid_token (do not retry)
+    │   ├── Forbidden               403 forbidden / origin_not_allowed
     │   ├── NotFound                404 not_found / unknown_client
     │   ├── MethodNotAllowed        405 method_not_allowed
+    │   ├── RequestTimeout          408 request_timeout (body not sent in time)
     │   ├── PayloadTooLarge         413 payload_too_large
     │   └── UpgradeRequired         426 upgrade_required
     └── ServerError                 ours (5xx / close 1011)
-        └── BrokerUnavailable       503 broker_unavailable
+        ├── BrokerUnavailable       503 broker_unavailable
+        └── ServiceUnavailable      503 too_many_connections
 
 Over HTTP an error becomes ``{"error": {"code": ..., "message": ...}}`` with
 ``http_status``; on a WebSocket it becomes an error frame with the same body
@@ -83,6 +89,30 @@ class UnsupportedFrame(BadRequest):
     close_code = codes.UNSUPPORTED_DATA
 
 
+class Unauthorized(ClientError):
+    """No valid credentials; HTTP answers carry ``WWW-Authenticate: Bearer``."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class TokenExpired(Unauthorized):
+    """The connection token's ``exp`` has passed: get a new token and reconnect."""
+
+    code = "token_expired"
+
+
+class InvalidToken(Unauthorized):
+    """The connection token is forged, malformed or unusable: retrying will not help."""
+
+    code = "invalid_token"
+
+
+class Forbidden(ClientError):
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(ClientError):
     code = "not_found"
     http_status = 404
@@ -91,6 +121,11 @@ class NotFound(ClientError):
 class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
     http_status = 405
+
+
+class RequestTimeout(ClientError):
+    code = "request_timeout"
+    http_status = 408
 
 
 class PayloadTooLarge(ClientError):
@@ -114,4 +149,11 @@ class ServerError(RelayError):
 
 class BrokerUnavailable(ServerError):
     code = "broker_unavailable"
+    http_status = 503
+
+
+class ServiceUnavailable(ServerError):
+    """A capacity limit of this process was reached; try again later or elsewhere."""
+
+    code = "service_unavailable"
     http_status = 503

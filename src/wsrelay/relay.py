@@ -1,10 +1,12 @@
-"""The node: registrations, subscriptions and publishing, over one broker.
+"""The node: registrations, subscriptions and publishing, over one backend.
 
 :class:`Relay` is what the HTTP/WebSocket adapter calls. It validates input
-against the settings, keeps the registry, keeps the broker subscribed to exactly
-the topics with local subscribers, and delivers publications, its own and those
-the broker brings from other nodes. It knows nothing of HTTP or of a particular
-broker; effects (the framer, the connections' sinks) are passed in.
+against the settings, keeps the broker subscribed to exactly the topics with
+local subscribers, delivers publications (its own and those the broker brings
+from other nodes), and keeps the nodes agreeing about connections: deleting a
+registration or connecting it again on one node closes its old socket on
+whichever node holds it. It knows nothing of HTTP or of a particular engine;
+effects (the framer, the connections' sinks) are passed in.
 """
 
 from __future__ import annotations
@@ -13,31 +15,54 @@ import logging
 import secrets
 from collections.abc import Iterable
 
+import msgspec
+
 from wsrelay import codes
-from wsrelay.brokers import Broker, MemoryBroker
+from wsrelay.brokers import Backend, MemoryBus
 from wsrelay.config import Settings
 from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.registry import Client, Occupancy, Registry, Sink, user_key
-from wsrelay.errors import TooManyTopics
+from wsrelay.errors import NotFound, TooManyTopics
 
 log = logging.getLogger("wsrelay")
 
 CLIENT_ID_BYTES = 16
 """128 random bits: the id is the client's capability to connect, so it must be unguessable."""
 
+CONTROL_TOPIC = "$control"
+"""Nodes tell each other about registrations on this topic. ``$`` is outside the
+topic alphabet, so no client can subscribe or publish to it."""
+
+
+class ControlEvent(msgspec.Struct, array_like=True):
+    """``unregistered``: close the client's socket (1000). ``attached``: a newer
+    connection opened on node ``node``; close any other (4500)."""
+
+    event: str
+    client_id: str
+    node: str
+
+
+_encode_control = msgspec.json.Encoder().encode
+_decode_control = msgspec.json.Decoder(ControlEvent).decode
+
 
 class Relay:
     """One relay node. Use as ``async with Relay(settings, framer) as relay``."""
 
-    def __init__(self, settings: Settings, framer: Framer, broker: Broker | None = None) -> None:
+    def __init__(self, settings: Settings, framer: Framer, backend: Backend | None = None) -> None:
         self.settings = settings
         self.framer = framer
-        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        backend = backend if backend is not None else MemoryBus().backend()
+        self.broker = backend.broker
+        self.registrations = backend.registrations
         self.registry = Registry()
+        self.node_id = secrets.token_hex(8)
 
     async def start(self) -> None:
-        await self.broker.start(self._on_broker_publication)
+        await self.broker.start(self._on_broker_publication, self.node_id)
+        await self.broker.subscribe(CONTROL_TOPIC)
 
     async def stop(self) -> None:
         await self.broker.stop()
@@ -49,48 +74,75 @@ class Relay:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def ready(self) -> bool:
+        """Whether this node can accept publishes: its broker is reachable."""
+        return self.broker.healthy
+
     # -- registrations ------------------------------------------------------------------
 
-    def register(self, user_id: int | str | None, topics: Iterable[str] = ()) -> Client:
+    async def register(self, user_id: int | str | None, topics: Iterable[str] = ()) -> Client:
         """Create a registration with a new unguessable id.
 
         Raises:
             InvalidTopic, TooManyTopics: ``topics`` breaks the topic rules.
+            BrokerUnavailable: the store is unreachable.
         """
         client = Client(
             secrets.token_hex(CLIENT_ID_BYTES), user_key(user_id), self._validate(topics)
         )
-        self.registry.add(client)
+        await self.registrations.add(client)
         return client
 
-    async def unregister(self, client_id: str) -> Client:
-        """Delete a registration and close its connection with :data:`codes.NORMAL`.
+    async def lookup(self, client_id: str) -> Client:
+        """The registration ``client_id``, from this node if attached here, else the store.
+
+        Raises:
+            NotFound: there is no such registration.
+        """
+        client = self.registry.attached(client_id) or await self.registrations.get(client_id)
+        if client is None:
+            raise NotFound("no registration with this id", code="unknown_client")
+        return client
+
+    async def unregister(self, client_id: str) -> None:
+        """Delete a registration and close its connection, wherever it is, with 1000.
 
         Raises:
             NotFound: no such registration.
         """
-        sink = self.registry.get(client_id).sink
-        client, change = self.registry.remove(client_id)
-        if sink is not None:
-            sink.close(codes.NORMAL, "unregistered")
-        await self._sync_broker(change)
-        return client
+        if not await self.registrations.remove(client_id):
+            raise NotFound("no registration with this id", code="unknown_client")
+        await self._close_local(client_id, codes.NORMAL, "unregistered")
+        await self._tell_nodes("unregistered", client_id)
 
     # -- connections ----------------------------------------------------------------------
 
     async def attach(self, client: Client, sink: Sink) -> None:
-        """Make ``sink`` the client's live connection, closing any it replaces."""
+        """Make ``sink`` the client's live connection, closing any it replaces here
+        or on another node.
+
+        Raises:
+            NotFound: the registration was deleted meanwhile (``sink`` is not attached).
+        """
         previous, change = self.registry.attach(client, sink)
-        if previous is not None:
+        if previous is not None and previous is not sink:
             previous.close(codes.REPLACED, "replaced by a newer connection")
         await self._sync_broker(change)
+        if not await self.registrations.attached(client):
+            await self.detach(client, sink)
+            raise NotFound("this registration was deleted", code="unknown_client")
+        await self._tell_nodes("attached", client.id)
 
     async def detach(self, client: Client, sink: Sink) -> None:
         """The connection ``sink`` ended; the registration stays."""
-        await self._sync_broker(self.registry.detach(client, sink))
+        change = self.registry.detach(client, sink)
+        await self._sync_broker(change)
+        if client.sink is None and self.registry.attached(client.id) is None:
+            await self.registrations.detached(client)
 
     async def set_topics(self, client: Client, topics: Iterable[str]) -> None:
         await self._sync_broker(self.registry.set_topics(client, self._validate(topics)))
+        await self.registrations.save_topics(client)
 
     async def subscribe(self, client: Client, topics: Iterable[str]) -> None:
         wanted = self._validate(topics)
@@ -101,9 +153,11 @@ class Relay:
                 f"{self.settings.max_topics_per_client}"
             )
         await self._sync_broker(self.registry.subscribe(client, wanted))
+        await self.registrations.save_topics(client)
 
     async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None:
         await self._sync_broker(self.registry.unsubscribe(client, self._validate(topics)))
+        await self.registrations.save_topics(client)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -126,9 +180,34 @@ class Relay:
         return deliver(publication, recipients, self.framer)
 
     def _on_broker_publication(self, publication: Publication) -> None:
-        self.deliver(publication)
+        if publication.topic != CONTROL_TOPIC:
+            self.deliver(publication)
+            return
+        try:
+            event = _decode_control(publication.message)
+        except msgspec.DecodeError:
+            log.warning("ignored a malformed control event")
+            return
+        client = self.registry.attached(event.client_id)
+        if client is None or client.sink is None or event.node == self.node_id:
+            return
+        if event.event == "unregistered":
+            client.sink.close(codes.NORMAL, "unregistered")
+        elif event.event == "attached":
+            client.sink.close(codes.REPLACED, "replaced by a newer connection")
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _tell_nodes(self, event: str, client_id: str) -> None:
+        body = _encode_control(ControlEvent(event, client_id, self.node_id)).decode()
+        await self.broker.publish(Publication(CONTROL_TOPIC, body))
+
+    async def _close_local(self, client_id: str, code: int, reason: str) -> None:
+        client = self.registry.attached(client_id)
+        if client is not None and client.sink is not None:
+            sink = client.sink
+            sink.close(code, reason)
+            await self.detach(client, sink)
 
     def _validate(self, topics: Iterable[str]) -> set[str]:
         s = self.settings

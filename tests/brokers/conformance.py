@@ -105,7 +105,7 @@ class BrokerConformance:
         await b.stop()
         await a.publish(Publication("t", "after stop"))
         # a publishes to itself nothing, so fence through a second subscriber: b restarts
-        await b.start(inbox_b)
+        await b.start(inbox_b, "node-b")
         await b.subscribe("t")
         await a.publish(Publication("t", "fence"))
         await inbox_b.wait_for(1)

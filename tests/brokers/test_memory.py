@@ -12,14 +12,14 @@ class TestMemoryBroker(BrokerConformance):
         bus = MemoryBus()
         a, b = MemoryBroker(bus), MemoryBroker(bus)
         inbox_a, inbox_b = Inbox(), Inbox()
-        await a.start(inbox_a)
-        await b.start(inbox_b)
+        await a.start(inbox_a, "node-a")
+        await b.start(inbox_b, "node-b")
         yield (a, inbox_a), (b, inbox_b)
         await a.stop()
         await b.stop()
 
 
 def test_from_url_picks_memory_and_refuses_unknown_schemes() -> None:
-    assert isinstance(from_url("memory://"), MemoryBroker)
+    assert isinstance(from_url("memory://").broker, MemoryBroker)
     with pytest.raises(ValueError, match="unsupported broker URL"):
         from_url("kafka://localhost")

@@ -209,10 +209,13 @@ async def test_openapi_document_describes_every_route(api: Api) -> None:
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {
         "/health",
+        "/ready",
         "/register",
         "/register/{client_id}",
         "/publish",
         "/ws/{client_id}",
+        "/ws",
+        "/metrics",
     }
     schemas = doc["components"]["schemas"]
     assert schemas["PublishRequest"]["required"] == ["topic", "message"]

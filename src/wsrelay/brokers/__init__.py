@@ -1,26 +1,45 @@
-"""Brokers carry publications between nodes; :func:`from_url` picks one by URL scheme."""
+"""Backends carry publications and registrations between nodes.
+
+:func:`from_url` picks one by URL scheme: ``memory://`` (the default, one
+process) or ``redis://`` / ``rediss://`` (many processes and machines; needs
+``pip install 'wsrelay[redis]'``). The Redis module is imported only when asked for.
+"""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from wsrelay.brokers.base import Broker, PublicationHandler
-from wsrelay.brokers.memory import MemoryBroker, MemoryBus
+from wsrelay.brokers.base import Backend, Broker, PublicationHandler, RegistrationStore
+from wsrelay.brokers.memory import MemoryBroker, MemoryBus, MemoryRegistrations
 
-__all__ = ["Broker", "MemoryBroker", "MemoryBus", "PublicationHandler", "from_url"]
+__all__ = [
+    "Backend",
+    "Broker",
+    "MemoryBroker",
+    "MemoryBus",
+    "MemoryRegistrations",
+    "PublicationHandler",
+    "RegistrationStore",
+    "from_url",
+]
 
-SCHEMES = ("memory",)
+SCHEMES = ("memory", "redis", "rediss")
 
 
-def from_url(url: str) -> Broker:
-    """The broker for ``url``; ``memory://`` is the in-process default.
+def from_url(url: str, *, registration_ttl: float = 86400.0, history_size: int = 1000) -> Backend:
+    """The backend for ``url``.
 
     Raises:
         ValueError: the scheme is not supported.
+        ImportError: ``redis://`` without the ``redis`` extra installed.
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryBroker()
+        return MemoryBus().backend()
+    if scheme in ("redis", "rediss"):
+        from wsrelay.brokers.redis import redis_backend
+
+        return redis_backend(url, registration_ttl=registration_ttl, history_size=history_size)
     raise ValueError(
         f"unsupported broker URL {url!r}: the scheme must be one of "
         + ", ".join(s + "://" for s in SCHEMES)

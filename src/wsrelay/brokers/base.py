@@ -1,19 +1,27 @@
-"""The broker contract: how one node's publications reach the other nodes.
+"""The backend contract: how nodes share publications and registrations.
 
-A broker never sees clients. The node tells it which topics have local
+A backend is a :class:`Broker` and a :class:`RegistrationStore` over one engine
+(memory for a single process, Redis for many).
+
+The broker never sees clients. The node tells it which topics have local
 subscribers (:meth:`Broker.subscribe` on the first, :meth:`Broker.unsubscribe`
 after the last) and hands it every publication accepted here
 (:meth:`Broker.publish`); the broker calls the node's handler with publications
 made on *other* nodes for topics this node subscribed to. Local delivery is the
 node's own job, so a publication reaches local subscribers without a round trip.
+
+The store keeps registrations, so that a client may register on one node and
+connect to another, and survive a node's restart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from wsrelay.core.fanout import Publication
+from wsrelay.core.registry import Client
 
 PublicationHandler = Callable[[Publication], None]
 
@@ -21,8 +29,14 @@ PublicationHandler = Callable[[Publication], None]
 class Broker(Protocol):
     """What every broker implements. All methods are called from the node's event loop."""
 
-    async def start(self, handler: PublicationHandler) -> None:
-        """Connect; from now on deliver other nodes' publications to ``handler``."""
+    @property
+    def healthy(self) -> bool:
+        """False while the engine is unreachable (publishes then raise)."""
+        ...
+
+    async def start(self, handler: PublicationHandler, origin: str) -> None:
+        """Connect; from now on deliver other nodes' publications to ``handler``.
+        ``origin`` names this node, so that its own publications are not handed back."""
         ...
 
     async def stop(self) -> None:
@@ -45,3 +59,43 @@ class Broker(Protocol):
                 caller must not report the publish as accepted.
         """
         ...
+
+
+class RegistrationStore(Protocol):
+    """Where registrations live. Methods raise BrokerUnavailable when the engine is down."""
+
+    async def add(self, client: Client) -> None:
+        """Store a new registration."""
+        ...
+
+    async def get(self, client_id: str) -> Client | None:
+        """The registration with this id, or None (never made, deleted or expired)."""
+        ...
+
+    async def remove(self, client_id: str) -> bool:
+        """Delete a registration; False if there was none."""
+        ...
+
+    async def save_topics(self, client: Client) -> None:
+        """Record the client's current topic set."""
+        ...
+
+    async def attached(self, client: Client) -> bool:
+        """A connection opened: keep the registration alive. False if it is gone."""
+        ...
+
+    async def detached(self, client: Client) -> None:
+        """Its connection closed: the registration may now expire."""
+        ...
+
+    async def count(self) -> int | None:
+        """How many registrations exist, if the store can tell cheaply."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A broker and a registration store over the same engine."""
+
+    broker: Broker
+    registrations: RegistrationStore

@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 A *registration* (:class:`Client`) is created by ``POST /register`` and lives
-until ``DELETE /register/<id>``. It owns its user and its topic set, which
-survive disconnects: a client that reconnects to the same URL resumes its
-subscriptions.
+until ``DELETE /register/<id>`` (or its TTL, with Redis). It owns its user and
+its topic set, which survive disconnects: a client that reconnects to the same
+URL, on any node, resumes its subscriptions. Registrations are kept by a store
+(:mod:`wsrelay.brokers`); this module indexes the ones in use here.
 
 A registration is *attached* while a WebSocket connection (a :class:`Sink`) is
-open for it. Only attached clients are in the two indexes:
+open for it on this node. Only attached clients are in the two indexes:
 
 * ``topic -> clients``: the clients a publication on that topic goes to;
 * ``user -> clients``: narrows a user-targeted publication.
@@ -27,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
-
-from wsrelay.errors import NotFound
 
 
 class Sink(Protocol):
@@ -81,76 +80,55 @@ def user_key(user_id: int | str | None) -> str | None:
 
 
 class Registry:
-    """All registrations of this node, and the indexes of attached clients."""
+    """The clients attached to this node, and their topic and user indexes.
+
+    Registrations themselves live in a store (memory or Redis, see
+    :mod:`wsrelay.brokers`); the registry holds a registration only while a
+    connection on this node is attached to it.
+    """
 
     def __init__(self) -> None:
-        self._clients: dict[str, Client] = {}
+        self._attached: dict[str, Client] = {}
         self._by_topic: dict[str, set[Client]] = {}
         self._by_user: dict[str, set[Client]] = {}
-        self._attached = 0
-
-    # -- registrations -------------------------------------------------------------------
-
-    def add(self, client: Client) -> None:
-        """Add a new registration. Its id must be new."""
-        if client.id in self._clients:
-            raise ValueError("duplicate client id")
-        self._clients[client.id] = client
-
-    def get(self, client_id: str) -> Client:
-        """The registration with this id.
-
-        Raises:
-            NotFound: there is none (never registered, or unregistered).
-        """
-        client = self._clients.get(client_id)
-        if client is None:
-            raise NotFound("no registration with this id", code="unknown_client")
-        return client
-
-    def remove(self, client_id: str) -> tuple[Client, Occupancy]:
-        """Delete a registration, detaching it first. The caller closes its sink.
-
-        Raises:
-            NotFound: there is no such registration.
-        """
-        client = self.get(client_id)
-        change = self.detach(client, client.sink) if client.sink is not None else Occupancy()
-        del self._clients[client_id]
-        return client, change
 
     # -- connections ----------------------------------------------------------------------
 
     def attach(self, client: Client, sink: Sink) -> tuple[Sink | None, Occupancy]:
         """Make ``sink`` the client's connection; returns the sink it replaced, if any.
 
-        Raises:
-            NotFound: ``client`` was unregistered (say, while its connection opened).
+        A registration loaded again from the store (Redis) while attached here is a
+        different object with the same id: it takes the old one's place.
         """
-        if self._clients.get(client.id) is not client:
-            raise NotFound("this registration was deleted", code="unknown_client")
-        previous = client.sink
         change = Occupancy()
-        if previous is None:
-            self._attached += 1
+        current = self._attached.get(client.id)
+        previous = current.sink if current is not None else None
+        if current is not client:
+            if current is not None:
+                change = self.detach(current, current.sink)
+            self._attached[client.id] = client
             self._index(client, client.topics, change)
             if client.user is not None:
                 self._by_user.setdefault(client.user, set()).add(client)
         client.sink = sink
-        return previous, change
+        return previous, _net(change)
 
     def detach(self, client: Client, sink: Sink | None) -> Occupancy:
         """Forget ``sink`` if it is still the client's connection (a replaced
         connection detaching late must not detach its successor)."""
         change = Occupancy()
-        if sink is None or client.sink is not sink:
+        if sink is None or client.sink is not sink or self._attached.get(client.id) is not client:
             return change
         client.sink = None
-        self._attached -= 1
+        del self._attached[client.id]
         self._unindex(client, client.topics, change)
         if client.user is not None:
             _discard(self._by_user, client.user, client)
         return change
+
+    def attached(self, client_id: str) -> Client | None:
+        """The registration attached here under ``client_id``, if any."""
+        return self._attached.get(client_id)
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -208,20 +186,26 @@ class Registry:
         return len(self._by_topic.get(topic, ()))
 
     @property
-    def registrations(self) -> int:
-        return len(self._clients)
-
-    @property
     def connections(self) -> int:
-        return self._attached
+        return len(self._attached)
 
     @property
     def topics(self) -> int:
         """Topics with at least one attached subscriber."""
         return len(self._by_topic)
 
-    def clients(self) -> Iterator[Client]:
-        return iter(list(self._clients.values()))
+    def clients(self) -> list[Client]:
+        """A snapshot of the attached clients."""
+        return list(self._attached.values())
+
+
+def _net(change: Occupancy) -> Occupancy:
+    """Cancel topics both vacated and re-occupied within one change."""
+    both = set(change.occupied) & set(change.vacated)
+    if both:
+        change.occupied = [t for t in change.occupied if t not in both]
+        change.vacated = [t for t in change.vacated if t not in both]
+    return change
 
 
 def _discard(index: dict[str, set[Client]], key: str, client: Client) -> bool:

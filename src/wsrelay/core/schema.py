@@ -67,9 +67,18 @@ class HealthResponse(msgspec.Struct):
 
     status: Literal["ok"]
     version: str
+    broker: Literal["up", "down"]
     connections: int
-    registrations: int
+    registrations: int | None
+    """None when the store cannot count cheaply or is unreachable."""
     topics: int
+
+
+class ReadyResponse(msgspec.Struct):
+    """Answer to ``GET /ready``: 200 ``ready`` while this node accepts publishes,
+    503 ``unavailable`` while it cannot (its broker is unreachable)."""
+
+    status: Literal["ready", "unavailable"]
 
 
 class ErrorDetail(msgspec.Struct):

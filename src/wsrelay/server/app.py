@@ -16,13 +16,15 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from wsrelay import codes
-from wsrelay.brokers import Broker, from_url
+from wsrelay.brokers import Backend, from_url
 from wsrelay.config import Settings
 from wsrelay.relay import Relay
-from wsrelay.server import http, ws
+from wsrelay.server import http, metrics, ws
+from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, protected
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
+from wsrelay.server.limits import SLOTS, ConnectionSlots
 
 log = logging.getLogger("wsrelay")
 
@@ -31,22 +33,35 @@ SHUTDOWN_TIMEOUT = 10.0
 
 
 def create_app(
-    settings: Settings | None = None, *, broker: Broker | None = None
+    settings: Settings | None = None, *, backend: Backend | None = None
 ) -> web.Application:
-    """A new relay application. ``broker`` overrides ``settings.broker`` (for tests)."""
+    """A new relay application. ``backend`` overrides ``settings.broker`` (for tests)."""
     settings = settings if settings is not None else Settings()
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_size)
-    app[SETTINGS] = settings
-    app[RELAY] = Relay(
-        settings, frame_text, broker if broker is not None else from_url(settings.broker)
+    app = web.Application(
+        middlewares=[metrics.observe, json_errors], client_max_size=settings.max_body_size
     )
+    app[SETTINGS] = settings
+    app[API_KEYS] = api_keys(settings)
+    app[TOKENS] = TokenVerifier.from_settings(settings)
+    app[SLOTS] = ConnectionSlots(settings.max_connections)
+    app[metrics.METRICS] = metrics.Metrics(app)
+    if backend is None:
+        backend = from_url(
+            settings.broker,
+            registration_ttl=settings.registration_ttl,
+            history_size=settings.history_size,
+        )
+    app[RELAY] = Relay(settings, frame_text, backend)
     connections: set[Connection] = set()
     app[CONNECTIONS] = connections
     app.router.add_get("/health", http.health)
-    app.router.add_post("/register", http.register)
-    app.router.add_delete("/register/{client_id}", http.unregister)
-    app.router.add_post("/publish", http.publish)
+    app.router.add_get("/ready", http.ready)
+    app.router.add_post("/register", protected(http.register))
+    app.router.add_delete("/register/{client_id}", protected(http.unregister))
+    app.router.add_post("/publish", protected(http.publish))
     app.router.add_get("/ws/{client_id}", ws.websocket)
+    app.router.add_get("/ws", ws.token_websocket)
+    app.router.add_get("/metrics", protected(metrics.metrics))
     app.router.add_get("/openapi.json", http.openapi)
     app.on_startup.append(_start)
     app.on_shutdown.append(_close_connections)
@@ -63,7 +78,8 @@ async def _close_connections(app: web.Application) -> None:
     live: set[Connection] = app[CONNECTIONS]
     connections = list(live)
     for connection in connections:
-        connection.close(codes.GOING_AWAY, "server shutting down")
+        # What was accepted for a client is written before its close frame.
+        connection.close(codes.GOING_AWAY, "server shutting down", flush=True)
     await asyncio.gather(*(c.wait_closed() for c in connections), return_exceptions=True)
 
 
@@ -72,15 +88,26 @@ async def _stop(app: web.Application) -> None:
 
 
 async def serve(
-    settings: Settings, *, on_listening: Callable[[list[str]], None] | None = None
+    settings: Settings,
+    *,
+    on_listening: Callable[[list[str]], None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Run a relay with ``settings`` until SIGINT or SIGTERM, then shut down cleanly."""
+    """Run a relay with ``settings`` until SIGINT or SIGTERM, then shut down cleanly.
+    ``reuse_port`` lets several processes listen on one port (``--workers``)."""
     logging.getLogger("aiohttp.server").addFilter(_quiet_bad_http)
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        # Also the header timeout: aiohttp closes a connection that has not sent a
+        # whole request this long after connecting (or after its previous request).
+        keepalive_timeout=settings.request_timeout,
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
         await site.start()
         urls = [f"http://{_format_host(host)}:{port}" for host, port, *_ in runner.addresses]
         if on_listening is not None:

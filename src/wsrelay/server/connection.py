@@ -58,10 +58,34 @@ class Flusher:
             connection.flush()
 
 
+class ConnectionStats:
+    """Counters every connection of one app adds to; read by ``GET /metrics``.
+
+    Plain integers, bumped once per flush (not per frame) on the hot path.
+    """
+
+    __slots__ = ("bytes_sent", "frames_sent", "slow_consumers")
+
+    def __init__(self) -> None:
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.slow_consumers = 0
+
+
 class Connection:
     """The server side of one client's WebSocket."""
 
-    __slots__ = ("_closer", "_flusher", "_outbox", "_transport", "_ws", "closing", "raw")
+    __slots__ = (
+        "_closer",
+        "_flusher",
+        "_outbox",
+        "_stats",
+        "_transport",
+        "_ws",
+        "closed_with",
+        "closing",
+        "raw",
+    )
 
     def __init__(
         self,
@@ -71,12 +95,16 @@ class Connection:
         raw: bool,
         outbox_limit: int,
         flusher: Flusher,
+        stats: ConnectionStats | None = None,
     ) -> None:
         self.raw = raw
         self.closing = False
+        self.closed_with: tuple[int, str] | None = None
+        """The code and reason this side closed with, once it did."""
         self._ws = ws
         self._transport = transport
         self._flusher = flusher
+        self._stats = stats if stats is not None else ConnectionStats()
         self._outbox = Outbox(outbox_limit, transport.get_write_buffer_size)
         self._closer: asyncio.Task[None] | None = None
 
@@ -86,6 +114,7 @@ class Connection:
         try:
             first = self._outbox.push(frame)
         except OutboxOverflow:
+            self._stats.slow_consumers += 1
             self.close(codes.SLOW_CONSUMER, "slow consumer: outbox limit exceeded")
             return False
         if first:
@@ -93,6 +122,7 @@ class Connection:
         return True
 
     def flush(self) -> None:
+        size = self._outbox.pending_bytes
         frames = self._outbox.take()
         transport = self._transport
         if self.closing or not frames or transport.is_closing():
@@ -102,12 +132,26 @@ class Connection:
         else:
             transport.writelines(frames)
         self._outbox.written(transport.get_write_buffer_size())
+        stats = self._stats
+        stats.frames_sent += len(frames)
+        stats.bytes_sent += size
 
-    def close(self, code: int, reason: str) -> None:
-        """Drop what is queued and close with ``code`` in the background."""
+    def buffered_bytes(self) -> int:
+        """Bytes waiting for this client: queued here plus held by the transport."""
+        if self._transport.is_closing():
+            return self._outbox.pending_bytes
+        return self._outbox.pending_bytes + self._transport.get_write_buffer_size()
+
+    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Close with ``code`` in the background. What is queued is written
+        first if ``flush`` (a client that keeps up then misses nothing that was
+        accepted before the close), else dropped."""
         if self.closing:
             return
+        if flush:
+            self.flush()
         self.closing = True
+        self.closed_with = (code, reason)
         self._outbox.take()
         self._closer = asyncio.ensure_future(self._close(code, reason))
 

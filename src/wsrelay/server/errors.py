@@ -19,9 +19,12 @@ from wsrelay.errors import (
     NotFound,
     PayloadTooLarge,
     RelayError,
+    RequestTimeout,
     ServerError,
+    Unauthorized,
 )
 from wsrelay.server.keys import SETTINGS
+from wsrelay.server.logs import route_of
 
 log = logging.getLogger("wsrelay.server")
 
@@ -30,9 +33,14 @@ def error_response(error: RelayError) -> web.Response:
     response = web.Response(
         body=encode(error.to_dict()), status=error.http_status, content_type="application/json"
     )
-    if isinstance(error, PayloadTooLarge):
+    if isinstance(error, PayloadTooLarge | RequestTimeout):
         # The rest of the body was not read; the connection cannot be reused.
         response.force_close()
+    if isinstance(error, Unauthorized):  # RFC 6750 section 3
+        challenge = 'Bearer realm="wsrelay"'
+        if error.code != Unauthorized.code:  # a connection token was refused
+            challenge += ', error="invalid_token"'
+        response.headers["WWW-Authenticate"] = challenge
     return response
 
 
@@ -56,16 +64,33 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except RelayError as exc:
-        if isinstance(exc, ServerError):
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        _log_refused(request, exc)
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(exc, request))
+        error = _from_http_exception(exc, request)
+        _log_refused(request, error)
+        response = error_response(error)
         if isinstance(exc, web.HTTPMethodNotAllowed):
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response
     except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
+        log.exception("unexpected error in %s %s", request.method, route_of(request))
         return error_response(ServerError("internal error; see the server log"))
+
+
+def _log_refused(request: web.Request, error: RelayError) -> None:
+    """One line per refused request; the route template, never a client id or token."""
+    log.log(
+        logging.WARNING if isinstance(error, ServerError) else logging.INFO,
+        "refused request",
+        extra={
+            "event": "http_refused",
+            "method": request.method,
+            "route": route_of(request),
+            "status": error.http_status,
+            "code": error.code,
+            "peer": request.remote,
+        },
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 import msgspec
@@ -12,14 +13,16 @@ from wsrelay.core.schema import (
     HealthResponse,
     PublishRequest,
     PublishResponse,
+    ReadyResponse,
     RegisterRequest,
     RegisterResponse,
     UnregisterResponse,
     decode,
     encode,
 )
-from wsrelay.errors import PayloadTooLarge
+from wsrelay.errors import BadRequest, BrokerUnavailable, PayloadTooLarge, RequestTimeout
 from wsrelay.server.keys import RELAY, SETTINGS
+from wsrelay.server.metrics import METRICS
 
 T = TypeVar("T")
 
@@ -33,44 +36,72 @@ async def read_json(request: web.Request, into: type[T]) -> T:
 
     Raises:
         PayloadTooLarge: the declared length is over the limit (nothing is read).
+        RequestTimeout: the body did not arrive within ``request_timeout``.
         InvalidJSON, InvalidField: the body is not valid JSON of that shape.
     """
-    limit = request.app[SETTINGS].max_body_size
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_size
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit}"
         )
     # aiohttp stops reading and raises 413 past client_max_size (chunked bodies).
-    return decode(await request.read(), into)
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            body = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.request_timeout:g} s"
+        ) from None
+    except ConnectionResetError:  # the client went away mid-body: routine, not a fault
+        raise BadRequest(
+            "the connection closed before the whole body arrived", code="incomplete_body"
+        ) from None
+    return decode(body, into)
 
 
 async def health(request: web.Request) -> web.Response:
-    registry = request.app[RELAY].registry
+    relay = request.app[RELAY]
+    try:
+        registrations = await relay.registrations.count()
+    except BrokerUnavailable:
+        registrations = None
     return json_response(
         HealthResponse(
             status="ok",
             version=__version__,
-            connections=registry.connections,
-            registrations=registry.registrations,
-            topics=registry.topics,
+            broker="up" if relay.ready() else "down",
+            connections=relay.registry.connections,
+            registrations=registrations,
+            topics=relay.registry.topics,
         )
     )
 
 
+async def ready(request: web.Request) -> web.Response:
+    if request.app[RELAY].ready():
+        return json_response(ReadyResponse(status="ready"))
+    return json_response(ReadyResponse(status="unavailable"), status=503)
+
+
 async def register(request: web.Request) -> web.Response:
     body = await read_json(request, RegisterRequest)
-    client = request.app[RELAY].register(body.user_id, body.topics)
+    client = await request.app[RELAY].register(body.user_id, body.topics)
     return json_response(RegisterResponse(id=client.id, url=websocket_url(request, client.id)))
 
 
 async def unregister(request: web.Request) -> web.Response:
-    client = await request.app[RELAY].unregister(request.match_info["client_id"])
-    return json_response(UnregisterResponse(id=client.id))
+    client_id = request.match_info["client_id"]
+    await request.app[RELAY].unregister(client_id)
+    return json_response(UnregisterResponse(id=client_id))
 
 
 async def publish(request: web.Request) -> web.Response:
     body = await read_json(request, PublishRequest)
     recipients = await request.app[RELAY].publish(body.topic, body.message, body.user_id)
+    metrics = request.app[METRICS]
+    metrics.publishes.inc()
+    metrics.deliveries.inc(recipients)
     return json_response(PublishResponse(recipients=recipients))
 
 

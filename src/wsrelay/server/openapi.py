@@ -25,11 +25,40 @@ def _json(name: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Invalid JSON, a missing or wrongly typed field, or an invalid topic.",
+        401: "Missing or wrong credentials (code unauthorized, token_expired or invalid_token); "
+        "the answer carries WWW-Authenticate: Bearer.",
+        403: "The page's Origin is not in the allowlist (code origin_not_allowed).",
         404: "No such registration.",
+        408: "The body did not arrive within request_timeout.",
         413: "The body is larger than max_body_size.",
         426: "Not a WebSocket upgrade request.",
+        503: "A capacity limit was reached (too_many_connections), or the broker is "
+        "unreachable (broker_unavailable); retry later.",
     }
     return {str(s): {"description": reasons[s], "content": _json("ErrorBody")} for s in statuses}
+
+
+def _topic_schema(settings: Settings) -> dict[str, Any]:
+    return {
+        "description": f"A topic name: 1 to {settings.max_topic_length} characters from "
+        f"{TOPIC_ALPHABET}.",
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_topic_length,
+        "pattern": r"^[A-Za-z0-9_\-.:/@]+$",
+    }
+
+
+def _constrain(components: dict[str, Any], settings: Settings) -> None:
+    """State the rules the structs cannot know (they depend on settings) in the schemas."""
+    schemas = components
+    topic = _topic_schema(settings)
+    schemas["PublishRequest"]["properties"]["topic"] = topic
+    topics = schemas["RegisterRequest"]["properties"]["topics"]
+    topics["items"] = topic
+    topics["description"] = (
+        f"Initial subscriptions; at most {settings.max_topics_per_client} distinct topics."
+    )
 
 
 def document(settings: Settings) -> dict[str, Any]:
@@ -42,10 +71,12 @@ def document(settings: Settings) -> dict[str, Any]:
             schema.PublishRequest,
             schema.PublishResponse,
             schema.HealthResponse,
+            schema.ReadyResponse,
             schema.ErrorBody,
         ],
         ref_template=_REF,
     )
+    _constrain(components, settings)
     client_id = {
         "name": "client_id",
         "in": "path",
@@ -53,10 +84,23 @@ def document(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string"},
         "description": "The id returned by POST /register.",
     }
+    fmt = {
+        "name": "format",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["json", "raw"]},
+        "description": "json (default): envelopes; raw: message text only.",
+    }
     topic_rule = (
         f"Topics are 1 to {settings.max_topic_length} characters from {TOPIC_ALPHABET}; "
         f"a client may hold at most {settings.max_topics_per_client}."
     )
+    # With an API key, the backend's routes require it (and may answer 401).
+    keyed: dict[str, Any] = {}
+    unauthorized: tuple[int, ...] = ()
+    if settings.api_key:
+        keyed = {"security": [{"apiKey": []}]}
+        unauthorized = (401,)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -73,61 +117,109 @@ def document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/ready": {
+                "get": {
+                    "summary": "Readiness: whether this node accepts publishes",
+                    "responses": {
+                        "200": {"description": "Ready.", "content": _json("ReadyResponse")},
+                        "503": {
+                            "description": "Not ready (the broker is unreachable).",
+                            "content": _json("ReadyResponse"),
+                        },
+                    },
+                }
+            },
             "/register": {
                 "post": {
                     "summary": "Register a client; returns its WebSocket URL",
+                    **keyed,
                     "requestBody": {"required": True, "content": _json("RegisterRequest")},
                     "responses": {
                         "200": {"description": "Registered.", "content": _json("RegisterResponse")},
-                        **_errors(400, 413),
+                        **_errors(400, *unauthorized, 408, 413, 503),
                     },
                 }
             },
             "/register/{client_id}": {
                 "delete": {
                     "summary": "Delete a registration and close its connection (code 1000)",
+                    **keyed,
                     "parameters": [client_id],
                     "responses": {
                         "200": {
                             "description": "Deleted.",
                             "content": _json("UnregisterResponse"),
                         },
-                        **_errors(404),
+                        **_errors(*unauthorized, 404, 503),
                     },
                 }
             },
             "/publish": {
                 "post": {
                     "summary": "Publish a message to a topic, optionally to one user only",
+                    **keyed,
                     "requestBody": {"required": True, "content": _json("PublishRequest")},
                     "responses": {
                         "200": {
                             "description": "Handed to `recipients` connections on this node.",
                             "content": _json("PublishResponse"),
                         },
-                        **_errors(400, 413),
+                        **_errors(400, *unauthorized, 408, 413, 503),
                     },
                 }
             },
             "/ws/{client_id}": {
                 "get": {
                     "summary": "Open the client's WebSocket (see README: WebSocket protocol)",
+                    "parameters": [client_id, fmt],
+                    "responses": {
+                        "101": {"description": "Switching to WebSocket."},
+                        **_errors(400, 403, 404, 426, 503),
+                    },
+                }
+            },
+            "/ws": {
+                "get": {
+                    "summary": "Open a WebSocket with a signed connection token (no registration)",
                     "parameters": [
-                        client_id,
                         {
-                            "name": "format",
+                            "name": "token",
                             "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "enum": ["json", "raw"]},
-                            "description": "json (default): envelopes; raw: message text only.",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "A JWT (HS256 or RS256) with claims sub (the user "
+                            "id), exp and optionally topics.",
                         },
+                        fmt,
                     ],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},
-                        **_errors(400, 404, 426),
+                        **_errors(400, 401, 403, 404, 426, 503),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    **keyed,
+                    "responses": {
+                        "200": {
+                            "description": "Metrics.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(*unauthorized),
                     },
                 }
             },
         },
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "One of the keys given with --api-key / WSRELAY_API_KEY.",
+                }
+            },
+        },
     }

@@ -1,0 +1,444 @@
+"""The Redis backend: many processes and machines act as one relay.
+
+Publications: pub/sub for speed, a stream for what pub/sub loses
+---------------------------------------------------------------------
+Each publish runs one Lua script, atomically: it takes the topic's next
+*offset* (``INCR``), appends the publication to the topic's stream under the id
+``0-<offset>`` (capped at ``history_size`` entries), and ``PUBLISH``-es it with
+its offset to the topic's channel. Nodes receive live traffic over pub/sub,
+subscribed only to topics they have local subscribers for.
+
+Pub/sub alone loses whatever is published while a node's connection is down,
+silently (docs/decisions/0002-redis-streams-and-pubsub.md has the measurements).
+So every node remembers, per topic, the last offset it saw and the topic's
+*epoch* (a random id made when the topic's keys are created). When its
+connection comes back it resubscribes, then reads the stream from the next
+offset, or from the start if the epoch changed (the keys were lost, e.g. Redis
+restarted without persistence); a gap seen in live traffic is filled from the
+stream the same way; offsets already seen are dropped. Delivery across nodes
+is therefore in order and without loss or duplicates as long as the stream
+still holds the missed entries, and at-most-once beyond that.
+
+Publishes are never retried by the client: a publish whose reply was lost might
+have been applied, and a retry would duplicate it. The error reaches the
+publisher as a 503 instead, so nothing is lost silently.
+
+Registrations
+-------------
+``wsrelay:reg:<id>`` holds ``[user, [topics]]`` with a TTL of
+``registration_ttl`` seconds, refreshed while a connection is attached on some
+node (every third of the TTL), so a registration outlives node restarts and
+expires only when nobody uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from wsrelay.brokers.base import Backend, PublicationHandler
+from wsrelay.core.fanout import Publication
+from wsrelay.core.registry import Client
+from wsrelay.errors import BrokerUnavailable
+
+log = logging.getLogger("wsrelay.redis")
+
+TOPIC_KEYS_TTL = 3600
+"""Seconds a topic's offset, epoch and stream live after its last publish."""
+
+RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""Seconds between attempts to reconnect the subscriber connection (the last repeats)."""
+
+SUBSCRIBE_TIMEOUT = 2.0
+"""Seconds :meth:`RedisBroker.subscribe` waits for Redis to confirm a subscription."""
+
+HEALTH_CHECK_INTERVAL = 2
+"""Idle connections are pinged before use after this many seconds, so that a
+Redis restart costs few failed commands."""
+
+PUBLISH_SCRIPT = """
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[3], epoch)
+end
+local offset = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. offset, 'd', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[1])
+return offset
+"""
+
+
+class _Data(msgspec.Struct, array_like=True):
+    """A publication as stored and sent: who published it, for whom, what."""
+
+    origin: str
+    user: str | None
+    message: str
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_data = msgspec.json.Decoder(_Data).decode
+
+
+def _keys(topic: str) -> tuple[str, str, str]:
+    # The {hash tag} keeps a topic's keys in one slot, as Redis Cluster requires.
+    base = f"wsrelay:{{{topic}}}"
+    return f"{base}:stream", f"{base}:offset", f"{base}:epoch"
+
+
+def _channel(topic: str) -> str:
+    return f"wsrelay:{{{topic}}}:live"
+
+
+def _topic_of(channel: str) -> str:
+    return channel[len("wsrelay:{") : -len("}:live")]
+
+
+def redis_backend(url: str, *, registration_ttl: float, history_size: int) -> Backend:
+    """A broker and a registration store sharing one Redis client for ``url``."""
+    client = make_client(url)
+    registrations = RedisRegistrations(client, int(registration_ttl))
+    return Backend(RedisBroker(client, history_size, registrations), registrations)
+
+
+def make_client(url: str) -> aioredis.Redis:
+    """A client for ``url`` (password, ``rediss://`` TLS and ``/<db>`` as redis-py reads
+    them) that never retries on its own: failures must reach us."""
+    return aioredis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+        socket_connect_timeout=2,
+    )
+
+
+def _unavailable(exc: BaseException) -> BrokerUnavailable:
+    return BrokerUnavailable(f"Redis is unreachable ({type(exc).__name__}: {exc}); try again")
+
+
+class RedisBroker:
+    """A :class:`~wsrelay.brokers.base.Broker` over Redis; see the module docstring."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        history_size: int,
+        registrations: RedisRegistrations | None = None,
+    ) -> None:
+        self._client = client
+        self._history_size = history_size
+        self._registrations = registrations
+        self._sha: str | None = None
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._topics: set[str] = set()
+        self._positions: dict[str, tuple[bytes, int]] = {}  # topic -> (epoch, last offset)
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._handler: PublicationHandler | None = None
+        self._origin = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self, handler: PublicationHandler, origin: str) -> None:
+        """Start listening; waits briefly for Redis but starts (unhealthy) without it."""
+        self._handler, self._origin = handler, origin
+        self._listener = asyncio.create_task(self._listen_forever(), name="wsrelay-redis")
+        if self._registrations is not None:
+            self._registrations.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), 5)
+        if not self.healthy:
+            log.warning("broker down: Redis is unreachable; retrying in the background")
+
+    async def stop(self) -> None:
+        if self._registrations is not None:
+            await self._registrations.stop()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        for _, done in self._batch:
+            if not done.done():
+                done.set_exception(BrokerUnavailable("the relay is shutting down"))
+        self._batch.clear()
+        self._handler = None
+        self._connected.clear()
+        self._topics.clear()
+        self._positions.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+
+    async def subscribe(self, topic: str) -> None:
+        """Returns once Redis confirmed the subscription, so that a client told it is
+        subscribed gets every publication from then on (or after a timeout, if Redis
+        is down; the listener subscribes again when it reconnects)."""
+        self._topics.add(topic)
+        if self._pubsub is None:
+            return
+        channel = _channel(topic)
+        confirmed = asyncio.get_running_loop().create_future()
+        waiting = self._confirmations.setdefault(channel.encode(), [])
+        waiting.append(confirmed)
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("subscription to %s not confirmed yet: %s", channel, exc)
+        finally:
+            waiting.remove(confirmed)
+            if not waiting:
+                self._confirmations.pop(channel.encode(), None)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._topics.discard(topic)
+        self._positions.pop(topic, None)
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.unsubscribe(_channel(topic))
+            except (RedisError, OSError) as exc:
+                log.debug("unsubscribe skipped, Redis is down: %s", exc)
+
+    async def publish(self, publication: Publication) -> None:
+        """Publishes made while a batch is on its way to Redis wait and go together in
+        the next one: one round trip for many publishes (Centrifugo's smart batching)."""
+        data = _encode(_Data(self._origin, publication.user, publication.message))
+        args = (
+            *_keys(publication.topic),
+            data,
+            secrets.token_hex(4),
+            self._history_size,
+            TOPIC_KEYS_TTL,
+            _channel(publication.topic),
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append((args, done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_batches(), name="wsrelay-redis-pub")
+        await done
+
+    async def _send_batches(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:
+                results = await self._run_scripts([args for args, _ in batch])
+            except (RedisError, OSError) as exc:
+                results = [exc] * len(batch)
+            for (_, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue  # the publisher went away
+                if isinstance(result, BaseException):
+                    done.set_exception(_unavailable(result))
+                else:
+                    done.set_result(None)
+
+    async def _run_scripts(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA each call in one pipeline; load the script first if Redis lost it (a
+        NOSCRIPT reply means nothing ran, so running those calls again is safe)."""
+        if self._sha is None:
+            self._sha = await self._client.script_load(PUBLISH_SCRIPT)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(self._sha, 3, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            self._sha = None
+            retried = await self._run_scripts([calls[i] for i in missing])
+            for i, result in zip(missing, retried, strict=True):
+                results[i] = result
+        return results
+
+    # -- the subscriber connection ---------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._listen_once()
+            except (RedisError, OSError) as exc:
+                if self.healthy:
+                    log.warning("broker down: lost the Redis connection (%s)", exc)
+                    failures = 0
+            except Exception:  # a bug must not silently end cross-node delivery
+                log.exception("broker listener failed; reconnecting")
+            finally:
+                self._connected.clear()
+                if self._pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pubsub.aclose()
+                    self._pubsub = None
+            await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
+            failures += 1
+
+    async def _listen_once(self) -> None:
+        pubsub = self._pubsub = self._client.pubsub()
+        # A channel of our own keeps the connection open while no topic is wanted.
+        await pubsub.subscribe(f"wsrelay:node:{self._origin}", *map(_channel, self._topics))
+        await self._catch_up(list(self._topics))
+        if not self.healthy:
+            log.info("broker up: connected to Redis")
+            self._connected.set()
+        async for message in pubsub.listen():
+            if message["type"] == "subscribe":
+                for confirmed in self._confirmations.get(message["channel"], ()):
+                    if not confirmed.done():
+                        confirmed.set_result(None)
+            if message["type"] != "message":
+                continue
+            channel = message["channel"].decode()
+            try:
+                await self._on_live(_topic_of(channel), message["data"])
+            except (RedisError, OSError):
+                raise
+            except Exception:  # not ours, or a handler bug: drop it, keep listening
+                log.exception("dropped an unreadable message on %s", channel)
+
+    async def _on_live(self, topic: str, data: bytes) -> None:
+        if topic not in self._topics:
+            return  # unsubscribed while the message was in flight
+        epoch, offset_text, payload = data.split(b" ", 2)
+        offset = int(offset_text)
+        known = self._positions.get(topic)
+        if known is not None and known[0] == epoch and offset > known[1] + 1:
+            await self._read_stream(topic, epoch, known[1] + 1, offset - 1)
+        self._accept(topic, epoch, offset, payload)
+
+    async def _catch_up(self, topics: Iterable[str]) -> None:
+        """After (re)connecting: read what each known topic's stream got meanwhile."""
+        known = [(t, self._positions[t]) for t in topics if t in self._positions]
+        if not known:
+            return
+        epochs: list[Any] = await self._client.mget([_keys(t)[2] for t, _ in known])
+        for (topic, (old_epoch, last)), epoch in zip(known, epochs, strict=True):
+            if epoch is None:
+                self._positions.pop(topic, None)  # the topic's keys are gone
+            elif epoch != old_epoch:
+                await self._read_stream(topic, epoch, 1, None)
+            else:
+                await self._read_stream(topic, epoch, last + 1, None)
+
+    async def _read_stream(self, topic: str, epoch: bytes, first: int, last: int | None) -> None:
+        entries: Any = await self._client.xrange(
+            _keys(topic)[0],
+            min=f"0-{first}",
+            max="+" if last is None else f"0-{last}",
+            count=self._history_size,
+        )
+        for entry_id, fields in entries:  # redis-py answers bytes: no decode_responses
+            self._accept(topic, epoch, int(entry_id.split(b"-")[1]), fields[b"d"])
+
+    def _accept(self, topic: str, epoch: bytes, offset: int, payload: bytes) -> None:
+        known = self._positions.get(topic)
+        if known is not None and known[0] == epoch and offset <= known[1]:
+            return  # seen already (live traffic overlapping a catch-up)
+        self._positions[topic] = (epoch, offset)
+        data = _decode_data(payload)
+        if data.origin == self._origin or self._handler is None:
+            return
+        self._handler(Publication(topic, data.message, data.user))
+
+
+class RedisRegistrations:
+    """A :class:`~wsrelay.brokers.base.RegistrationStore` in Redis keys with a TTL."""
+
+    def __init__(self, client: aioredis.Redis, ttl: int) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._attached: set[str] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="wsrelay-reg-ttl")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+
+    @staticmethod
+    def _key(client_id: str) -> str:
+        return f"wsrelay:reg:{client_id}"
+
+    @staticmethod
+    def _value(client: Client) -> bytes:
+        return _encode([client.user, sorted(client.topics)])
+
+    async def add(self, client: Client) -> None:
+        await self._run(self._client.set(self._key(client.id), self._value(client), ex=self._ttl))
+
+    async def get(self, client_id: str) -> Client | None:
+        raw = await self._run(self._client.get(self._key(client_id)))
+        if raw is None:
+            return None
+        user, topics = msgspec.json.decode(raw, type=tuple[str | None, list[str]])
+        return Client(client_id, user, set(topics))
+
+    async def remove(self, client_id: str) -> bool:
+        self._attached.discard(client_id)
+        return bool(await self._run(self._client.delete(self._key(client_id))))
+
+    async def save_topics(self, client: Client) -> None:
+        await self._run(
+            self._client.set(self._key(client.id), self._value(client), xx=True, keepttl=True)
+        )
+
+    async def attached(self, client: Client) -> bool:
+        exists = bool(await self._run(self._client.expire(self._key(client.id), self._ttl)))
+        if exists:
+            self._attached.add(client.id)
+        return exists
+
+    async def detached(self, client: Client) -> None:
+        self._attached.discard(client.id)
+        with contextlib.suppress(BrokerUnavailable):  # the TTL runs on regardless
+            await self._run(self._client.expire(self._key(client.id), self._ttl))
+
+    async def count(self) -> int | None:
+        return None  # counting keys would need a SCAN of the keyspace
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self._ttl / 3, 0.1))
+            ids = list(self._attached)
+            if not ids:
+                continue
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for client_id in ids:
+                        pipe.expire(self._key(client_id), self._ttl)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.debug("could not refresh registration TTLs: %s", exc)
+
+    @staticmethod
+    async def _run(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None

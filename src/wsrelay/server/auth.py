@@ -1,0 +1,197 @@
+"""Who may call what: the API key, the WebSocket Origin allowlist, connection tokens.
+
+* **API key** (``--api-key``): the routes a backend calls (``POST /register``,
+  ``DELETE /register/<id>``, ``POST /publish``, ``GET /metrics``) require
+  ``Authorization: Bearer <key>``. Each configured key is compared in constant
+  time, and all of them always are, so the time taken says nothing about which
+  key nearly matched.
+* **Origin allowlist** (``--allowed-origin``): a browser sends the page's
+  ``Origin`` with every WebSocket handshake; a listed pattern must match it.
+  Clients that are not browsers send none and are let through: the check exists
+  against cross-site WebSocket hijacking, which needs a browser.
+* **Connection tokens** (``--jwt-secret`` / ``--jwt-public-key-file``): a
+  backend signs ``{"sub": user_id, "topics": [...], "exp": ...}`` and the browser
+  connects to ``/ws?token=...`` with no registration step.
+
+See docs/security.md for the threat model these answer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import jwt
+from aiohttp import web
+
+from wsrelay.config import Settings
+from wsrelay.errors import Forbidden, InvalidToken, TokenExpired, Unauthorized
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API_KEYS: web.AppKey[tuple[bytes, ...]] = web.AppKey("api_keys")
+
+
+# -- startup ----------------------------------------------------------------------------------
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """Why ``wsrelay serve`` must not start with ``settings``, in one line, or None."""
+    if not settings.api_key and not settings.insecure and not is_loopback(settings.host):
+        return (
+            f"refusing to listen on {settings.host} without an API key: anyone who can reach "
+            "it could register and publish. Set WSRELAY_API_KEY (or --api-key), or pass "
+            "--insecure if something in front of the relay authenticates"
+        )
+    if settings.jwt_public_key_file is not None:
+        try:
+            load_public_key(settings.jwt_public_key_file)
+        except (OSError, ValueError) as exc:
+            return f"jwt_public_key_file: cannot use {settings.jwt_public_key_file!r}: {exc}"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or "" (every interface)
+        return False
+
+
+# -- API key ----------------------------------------------------------------------------------
+
+
+def api_keys(settings: Settings) -> tuple[bytes, ...]:
+    return tuple(key.encode() for key in settings.api_key)
+
+
+def check_api_key(request: web.Request) -> None:
+    """Raises Unauthorized unless the request carries one of the configured keys."""
+    keys: tuple[bytes, ...] = request.app[API_KEYS]
+    if not keys:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise Unauthorized("this endpoint needs 'Authorization: Bearer <API key>'")
+    candidate = given.strip().encode()
+    matched = False
+    for key in keys:  # every key, every time: no early exit
+        matched |= hmac.compare_digest(candidate, key)
+    if not matched:
+        raise Unauthorized("the API key is not valid")
+
+
+def protected(handler: Handler) -> Handler:
+    """``handler``, answering 401 before it runs unless the API key is given."""
+
+    @wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        check_api_key(request)
+        return await handler(request)
+
+    return guarded
+
+
+# -- Origin -----------------------------------------------------------------------------------
+
+
+def check_origin(request: web.Request, patterns: tuple[str, ...]) -> None:
+    """Raises Forbidden if ``patterns`` is not empty, the request names an Origin,
+    and no pattern matches it (case-insensitively)."""
+    origin = request.headers.get("Origin")
+    if not patterns or origin is None:
+        return
+    if not any(fnmatch.fnmatchcase(origin.lower(), p.lower()) for p in patterns):
+        raise Forbidden(
+            f"WebSocket connections from origin {origin[:200]!r} are not allowed",
+            code="origin_not_allowed",
+        )
+
+
+# -- connection tokens ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """What a valid connection token grants: a user and its initial topics."""
+
+    user: str
+    topics: tuple[str, ...]
+
+
+def load_public_key(path: str) -> Any:
+    """The RSA public key in PEM file ``path``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it holds no RSA public key.
+    """
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, RSAPublicKey):
+        raise ValueError("the key is not an RSA public key")
+    return key
+
+
+class TokenVerifier:
+    """Verifies connection tokens: HS256 with the secret, RS256 with the public key.
+
+    The key is chosen by the token's ``alg`` among those configured, and only
+    those: an RS256 public key is never tried as an HS256 secret (the classic
+    algorithm-confusion forgery), and ``none`` is never accepted.
+    """
+
+    def __init__(self, secret: str | None, public_key: Any) -> None:
+        self._keys: dict[str, Any] = {}
+        if secret is not None:
+            self._keys["HS256"] = secret
+        if public_key is not None:
+            self._keys["RS256"] = public_key
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier | None:
+        if settings.jwt_secret is None and settings.jwt_public_key_file is None:
+            return None
+        public_key = None
+        if settings.jwt_public_key_file is not None:
+            public_key = load_public_key(settings.jwt_public_key_file)
+        return cls(settings.jwt_secret, public_key)
+
+    def verify(self, token: str) -> TokenClaims:
+        """The claims of ``token``.
+
+        Raises:
+            TokenExpired: the signature is valid but ``exp`` has passed.
+            InvalidToken: anything else is wrong with it.
+        """
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+            key = self._keys.get(alg) if isinstance(alg, str) else None
+            if key is None or not isinstance(alg, str):
+                raise InvalidToken(
+                    f"the token's algorithm must be {' or '.join(self._keys)}, not {alg!r}"
+                )
+            claims = jwt.decode(token, key, algorithms=[alg], options={"require": ["exp", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise TokenExpired("the token has expired; get a new one and reconnect") from None
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"the token is not valid: {exc}") from None
+        topics = claims.get("topics", [])
+        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+            raise InvalidToken("the token's topics claim must be a list of strings")
+        return TokenClaims(user=claims["sub"], topics=tuple(topics))
+
+
+TOKENS: web.AppKey[TokenVerifier | None] = web.AppKey("token_verifier")

@@ -1,0 +1,158 @@
+"""``GET /metrics``: Prometheus text format, from a registry owned by one app.
+
+Each application gets its own :class:`~prometheus_client.CollectorRegistry`
+(nothing is registered globally, so several apps can share a process). Labels
+never hold a client id or a raw path: requests are labelled by route template
+(``/register/{client_id}``) and connections by close code, so the number of
+series stays fixed.
+
+Counters bumped on the hot path are plain integers (:class:`ConnectionStats`),
+read when Prometheus scrapes; gauges are computed at scrape time from the live
+state instead of being kept up to date on every change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wsrelay.errors import BrokerUnavailable
+from wsrelay.server.connection import ConnectionStats
+from wsrelay.server.keys import CONNECTIONS, RELAY
+from wsrelay.server.logs import route_of
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text exposition format, which every Prometheus version scrapes."""
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """Every metric of one app."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = CollectorRegistry()
+        self.stats = ConnectionStats()
+        r = self.registry
+        self.publishes = Counter(
+            "wsrelay_publishes", "Publishes accepted by POST /publish on this node.", registry=r
+        )
+        self.deliveries = Counter(
+            "wsrelay_deliveries",
+            "Publications handed to connections on this node by publishes accepted here.",
+            registry=r,
+        )
+        self.connections_opened = Counter(
+            "wsrelay_connections_opened", "WebSocket connections opened.", registry=r
+        )
+        self.connections_closed = Counter(
+            "wsrelay_connections_closed",
+            "WebSocket connections closed, by close code (1006: dropped without a close "
+            "frame, e.g. no answer to pings).",
+            ["code"],
+            registry=r,
+        )
+        self.requests = Histogram(
+            "wsrelay_http_request_duration_seconds",
+            "HTTP requests by method, route template and status (WebSocket sessions excluded).",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._live = _LiveCollector(app, self.stats)
+        r.register(self._live)
+
+    async def render(self) -> bytes:
+        """The text exposition, after refreshing what must be awaited."""
+        relay = self._live.app[RELAY]
+        try:
+            self._live.registrations = await relay.registrations.count()
+        except BrokerUnavailable:
+            self._live.registrations = None
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Gauges read from the app's state, and the hot-path counters."""
+
+    def __init__(self, app: web.Application, stats: ConnectionStats) -> None:
+        self.app = app
+        self.stats = stats
+        self.registrations: int | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check against at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        relay = self.app[RELAY]
+        connections = self.app[CONNECTIONS]
+        yield GaugeMetricFamily(
+            "wsrelay_connections", "Open WebSocket connections.", value=len(connections)
+        )
+        if self.registrations is not None:
+            yield GaugeMetricFamily(
+                "wsrelay_registrations",
+                "Registrations in the store (all nodes').",
+                value=self.registrations,
+            )
+        yield GaugeMetricFamily(
+            "wsrelay_topics",
+            "Topics with at least one connected subscriber on this node.",
+            value=relay.registry.topics,
+        )
+        yield GaugeMetricFamily(
+            "wsrelay_outbox_bytes",
+            "Bytes waiting to be written to clients: queued plus transport-buffered.",
+            value=sum(c.buffered_bytes() for c in connections),
+        )
+        yield GaugeMetricFamily(
+            "wsrelay_ready", "1 if this node accepts publishes (GET /ready).", value=relay.ready()
+        )
+        yield CounterMetricFamily(
+            "wsrelay_slow_consumer_disconnects",
+            "Connections closed with 4008 because their outbox passed --outbox-limit.",
+            value=self.stats.slow_consumers,
+        )
+        yield CounterMetricFamily(
+            "wsrelay_frames_sent",
+            "WebSocket frames written to clients (publications and acknowledgements).",
+            value=self.stats.frames_sent,
+        )
+        yield CounterMetricFamily(
+            "wsrelay_sent_bytes", "Bytes of frames written to clients.", value=self.stats.bytes_sent
+        )
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = await request.app[METRICS].render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time each HTTP request into the latency histogram, labelled by route template."""
+    loop_time = request.loop.time
+    start = loop_time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        if status != 101:  # a WebSocket session's length is not a latency
+            request.app[METRICS].requests.labels(
+                request.method, route_of(request), str(status)
+            ).observe(loop_time() - start)

@@ -1,0 +1,188 @@
+"""The Redis backend: the shared conformance suite, plus what only Redis can do wrong."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.brokers.conformance import BrokerConformance, Inbox, Node
+from tests.redis_server import RedisServer
+from tests.utils import TIMEOUT
+from wsrelay.brokers import from_url
+from wsrelay.brokers.redis import RedisBroker, RedisRegistrations, make_client
+from wsrelay.core.fanout import Publication
+from wsrelay.core.registry import Client
+from wsrelay.errors import BrokerUnavailable
+
+
+async def start_node(url: str, name: str) -> tuple[RedisBroker, Inbox]:
+    broker = RedisBroker(make_client(url), history_size=1000)
+    inbox = Inbox()
+    await broker.start(inbox, name)
+    assert broker.healthy
+    return broker, inbox
+
+
+async def wait_until(condition: Callable[[], object], what: str) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(poll(), TIMEOUT)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+class TestRedisBroker(BrokerConformance):
+    @pytest.fixture
+    async def nodes(self, redis_server: RedisServer) -> AsyncIterator[tuple[Node, Node]]:
+        a = await start_node(redis_server.url, "node-a")
+        b = await start_node(redis_server.url, "node-b")
+        yield a, b
+        await a[0].stop()
+        await b[0].stop()
+
+
+async def test_a_dropped_subscriber_connection_catches_up_without_gaps(
+    redis_server: RedisServer,
+) -> None:
+    """CLIENT KILL of the pub/sub connection mid-stream: every publication still
+    arrives once, in order (the stream fills what pub/sub lost)."""
+    a, _ = await start_node(redis_server.url, "a")
+    b, inbox = await start_node(redis_server.url, "b")
+    await b.subscribe("t")
+    admin = aioredis.from_url(redis_server.url)
+    for i in range(300):
+        if i == 100:
+            await admin.client_kill_filter(_type="pubsub")
+        await a.publish(Publication("t", str(i)))
+    await inbox.wait_for(300)
+    assert [p.message for p in inbox.items] == [str(i) for i in range(300)]
+    await admin.aclose()
+    await a.stop()
+    await b.stop()
+
+
+async def test_redis_restart_is_survived_and_reported(redis_server: RedisServer) -> None:
+    """Killed Redis: unhealthy and publishes raise; restarted without its data: healthy
+    again by itself, and what was published before B resubscribed is still delivered."""
+    a, _ = await start_node(redis_server.url, "a")
+    b, inbox = await start_node(redis_server.url, "b")
+    await b.subscribe("t")
+    await a.publish(Publication("t", "before"))
+    await inbox.wait_for(1)
+
+    redis_server.kill()
+    await wait_until(lambda: not b.healthy, "B to notice Redis is gone")
+    with pytest.raises(BrokerUnavailable, match="Redis is unreachable"):
+        await a.publish(Publication("t", "during"))
+
+    redis_server.start()
+
+    async def publish_after_restart() -> None:
+        while True:
+            try:
+                await a.publish(Publication("t", "after"))
+                return
+            except BrokerUnavailable:
+                await asyncio.sleep(0.05)  # a stale pooled connection fails once
+
+    await asyncio.wait_for(publish_after_restart(), TIMEOUT)
+    await inbox.wait_for(2)
+    await wait_until(lambda: b.healthy, "B to reconnect")
+    assert [p.message for p in inbox.items] == ["before", "after"]
+    await a.stop()
+    await b.stop()
+
+
+async def test_starting_without_redis_is_unhealthy_then_recovers(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.kill()
+    broker = RedisBroker(make_client(redis_server.url), history_size=10)
+    inbox = Inbox()
+    start = asyncio.create_task(broker.start(inbox, "late"))
+    redis_server.start()
+    await start
+    await wait_until(lambda: broker.healthy, "the broker to connect")
+    await broker.stop()
+
+
+async def test_registrations_round_trip_and_expire(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisRegistrations(client, ttl=1)
+    reg = Client("abc", "42", {"x", "y"})
+    await store.add(reg)
+    loaded = await store.get("abc")
+    assert loaded is not None and (loaded.user, loaded.topics) == ("42", {"x", "y"})
+    loaded.topics = {"z"}
+    await store.save_topics(loaded)
+    assert (await store.get("abc")).topics == {"z"}  # type: ignore[union-attr]
+    assert await store.remove("abc") is True
+    assert await store.remove("abc") is False
+    assert await store.attached(reg) is False  # gone: a connection must not revive it
+
+    await store.add(Client("short", None, set()))
+
+    async def expired() -> bool:
+        return await store.get("short") is None
+
+    async def wait_expired() -> None:
+        while not await expired():
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(wait_expired(), TIMEOUT)
+    await client.aclose()
+
+
+async def test_attached_registrations_do_not_expire(redis_server: RedisServer) -> None:
+    backend = from_url(redis_server.url, registration_ttl=1, history_size=10)
+    await backend.broker.start(lambda p: None, "n")
+    reg = Client("kept", None, set())
+    await backend.registrations.add(reg)
+    assert await backend.registrations.attached(reg)
+    admin = aioredis.from_url(redis_server.url)
+    # the refresher renews the 1 s TTL every third of a second; watch it for 2 s
+    for _ in range(20):
+        ttl = await admin.pttl("wsrelay:reg:kept")
+        assert ttl > 0, "an attached registration expired"
+        await asyncio.sleep(0.1)
+    await backend.registrations.detached(reg)
+    await admin.aclose()
+    await backend.broker.stop()
+
+
+async def test_store_calls_fail_clearly_when_redis_is_down(redis_server: RedisServer) -> None:
+    redis_server.kill()
+    store = RedisRegistrations(make_client(redis_server.url), ttl=10)
+    with pytest.raises(BrokerUnavailable):
+        await store.get("x")
+
+
+async def test_concurrent_publishes_are_batched_and_each_arrives_once(
+    redis_server: RedisServer,
+) -> None:
+    """500 publishes in flight at once go out in pipelined batches; none is lost or doubled,
+    and the receiving node sees them in the order Redis gave them offsets."""
+    a, _ = await start_node(redis_server.url, "a")
+    b, inbox = await start_node(redis_server.url, "b")
+    await b.subscribe("t")
+    await asyncio.gather(*(a.publish(Publication("t", str(i))) for i in range(500)))
+    await inbox.wait_for(500)
+    assert sorted(int(p.message) for p in inbox.items) == list(range(500))
+    admin = aioredis.from_url(redis_server.url)
+    entries = cast(
+        "list[tuple[bytes, dict[bytes, bytes]]]", await admin.xrange("wsrelay:{t}:stream")
+    )
+    ids = [entry_id for entry_id, _ in entries]
+    order = [fields[b"d"] for _, fields in entries]
+    assert ids == [f"0-{i}".encode() for i in range(1, 501)]
+    assert [p.message for p in inbox.items] == [o.split(b'"')[-2].decode() for o in order]
+    await admin.aclose()
+    await a.stop()
+    await b.stop()

@@ -1,0 +1,50 @@
+"""Settings parse every kind of value from the environment and refuse bad ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsrelay.config import Settings
+
+
+def test_lists_booleans_and_seconds_parse_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "WSRELAY_API_KEY": " k1, k2 ,,",
+            "WSRELAY_ALLOWED_ORIGIN": "https://a.test,https://*.b.test",
+            "WSRELAY_INSECURE": "yes",
+            "WSRELAY_PING_INTERVAL": "0.5",
+            "WSRELAY_REQUEST_TIMEOUT": "12",
+            "WSRELAY_MAX_CONNECTIONS": "2K",
+            "WSRELAY_LOG_FORMAT": "json",
+        }
+    )
+    assert settings.api_key == ("k1", "k2")
+    assert settings.allowed_origin == ("https://a.test", "https://*.b.test")
+    assert settings.insecure is True
+    assert settings.ping_interval == 0.5 and settings.request_timeout == 12.0
+    assert settings.max_connections == 2048
+    assert settings.log_format == "json"
+    assert Settings.from_env({"WSRELAY_INSECURE": "off"}).insecure is False
+
+
+@pytest.mark.parametrize(
+    ("variables", "fragment"),
+    [
+        ({"WSRELAY_INSECURE": "maybe"}, "WSRELAY_INSECURE"),
+        ({"WSRELAY_PING_INTERVAL": "soon"}, "WSRELAY_PING_INTERVAL"),
+        ({"WSRELAY_PING_INTERVAL": "-1"}, "ping_interval"),
+        ({"WSRELAY_REQUEST_TIMEOUT": "0"}, "request_timeout"),
+        ({"WSRELAY_LOG_FORMAT": "xml"}, "log_format"),
+        ({"WSRELAY_MAX_CONNECTIONS": "0"}, "max_connections"),
+        ({"WSRELAY_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "no such file"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(variables: dict[str, str], fragment: str):
+    with pytest.raises(ValueError, match=fragment):
+        Settings.from_env(variables)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    settings = Settings(api_key=("top-secret-key",), jwt_secret="jwt-secret-value")
+    assert "top-secret-key" not in repr(settings) and "jwt-secret-value" not in repr(settings)

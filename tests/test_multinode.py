@@ -1,0 +1,157 @@
+"""Several `wsrelay serve` processes sharing one real redis-server act as one relay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.redis_server import RedisServer
+from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber
+from wsrelay import codes
+
+Start = Callable[..., ServerProcess]
+
+
+def nodes(
+    start_server: Start, redis_server: RedisServer, count: int, *args: str
+) -> list[ServerProcess]:
+    return [start_server("--broker", redis_server.url, *args) for _ in range(count)]
+
+
+async def connect(url: str) -> Subscriber:
+    ws = await websockets.connect(url, open_timeout=TIMEOUT)
+    return Subscriber(ws, url.rsplit("/", 1)[-1], url)
+
+
+def on(node: ServerProcess, reg: dict[str, str]) -> str:
+    """The registration's WebSocket URL, but on ``node``."""
+    return node.ws_url + "/ws/" + reg["id"]
+
+
+async def test_register_on_a_connect_on_b_publish_on_c(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    a, b, c = (Api(session, n.url) for n in nodes(start_server, redis_server, 3))
+    node_b = b.base.replace("http", "ws")
+    reg = await a.register(1, ["news"])
+    sub = await connect(f"{node_b}/ws/{reg['id']}")
+    await sub.subscribe("sport")  # acknowledged: B's Redis subscription is in place
+    assert await c.publish("news", "from c") == 0  # no connection on C itself
+    assert await c.publish("sport", "also from c") == 0
+    assert await sub.message() == ("news", "from c")
+    assert await sub.message() == ("sport", "also from c")
+    await sub.close()
+
+
+async def test_user_targeting_across_nodes(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    n1, n2 = nodes(start_server, redis_server, 2)
+    a, b = Api(session, n1.url), Api(session, n2.url)
+    alice = await connect(on(n2, await a.register("alice", ["t"])))
+    bob = await connect(on(n1, await a.register("bob", ["t"])))
+    await alice.subscribe("fence-a")
+    await bob.subscribe("fence-b")
+    await a.publish("t", "for alice", user_id="alice")
+    await b.publish("t", "for bob", user_id="bob")
+    await a.publish("t", "for all")
+    assert [await alice.message(), await alice.message()] == [("t", "for alice"), ("t", "for all")]
+    assert [await bob.message(), await bob.message()] == [("t", "for bob"), ("t", "for all")]
+    await alice.close()
+    await bob.close()
+
+
+async def test_unregister_on_one_node_closes_the_socket_on_another(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    n1, n2 = nodes(start_server, redis_server, 2)
+    a = Api(session, n1.url)
+    reg = await a.register(1, ["t"])
+    sub = await connect(on(n2, reg))
+    await sub.subscribe("t")
+    status, _ = await a.call("DELETE", f"/register/{reg['id']}")
+    assert status == 200
+    assert await sub.closed() == (codes.NORMAL, "unregistered")
+    with pytest.raises(InvalidStatus) as info:
+        await websockets.connect(on(n2, reg))
+    assert info.value.response.status_code == 404
+
+
+async def test_a_connection_on_another_node_replaces_the_first(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    n1, n2 = nodes(start_server, redis_server, 2)
+    a = Api(session, n1.url)
+    reg = await a.register(1, ["t"])
+    first = await connect(on(n1, reg))
+    await first.subscribe("t")
+    second = await connect(on(n2, reg))
+    assert (await first.closed())[0] == codes.REPLACED
+    await second.subscribe("t")
+    assert await a.publish("t", "to the newer one") == 0
+    assert await second.message() == ("t", "to the newer one")
+    await second.close()
+
+
+async def test_registrations_and_topics_survive_a_node_restart(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    (n1,) = nodes(start_server, redis_server, 1)
+    api = Api(session, n1.url)
+    reg = await api.register(7, ["t"])
+    sub = await connect(on(n1, reg))
+    await sub.subscribe("added-later")
+    assert n1.stop() == 0
+    assert (await sub.closed())[0] == codes.GOING_AWAY
+    (n2,) = nodes(start_server, redis_server, 1)  # a new process, a new port
+    again = await connect(on(n2, reg))
+    await again.command({"subscribe": []})  # acknowledged once B's subscriptions are live
+    assert await Api(session, n2.url).publish("added-later", "still here") == 1
+    assert await again.message() == ("added-later", "still here")
+    await again.close()
+
+
+async def test_a_registration_that_never_connects_expires(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    (n1,) = nodes(start_server, redis_server, 1, "--registration-ttl", "1")
+    api = Api(session, n1.url)
+    reg = await api.register(1)
+
+    async def gone() -> None:
+        # GET without an upgrade: 426 while the registration exists, 404 once it expired
+        while (await api.call("GET", f"/ws/{reg['id']}"))[0] != 404:
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(gone(), TIMEOUT)
+
+
+async def test_workers_share_one_port_and_act_as_one_relay(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """`--workers 2`: two processes on one port; every subscriber gets every message,
+    whichever process accepted its connection or the publish."""
+    from tests.redis_server import free_port
+
+    port = free_port()
+    server = start_server("--broker", redis_server.url, "--workers", "2", "--port", str(port))
+
+    async def both_listening() -> None:
+        while server.log().count(f"listening on http://127.0.0.1:{port}") < 2:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(both_listening(), TIMEOUT * 2)
+    api = Api(session, server.url)
+    subs = [await connect((await api.register(i, ["t"]))["url"]) for i in range(16)]
+    for sub in subs:
+        await sub.command({"subscribe": []})  # each worker's Redis subscription is live
+    counts = [await api.publish("t", f"m{i}") for i in range(4)]
+    assert all(0 <= c <= 16 for c in counts)
+    for sub in subs:
+        assert [await sub.message() for _ in range(4)] == [("t", f"m{i}") for i in range(4)]
+        await sub.close()
