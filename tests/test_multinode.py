@@ -66,6 +66,24 @@ async def test_user_targeting_across_nodes(
     await bob.close()
 
 
+async def test_a_batch_published_on_one_node_arrives_in_order_on_another(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    n1, n2 = nodes(start_server, redis_server, 2)
+    a = Api(session, n1.url)
+    local = await connect(on(n1, await a.register(1, ["x", "y"])))
+    remote = await connect(on(n2, await a.register(2, ["x", "y"])))
+    await remote.subscribe("fence")  # acknowledged: n2's Redis subscriptions are in place
+    messages = [{"topic": "xy"[i % 2], "message": str(i)} for i in range(300)]
+    status, body = await a.call("POST", "/publish/batch", {"messages": messages})
+    assert (status, body) == (200, {"recipients": [1] * 300})
+    expected = [("xy"[i % 2], str(i)) for i in range(300)]
+    assert [await local.message() for _ in range(300)] == expected
+    assert [await remote.message() for _ in range(300)] == expected
+    await local.close()
+    await remote.close()
+
+
 async def test_unregister_on_one_node_closes_the_socket_on_another(
     start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
 ) -> None:

@@ -8,7 +8,8 @@ from tests.fakes import RecordingSink, identity_framer
 from wsrelay import codes
 from wsrelay.brokers import MemoryBus
 from wsrelay.config import Settings
-from wsrelay.errors import InvalidTopic, NotFound, TooManyTopics
+from wsrelay.core.fanout import Publication
+from wsrelay.errors import BrokerUnavailable, InvalidTopic, NotFound, TooManyTopics
 from wsrelay.relay import CONTROL_TOPIC, Relay
 
 
@@ -124,3 +125,44 @@ async def test_unregister_and_reconnect_on_another_node_close_the_old_socket() -
     assert on_a.closed == (codes.REPLACED, "replaced by a newer connection")
     await a.unregister(client.id)
     assert on_b.closed == (codes.NORMAL, "unregistered")
+
+
+async def test_publish_many_checks_every_topic_before_publishing(relay: Relay) -> None:
+    client = await relay.register(None, ["t"])
+    sink = RecordingSink()
+    await relay.attach(client, sink)
+    with pytest.raises(InvalidTopic, match=r"messages\[1\]"):
+        await relay.publish_many([("t", "a", None), ("bad topic", "b", None)])
+    assert sink.frames == [] and relay.published == 0
+    assert await relay.publish_many([("t", "a", None), ("u", "b", None), ("t", "c", 7)]) == [
+        1,
+        0,
+        0,
+    ]
+    assert sink.frames == [b'{"type":"message","topic":"t","message":"a"}']
+    assert (relay.published, relay.delivered) == (3, 1)
+
+
+async def test_publish_many_delivers_what_the_broker_took_and_reports_the_rest() -> None:
+    """If the broker fails part-way, what it accepted (other nodes have it) is still
+    delivered here, and the caller learns how much got through."""
+    backend = MemoryBus().backend()
+    broker = backend.broker
+    real_publish = broker.publish
+    calls = 0
+
+    async def flaky_publish(publication: Publication) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise BrokerUnavailable("the broker is unreachable")
+        await real_publish(publication)
+
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        client = await relay.register(None, ["t"])
+        sink = RecordingSink()
+        await relay.attach(client, sink)
+        broker.publish = flaky_publish  # type: ignore[method-assign]
+        with pytest.raises(BrokerUnavailable, match="2 of 4 messages were published"):
+            await relay.publish_many([("t", str(i), None) for i in range(4)])
+        assert [f.decode().rsplit('"', 2)[-2] for f in sink.frames] == ["0", "1"]

@@ -79,6 +79,13 @@ class Settings:
         256, "Topics one client may subscribe to at once.", metavar="N"
     )
     max_topic_length: int = _setting(128, "Longest topic name, in characters.", metavar="N")
+    max_registrations_per_user: int = _setting(
+        100,
+        "Registrations one user may hold at once (made by POST /register or by a connection "
+        "token, on any node); past it POST /register gets 429. Anonymous registrations are "
+        "not counted. 0: no limit.",
+        metavar="N",
+    )
     log_level: str = _setting("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", metavar="LEVEL")
     log_format: str = _setting(
         "text",
@@ -88,10 +95,10 @@ class Settings:
     # -- hardening (docs/security.md) --
     api_key: tuple[str, ...] = _setting(
         (),
-        "API keys that POST /register, DELETE /register/<id>, POST /publish and GET /metrics "
-        "require as 'Authorization: Bearer <key>'; several (repeat the flag, or separate "
-        "with commas) allow rotation, none asks for no key. Prefer the variable: flags are "
-        "visible to other local users.",
+        "API keys that POST /register, DELETE /register/<id>, POST /publish[/batch], GET "
+        "/stats, /topics and /metrics require as 'Authorization: Bearer <key>'; several "
+        "(repeat the flag, or separate with commas) allow rotation, none asks for no key. "
+        "Prefer the variable: flags are visible to other local users.",
         metavar="KEY",
         secret=True,
     )
@@ -153,6 +160,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.max_registrations_per_user < 0:
+            problems.append("max_registrations_per_user must be 0 (no limit) or more")
         if self.ping_interval < 0:
             problems.append("ping_interval must be 0 (off) or more")
         if self.request_timeout <= 0:

@@ -11,9 +11,11 @@ effects (the framer, the connections' sinks) are passed in.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
@@ -23,7 +25,7 @@ from wsrelay.config import Settings
 from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.registry import Client, Occupancy, Registry, Sink, user_key
-from wsrelay.errors import NotFound, TooManyTopics
+from wsrelay.errors import BrokerUnavailable, InvalidTopic, NotFound, TooManyTopics
 
 log = logging.getLogger("wsrelay")
 
@@ -59,6 +61,11 @@ class Relay:
         self.registrations = backend.registrations
         self.registry = Registry()
         self.node_id = secrets.token_hex(8)
+        self.started_at = time.monotonic()
+        self.published = 0
+        """Publications accepted on this node (by publish and publish_many)."""
+        self.delivered = 0
+        """Hand-overs of publications to this node's connections, wherever published."""
 
     async def start(self) -> None:
         await self.broker.start(self._on_broker_publication, self.node_id)
@@ -172,12 +179,55 @@ class Relay:
         topic_rules.validate_topic(topic, self.settings.max_topic_length)
         publication = Publication(topic, message, user_key(user_id))
         await self.broker.publish(publication)
+        self.published += 1
         return self.deliver(publication)
+
+    async def publish_many(self, items: Sequence[tuple[str, str, int | str | None]]) -> list[int]:
+        """Publish several ``(topic, message, user_id)`` at once, in order; returns each
+        one's local recipient count. Every topic is checked before anything is published.
+
+        The broker gets them all together (the Redis broker pipelines them), and local
+        subscribers get them in the order given. If the broker fails part-way, those it
+        accepted are still delivered here (other nodes have them too) and the call raises.
+
+        Raises:
+            InvalidTopic: an item's topic breaks the rules (its index is in the message).
+            BrokerUnavailable: some publications could not be handed to the broker.
+        """
+        publications = []
+        for index, (topic, message, user_id) in enumerate(items):
+            try:
+                topic_rules.validate_topic(topic, self.settings.max_topic_length)
+            except InvalidTopic as exc:
+                raise InvalidTopic(f"messages[{index}]: {exc.message}") from None
+            publications.append(Publication(topic, message, user_key(user_id)))
+        outcomes = await asyncio.gather(
+            *(self.broker.publish(p) for p in publications), return_exceptions=True
+        )
+        recipients = []
+        failed: BaseException | None = None
+        for publication, outcome in zip(publications, outcomes, strict=True):
+            if outcome is None:
+                self.published += 1
+                recipients.append(self.deliver(publication))
+            elif failed is None:
+                failed = outcome
+        if failed is not None:
+            if isinstance(failed, BrokerUnavailable):
+                accepted = len(recipients)
+                raise BrokerUnavailable(
+                    f"{failed.message}; {accepted} of {len(publications)} messages were "
+                    "published before the failure"
+                ) from None
+            raise failed
+        return recipients
 
     def deliver(self, publication: Publication) -> int:
         """Hand ``publication`` to local subscribers only."""
         recipients = self.registry.recipients(publication.topic, publication.user)
-        return deliver(publication, recipients, self.framer)
+        handed = deliver(publication, recipients, self.framer)
+        self.delivered += handed
+        return handed
 
     def _on_broker_publication(self, publication: Publication) -> None:
         if publication.topic != CONTROL_TOPIC:

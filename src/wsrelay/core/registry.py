@@ -185,6 +185,15 @@ class Registry:
         """Attached clients subscribed to ``topic``."""
         return len(self._by_topic.get(topic, ()))
 
+    def busiest_topics(
+        self, prefix: str = "", limit: int = 100
+    ) -> tuple[list[tuple[str, int]], int]:
+        """Up to ``limit`` topics starting with ``prefix``, most subscribers first (ties
+        by name), and how many topics match in all."""
+        matching = [(t, len(s)) for t, s in self._by_topic.items() if t.startswith(prefix)]
+        matching.sort(key=lambda item: (-item[1], item[0]))
+        return matching[:limit], len(matching)
+
     @property
     def connections(self) -> int:
         return len(self._attached)

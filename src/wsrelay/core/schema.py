@@ -62,6 +62,62 @@ class PublishResponse(msgspec.Struct):
     recipients: int
 
 
+MAX_BATCH_MESSAGES = 1000
+"""Most messages one ``POST /publish/batch`` may carry (the body size limit also applies)."""
+
+
+class BatchPublishRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /publish/batch``: several publishes in one request, applied in order."""
+
+    messages: Annotated[
+        list[PublishRequest], msgspec.Meta(min_length=1, max_length=MAX_BATCH_MESSAGES)
+    ]
+
+
+class BatchPublishResponse(msgspec.Struct):
+    """Answer to ``POST /publish/batch``: each message's recipient count on this node,
+    in the order of the request."""
+
+    recipients: list[int]
+
+
+class StatsResponse(msgspec.Struct):
+    """Answer to ``GET /stats``: this node's live counters (for the console and
+    ``wsrelay stats``). Counters count since the node started; rates are their
+    differences over time."""
+
+    node: str
+    version: str
+    uptime: float
+    """Seconds since this node started."""
+    broker: Literal["up", "down"]
+    connections: int
+    registrations: int | None
+    """All nodes' registrations (they share the store); None when it is unreachable."""
+    topics: int
+    """Topics with at least one subscriber connected to this node."""
+    publishes: int
+    """Publications accepted by this node's HTTP API."""
+    deliveries: int
+    """Publications handed to this node's connections, wherever they were published."""
+    slow_consumers: int
+    """Connections this node closed because their outbox overflowed."""
+
+
+class TopicInfo(msgspec.Struct):
+    topic: str
+    subscribers: int
+    """Connections on this node subscribed to the topic."""
+
+
+class TopicsResponse(msgspec.Struct):
+    """Answer to ``GET /topics``: topics with subscribers on this node, most first."""
+
+    topics: list[TopicInfo]
+    total: int
+    """How many topics matched; more than ``len(topics)`` when the list was cut at ``limit``."""
+
+
 class HealthResponse(msgspec.Struct):
     """Answer to ``GET /health``."""
 

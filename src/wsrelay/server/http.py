@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, TypeVar
 
 import msgspec
@@ -10,17 +11,28 @@ from aiohttp import web
 
 from wsrelay import __version__
 from wsrelay.core.schema import (
+    BatchPublishRequest,
+    BatchPublishResponse,
     HealthResponse,
     PublishRequest,
     PublishResponse,
     ReadyResponse,
     RegisterRequest,
     RegisterResponse,
+    StatsResponse,
+    TopicInfo,
+    TopicsResponse,
     UnregisterResponse,
     decode,
     encode,
 )
-from wsrelay.errors import BadRequest, BrokerUnavailable, PayloadTooLarge, RequestTimeout
+from wsrelay.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    InvalidField,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from wsrelay.server.keys import RELAY, SETTINGS
 from wsrelay.server.metrics import METRICS
 
@@ -103,6 +115,54 @@ async def publish(request: web.Request) -> web.Response:
     metrics.publishes.inc()
     metrics.deliveries.inc(recipients)
     return json_response(PublishResponse(recipients=recipients))
+
+
+async def publish_batch(request: web.Request) -> web.Response:
+    body = await read_json(request, BatchPublishRequest)
+    items = [(m.topic, m.message, m.user_id) for m in body.messages]
+    recipients = await request.app[RELAY].publish_many(items)
+    metrics = request.app[METRICS]
+    metrics.publishes.inc(len(recipients))
+    metrics.deliveries.inc(sum(recipients))
+    return json_response(BatchPublishResponse(recipients=recipients))
+
+
+async def stats(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    try:
+        registrations = await relay.registrations.count()
+    except BrokerUnavailable:
+        registrations = None
+    return json_response(
+        StatsResponse(
+            node=relay.node_id,
+            version=__version__,
+            uptime=round(time.monotonic() - relay.started_at, 3),
+            broker="up" if relay.ready() else "down",
+            connections=relay.registry.connections,
+            registrations=registrations,
+            topics=relay.registry.topics,
+            publishes=relay.published,
+            deliveries=relay.delivered,
+            slow_consumers=request.app[METRICS].stats.slow_consumers,
+        )
+    )
+
+
+TOPICS_LIMIT = 100
+"""How many topics ``GET /topics`` lists unless ``?limit=`` says otherwise."""
+MAX_TOPICS_LIMIT = 1000
+"""The largest ``?limit=`` accepted."""
+
+
+async def topics(request: web.Request) -> web.Response:
+    prefix = request.query.get("prefix", "")
+    raw_limit = request.query.get("limit", str(TOPICS_LIMIT))
+    digits = raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6
+    if not digits or not 1 <= int(raw_limit) <= MAX_TOPICS_LIMIT:
+        raise InvalidField(f"limit must be an integer from 1 to {MAX_TOPICS_LIMIT}")
+    busiest, total = request.app[RELAY].registry.busiest_topics(prefix, int(raw_limit))
+    return json_response(TopicsResponse(topics=[TopicInfo(t, n) for t, n in busiest], total=total))
 
 
 async def openapi(request: web.Request) -> web.Response:

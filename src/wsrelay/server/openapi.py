@@ -70,6 +70,10 @@ def document(settings: Settings) -> dict[str, Any]:
             schema.UnregisterResponse,
             schema.PublishRequest,
             schema.PublishResponse,
+            schema.BatchPublishRequest,
+            schema.BatchPublishResponse,
+            schema.StatsResponse,
+            schema.TopicsResponse,
             schema.HealthResponse,
             schema.ReadyResponse,
             schema.ErrorBody,
@@ -165,6 +169,59 @@ def document(settings: Settings) -> dict[str, Any]:
                             "content": _json("PublishResponse"),
                         },
                         **_errors(400, *unauthorized, 408, 413, 503),
+                    },
+                }
+            },
+            "/publish/batch": {
+                "post": {
+                    "summary": f"Publish up to {schema.MAX_BATCH_MESSAGES} messages in one "
+                    "request, in order",
+                    "description": "Every topic is checked before anything is published. On a "
+                    "503 the error message says how many were published before the failure.",
+                    **keyed,
+                    "requestBody": {"required": True, "content": _json("BatchPublishRequest")},
+                    "responses": {
+                        "200": {
+                            "description": "Each message's recipient count on this node.",
+                            "content": _json("BatchPublishResponse"),
+                        },
+                        **_errors(400, *unauthorized, 408, 413, 503),
+                    },
+                }
+            },
+            "/stats": {
+                "get": {
+                    "summary": "This node's live counters (JSON)",
+                    **keyed,
+                    "responses": {
+                        "200": {"description": "Counters.", "content": _json("StatsResponse")},
+                        **_errors(*unauthorized),
+                    },
+                }
+            },
+            "/topics": {
+                "get": {
+                    "summary": "Topics with subscribers on this node, most subscribers first",
+                    **keyed,
+                    "parameters": [
+                        {
+                            "name": "prefix",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "Only topics starting with this.",
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "description": "At most this many topics (default 100).",
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "Topics.", "content": _json("TopicsResponse")},
+                        **_errors(400, *unauthorized),
                     },
                 }
             },
