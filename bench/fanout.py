@@ -106,7 +106,11 @@ def raise_fd_limit(needed: int) -> None:
 
 
 async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, list[RunResult]]:
-    targets = [resolve_target(spec, args.server_pid) for spec in args.target_list]
+    connections = scenario.clients + 100
+    targets = [resolve_target(spec, args.server_pid, connections) for spec in args.target_list]
+    # Every target gets as many client workers as the one with the most nodes needs, so the
+    # client side is the same for all of them.
+    min_workers = max(t.nodes for t in targets)
     runs: dict[str, list[RunResult]] = {t.name: [] for t in targets}
     counter = 0
     server_cpus = client_cpus = None
@@ -120,6 +124,7 @@ async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, lis
         for target in targets:  # alternate targets so drift on a noisy machine hits all alike
             opts = RunOptions(
                 workers=args.workers,
+                min_workers=min_workers,
                 client=args.client,
                 drain_timeout=args.drain_timeout,
                 run_index=counter,

@@ -24,6 +24,15 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("latency_p50_ms", "latency p50 ms", ".2f", True),
     ("latency_p99_ms", "latency p99 ms", ".2f", True),
     ("latency_max_ms", "latency max ms", ".2f", True),
+    # multi-node targets (wsrelay-redis): publishing node vs the others, and Redis itself
+    ("latency_local_p50_ms", "latency p50 ms, publishing node", ".2f", True),
+    ("latency_local_p99_ms", "latency p99 ms, publishing node", ".2f", True),
+    ("latency_remote_p50_ms", "latency p50 ms, other node", ".2f", True),
+    ("latency_remote_p99_ms", "latency p99 ms, other node", ".2f", True),
+    ("redis_hop_p50_ms", "Redis hop adds, p50 ms", ".2f", True),
+    ("redis_hop_p99_ms", "Redis hop adds, p99 ms", ".2f", True),
+    ("redis_cpu_us_per_delivery", "redis-server CPU us/delivery", ".2f", True),
+    ("redis_cpu_util", "redis-server CPU busy", "%", True),
     ("rss_before_mb", "server RSS before connect MB", ".1f", True),
     ("rss_connected_mb", "server RSS connected MB", ".1f", True),
     ("rss_end_mb", "server RSS at end MB", ".1f", True),
@@ -40,6 +49,8 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("client_side_cpu_util", "client workers + publisher CPU", "%", True),
 ]
 NO_RATIO = {
+    "redis_hop_p50_ms",
+    "redis_hop_p99_ms",
     "expected",
     "received",
     "lost",

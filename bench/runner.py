@@ -30,7 +30,8 @@ from servers import Server, Target
 
 @dataclass
 class RunOptions:
-    workers: int | None = None  # None: one per ~4000 subscribers
+    workers: int | None = None  # None: one per ~4000 subscribers, at least min_workers
+    min_workers: int = 1  # e.g. one per node of a multi-node target, for every target alike
     per_worker: int = 4000
     client: str = "raw"
     drain_timeout: float = 10.0  # give up when no delivery arrives for this long
@@ -73,11 +74,15 @@ class Progress:
 CpuTimes = tuple[float, float]  # (user, system) seconds
 
 
-def cpu_times(proc: psutil.Process | None) -> CpuTimes | None:
-    if proc is None:
+def cpu_times(proc: psutil.Process | list[psutil.Process] | None) -> CpuTimes | None:
+    """User and system CPU seconds of a process, or summed over a group (all nodes)."""
+    if proc is None or (isinstance(proc, list) and not proc):
         return None
-    t = proc.cpu_times()
-    return float(t.user), float(t.system)
+    user = system = 0.0
+    for p in proc if isinstance(proc, list) else [proc]:
+        t = p.cpu_times()
+        user, system = user + float(t.user), system + float(t.system)
+    return user, system
 
 
 def _delta(before: CpuTimes | None, after: CpuTimes | None, scale: float = 1.0) -> float | None:
@@ -105,8 +110,9 @@ def _mul(value: float | None, factor: float | None) -> float | None:
     return None if value is None or factor is None else value * factor
 
 
-def rss_bytes(proc: psutil.Process | None) -> int | None:
-    return None if proc is None else int(proc.memory_info().rss)
+def rss_bytes(procs: list[psutil.Process]) -> int | None:
+    """Resident memory of the server, summed over its nodes."""
+    return sum(int(p.memory_info().rss) for p in procs) if procs else None
 
 
 def percentile(sorted_values: list[int], q: float) -> float | None:
@@ -125,11 +131,15 @@ class Run:
         self.server = Server(target)
         self.warnings: list[str] = []
         n = scenario.clients
-        self.nworkers = opts.workers or max(1, math.ceil(n / opts.per_worker))
+        self.nworkers = opts.workers or max(opts.min_workers, math.ceil(n / opts.per_worker))
         self.ctx = mp.get_context("spawn")
         self.counters: Any = self.ctx.Array("q", self.nworkers * NCOUNTERS, lock=False)
         self.procs: list[Any] = []
         self.pipes: list[Any] = []
+
+    def node_of_worker(self, index: int) -> str:
+        urls = self.server.node_urls
+        return urls[index % len(urls)]
 
     def total(self, column: int) -> int:
         return sum(self.counters[w * NCOUNTERS + column] for w in range(self.nworkers))
@@ -145,7 +155,8 @@ class Run:
             host_octet = 2 + (self.opts.run_index * w + i) % 250
             cfg = WorkerConfig(
                 index=i,
-                base_url=self.server.base_url,
+                # Workers take turns over the nodes of a multi-node target.
+                base_url=self.node_of_worker(i),
                 user_ids=list(ids),
                 topics=[topic_name(c % s.topics) for c in ids],
                 source_host=f"127.0.0.{host_octet}",
@@ -216,7 +227,8 @@ class Run:
         m: dict[str, float | None] = {}
         self.server.start(cpus=set(self.opts.server_cpus or ()))
         try:
-            sproc = psutil.Process(self.server.pid) if self.server.pid else None
+            sproc = [psutil.Process(pid) for pid in self.server.pids]
+            rproc = psutil.Process(self.server.redis_pid) if self.server.redis_pid else None
             rss_before = rss_bytes(sproc)
             t_connect = time.monotonic()
             self._start_workers()
@@ -242,9 +254,11 @@ class Run:
                     m["idle_cpu_util"] = _delta(c0, cpu_times(sproc), 1 / s.hold)
                 procs = [sproc, psutil.Process(), *(psutil.Process(p.pid) for p in self.procs)]
                 before = [cpu_times(p) for p in procs]  # just before the first publish
+                redis_before = cpu_times(rproc)
                 task = asyncio.create_task(pub.run())
                 await self._wait_for(RECEIVED, expected, "publishing", task)
                 after = [cpu_times(p) for p in procs]  # just after the last delivery
+                redis_after = cpu_times(rproc)
                 await task
                 rss_end = rss_bytes(sproc)
             results = self._collect()
@@ -291,6 +305,8 @@ class Run:
             if rss_before is not None and rss_connected is not None
             else None,
         }
+        if len(self.server.node_urls) > 1:
+            m |= self._per_node(results, per_delivery, per_second, redis_before, redis_after)
         if pub.errors:
             self.warnings.append(f"{pub.errors} publishes failed: {pub.last_error}")
         other = sum(r.other for r in results)
@@ -301,6 +317,33 @@ class Run:
             self.warnings.append(f"{closed} connections were closed by the server during the run")
         self._check_clients(m)
         return RunResult(self.target.name, self.opts.run_index, m, lat, self.warnings)
+
+    def _per_node(
+        self,
+        results: list[WorkerResult],
+        per_delivery: float | None,
+        per_second: float | None,
+        redis_before: CpuTimes | None,
+        redis_after: CpuTimes | None,
+    ) -> dict[str, float | None]:
+        """Multi-node target: Redis's CPU, and latency on the publishing node (the first)
+        vs the others; the difference is what the hop through Redis adds."""
+        first = self.server.node_urls[0]
+        local = sorted(v for r in results if self.node_of_worker(r.index) == first for v in _lat(r))
+        remote = sorted(
+            v for r in results if self.node_of_worker(r.index) != first for v in _lat(r)
+        )
+        m: dict[str, float | None] = {
+            "redis_cpu_us_per_delivery": _mul(_delta(redis_before, redis_after), per_delivery),
+            "redis_cpu_util": _mul(_delta(redis_before, redis_after), per_second),
+        }
+        for name, values in (("local", local), ("remote", remote)):
+            for q in (50, 99):
+                m[f"latency_{name}_p{q}_ms"] = _mul(percentile(values, q / 100), 1e-6)
+        for q in (50, 99):
+            lo, re = m[f"latency_local_p{q}_ms"], m[f"latency_remote_p{q}_ms"]
+            m[f"redis_hop_p{q}_ms"] = re - lo if lo is not None and re is not None else None
+        return m
 
     def _check_clients(self, m: dict[str, float | None]) -> None:
         """Warn when the client side, not the server, may have set the pace."""
@@ -333,6 +376,12 @@ class Run:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+
+
+def _lat(result: WorkerResult) -> array[int]:
+    values: array[int] = array("q")
+    values.frombytes(result.latencies_ns)
+    return values
 
 
 async def run_once(target: Target, scenario: Scenario, opts: RunOptions, label: str) -> RunResult:

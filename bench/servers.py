@@ -5,7 +5,10 @@ Built-in targets, each started as a subprocess on a free loopback port:
 * ``wsrelay``: ``python -m wsrelay serve`` from this repository (``src/`` is put on PYTHONPATH, so
   an editable install is not required; its dependencies must be importable by this interpreter);
 * ``node``: ``bench/peers/node/relay.js`` (``npm install`` runs first if node_modules is missing);
-* ``naive``: ``bench/peers/naive_aiohttp.py``, the seed design on aiohttp.
+* ``naive``: ``bench/peers/naive_aiohttp.py``, the seed design on aiohttp;
+* ``wsrelay-redis``: a private ``redis-server`` on a free port (no persistence, in a temporary
+  directory) and two ``python -m wsrelay serve --broker redis://...`` nodes on their own ports.
+  The bench spreads subscribers over both nodes and publishes to the first one.
 
 Any other target must be a URL (``http://127.0.0.1:8000``) of a server that is already running;
 its CPU and memory are only measured when its pid is given (``--server-pid``).
@@ -13,6 +16,7 @@ its CPU and memory are only measured when its pid is given (``--server-pid``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -28,7 +32,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 NODE_DIR = BENCH_DIR / "peers" / "node"
-BUILTIN = ("wsrelay", "node", "naive")
+BUILTIN = ("wsrelay", "node", "naive", "wsrelay-redis")
 
 
 @dataclass(frozen=True)
@@ -38,16 +42,31 @@ class Target:
     url: str | None = None  # base URL of an already running server
     pid: int | None = None  # pid of an already running server, when known
     env: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1  # relay processes; more than 1 share a private redis-server (wsrelay-redis)
 
 
-def resolve_target(spec: str, server_pid: int | None = None) -> Target:
-    """Turn ``wsrelay`` / ``node`` / ``naive`` / a URL into a :class:`Target`."""
+def _wsrelay_env(connections: int) -> dict[str, str]:
+    src = str(REPO_ROOT / "src")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
+    # wsrelay refuses upgrades past --max-connections (default 10000): let every subscriber in.
+    if connections > 10000:
+        env["WSRELAY_MAX_CONNECTIONS"] = str(connections)
+    return env
+
+
+def resolve_target(spec: str, server_pid: int | None = None, connections: int = 0) -> Target:
+    """Turn ``wsrelay`` / ``node`` / ``naive`` / ``wsrelay-redis`` / a URL into a :class:`Target`.
+
+    ``connections``: WebSockets the target must accept (wsrelay's limit is raised to it).
+    """
     py = sys.executable
     if spec == "wsrelay":
-        src = str(REPO_ROOT / "src")
-        path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
         argv = (py, "-m", "wsrelay", "serve", "--host", "127.0.0.1", "--port", "{port}")
-        return Target("wsrelay", argv, env={"PYTHONPATH": path})
+        return Target("wsrelay", argv, env=_wsrelay_env(connections))
+    if spec == "wsrelay-redis":
+        argv = (py, "-m", "wsrelay", "serve", "--host", "127.0.0.1", "--port", "{port}")
+        argv += ("--broker", "{broker}")
+        return Target("wsrelay-redis", argv, env=_wsrelay_env(connections), nodes=2)
     if spec == "node":
         script = str(NODE_DIR / "relay.js")
         return Target("node", ("node", script, "--host", "127.0.0.1", "--port", "{port}"))
@@ -56,7 +75,9 @@ def resolve_target(spec: str, server_pid: int | None = None) -> Target:
         return Target("naive", (py, script, "--host", "127.0.0.1", "--port", "{port}"))
     if spec.startswith(("http://", "https://")):
         return Target(spec, url=spec.rstrip("/"), pid=server_pid)
-    raise ValueError(f"unknown target {spec!r}: use wsrelay, node, naive or an http:// URL")
+    raise ValueError(
+        f"unknown target {spec!r}: use wsrelay, node, naive, wsrelay-redis or an http:// URL"
+    )
 
 
 def ensure_node_modules() -> None:
@@ -87,29 +108,50 @@ def get_json_status(url: str, timeout: float = 2.0) -> int:
 
 
 class Server:
-    """A server under test: started here (and stopped by :meth:`stop`) or already running."""
+    """A server under test: started here (and stopped by :meth:`stop`) or already running.
+
+    A target with ``nodes > 1`` starts a private redis-server first, then that many relay
+    processes on it. ``base_url`` is the first node's (the bench publishes there),
+    ``node_urls`` lists every node, ``pids`` their processes and ``redis_pid`` Redis's.
+    """
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path: Path | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.log_paths: list[Path] = []
         self.base_url = target.url or ""
-        self.pid = target.pid
+        self.node_urls = [self.base_url] if target.url else []
+        self.pids: list[int] = [target.pid] if target.pid else []
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.redis_pid: int | None = None
+        self._redis_dir: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.pids[0] if self.pids else None
 
     def start(self, timeout: float = 30.0, cpus: set[int] | None = None) -> None:
         """Start the target (pinned to ``cpus``, if given) and wait for ``GET /health``."""
         if not self.target.argv:
-            self._wait_healthy(timeout)
+            self._wait_healthy(self.base_url, None, timeout)
             return
         if self.target.name == "node":
             ensure_node_modules()
-        port = free_port()
-        argv = [a.replace("{port}", str(port)) for a in self.target.argv]
-        fd, log = tempfile.mkstemp(prefix=f"bench-{self.target.name}-", suffix=".log")
-        self.log_path = Path(log)
-        env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1"}
+        broker = self._start_redis(cpus, timeout) if self.target.nodes > 1 else ""
+        for _ in range(self.target.nodes):
+            self._start_node(broker, cpus)
+        self.base_url = self.node_urls[0]
+        for url, process in zip(self.node_urls, self.processes, strict=True):
+            # /ready: a Redis node answers 200 only once its broker is connected.
+            self._wait_healthy(url, process, timeout, "/ready" if broker else "/health")
+
+    def _popen(
+        self, argv: list[str], name: str, cpus: set[int] | None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        fd, log = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
+        self.log_paths.append(Path(log))
         with os.fdopen(fd, "wb") as out:
-            self.process = subprocess.Popen(
+            return subprocess.Popen(
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -119,19 +161,57 @@ class Server:
                 # Pin before exec, so every thread of the server inherits the affinity.
                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
-        self.pid = self.process.pid
-        self.base_url = f"http://127.0.0.1:{port}"
-        self._wait_healthy(timeout)
 
-    def _wait_healthy(self, timeout: float) -> None:
+    def _start_node(self, broker: str, cpus: set[int] | None) -> None:
+        port = free_port()
+        argv = [a.replace("{port}", str(port)) for a in self.target.argv]
+        argv = [a.replace("{broker}", broker) for a in argv]
+        env = {**os.environ, **self.target.env, "PYTHONUNBUFFERED": "1"}
+        name = self.target.name + (f"-{len(self.processes)}" if self.target.nodes > 1 else "")
+        process = self._popen(argv, name, cpus, env)
+        self.processes.append(process)
+        self.pids.append(process.pid)
+        self.node_urls.append(f"http://127.0.0.1:{port}")
+
+    def _start_redis(self, cpus: set[int] | None, timeout: float) -> str:
+        """A private redis-server on a free port, no persistence; returns its URL."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError(f"the {self.target.name} target needs redis-server on PATH")
+        port = free_port()
+        self._redis_dir = tempfile.mkdtemp(prefix="bench-redis-")
+        argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        argv += ["no", "--dir", self._redis_dir]
+        self.redis = self._popen(argv, "redis", cpus)
+        self.redis_pid = self.redis.pid
         deadline = time.monotonic() + timeout
         while True:
-            if self.process is not None and self.process.poll() is not None:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=1) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+            if self.redis.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def _wait_healthy(
+        self,
+        base_url: str,
+        process: subprocess.Popen[bytes] | None,
+        timeout: float,
+        path: str = "/health",
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process is not None and process.poll() is not None:
                 raise RuntimeError(
-                    f"{self.target.name} exited with {self.process.returncode}:\n{self.log_tail()}"
+                    f"{self.target.name} exited with {process.returncode}:\n{self.log_tail()}"
                 )
             try:
-                if get_json_status(self.base_url + "/health") == 200:
+                if get_json_status(base_url + path) == 200:
                     return
             except (OSError, urllib.error.URLError):
                 pass
@@ -142,20 +222,30 @@ class Server:
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 20) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        out = []
+        for path in self.log_paths:
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
 
     def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            self.process = None
-        if self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None
+        for process in [*self.processes, *([self.redis] if self.redis else [])]:
+            if process.poll() is None:
+                process.terminate()
+        for process in [*self.processes, *([self.redis] if self.redis else [])]:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes = []
+        self.redis = None
+        if self.target.argv:
+            self.pids = []
+        for path in self.log_paths:
+            path.unlink(missing_ok=True)
+        self.log_paths = []
+        if self._redis_dir is not None:
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
+            self._redis_dir = None
