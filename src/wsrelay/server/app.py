@@ -19,7 +19,7 @@ from wsrelay import codes
 from wsrelay.brokers import Backend, from_url
 from wsrelay.config import Settings
 from wsrelay.relay import Relay
-from wsrelay.server import http, metrics, ws
+from wsrelay.server import console, http, metrics, ws
 from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, protected
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
@@ -66,6 +66,9 @@ def create_app(
     app.router.add_get("/ws", ws.token_websocket)
     app.router.add_get("/metrics", protected(metrics.metrics))
     app.router.add_get("/openapi.json", http.openapi)
+    app.router.add_get("/console", console.page)
+    app.router.add_get("/console/{asset}", console.asset)
+    app.router.add_get("/client/wsrelay.js", console.client_script)
     app.on_startup.append(_start)
     app.on_shutdown.append(_close_connections)
     app.on_cleanup.append(_stop)

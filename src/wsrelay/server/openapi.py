@@ -268,6 +268,53 @@ def document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/console": {
+                "get": {
+                    "summary": "The web console (HTML): live counters, topics, subscribe, publish",
+                    "description": "Public; the page asks for the API key when the API needs "
+                    "one and keeps it in sessionStorage.",
+                    "responses": {
+                        "200": {
+                            "description": "The page.",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/console/{asset}": {
+                "get": {
+                    "summary": "The console's script and stylesheet",
+                    "parameters": [
+                        {
+                            "name": "asset",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "enum": ["console.css", "console.js"]},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file.",
+                            "content": {
+                                "text/css": {"schema": {"type": "string"}},
+                                "text/javascript": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "404": {"description": "No such asset.", "content": _json("ErrorBody")},
+                    },
+                }
+            },
+            "/client/wsrelay.js": {
+                "get": {
+                    "summary": "The browser client, an ES module (see README: Web console)",
+                    "responses": {
+                        "200": {
+                            "description": "The module.",
+                            "content": {"text/javascript": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
         },
         "components": {
             "schemas": components,

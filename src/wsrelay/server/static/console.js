@@ -1,0 +1,414 @@
+// The wsrelay web console: live counters, topics, a subscriber and a publisher.
+// Talks to the server it was served by, with the API key (if any) from sessionStorage.
+import { Relay } from "../client/wsrelay.js";
+
+const KEY = "wsrelay.apiKey"; // sessionStorage only: gone when the tab closes
+const ROOT = new URL(".", location.href); // the server's root, also when mounted under a prefix
+const HISTORY = 120; // chart points, one a second
+const MESSAGES = 500; // messages kept in the log
+
+const $ = (id) => document.getElementById(id);
+
+class AuthRequired extends Error {}
+
+// -- API ----------------------------------------------------------------------------------
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { Accept: "application/json" };
+  const key = sessionStorage.getItem(KEY);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(new URL(path, ROOT), {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    cache: "no-store",
+  });
+  const answer = await response.json().catch(() => null);
+  if (response.status === 401) {
+    askForKey(key ? "The server refused that key. Enter another one." : null);
+    throw new AuthRequired("an API key is needed");
+  }
+  if (!response.ok) {
+    throw new Error(answer?.error?.message ?? `${method} /${path} answered ${response.status}`);
+  }
+  return answer;
+}
+
+function setApiStatus(text, ok) {
+  const badge = $("api-status");
+  badge.textContent = text;
+  badge.classList.toggle("ok", ok === true);
+  badge.classList.toggle("bad", ok === false);
+}
+
+// -- API key ------------------------------------------------------------------------------
+
+const dialog = $("key-dialog");
+
+function askForKey(reason) {
+  if (reason) sessionStorage.removeItem(KEY);
+  $("key-reason").textContent = reason ?? "This server requires an API key.";
+  $("change-key").hidden = false;
+  setApiStatus("API key needed", false);
+  if (!dialog.open) {
+    dialog.showModal();
+    $("api-key").focus();
+  }
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = $("api-key");
+  sessionStorage.setItem(KEY, input.value.trim());
+  input.value = "";
+  dialog.close();
+  poll(true);
+});
+
+$("change-key").addEventListener("click", () => askForKey(null));
+
+// -- live counters and the chart ----------------------------------------------------------
+
+const series = { publishes: [], deliveries: [] };
+let last = null; // the previous /stats answer
+
+function formatRate(value) {
+  if (value === null || value === undefined) return "–";
+  return value >= 100 ? Math.round(value).toLocaleString() : value.toFixed(1);
+}
+
+function formatUptime(seconds) {
+  const s = Math.floor(seconds);
+  const parts = [[Math.floor(s / 86400), "d"], [Math.floor(s / 3600) % 24, "h"], [Math.floor(s / 60) % 60, "m"], [s % 60, "s"]];
+  const first = parts.findIndex(([n]) => n > 0);
+  return parts.slice(first === -1 ? 3 : first, (first === -1 ? 3 : first) + 2).map(([n, u]) => n + u).join(" ");
+}
+
+function showStats(stats) {
+  if (last && (stats.node !== last.node || stats.uptime < last.uptime)) {
+    // another node, or a restart: the counters started again
+    last = null;
+    series.publishes.length = 0;
+    series.deliveries.length = 0;
+  }
+  let rates = [null, null];
+  if (last && stats.uptime > last.uptime) {
+    const dt = stats.uptime - last.uptime;
+    rates = [(stats.publishes - last.publishes) / dt, (stats.deliveries - last.deliveries) / dt];
+    push(series.publishes, rates[0]);
+    push(series.deliveries, rates[1]);
+  }
+  last = stats;
+  $("node").textContent = stats.node;
+  $("version").textContent = stats.version;
+  $("uptime").textContent = formatUptime(stats.uptime);
+  $("broker").textContent = stats.broker;
+  $("broker").className = stats.broker === "up" ? "" : "bad-text";
+  $("connections").textContent = stats.connections.toLocaleString();
+  $("registrations").textContent = stats.registrations === null ? "?" : stats.registrations.toLocaleString();
+  $("topics-count").textContent = stats.topics.toLocaleString();
+  $("publish-rate").textContent = formatRate(rates[0]);
+  $("delivery-rate").textContent = formatRate(rates[1]);
+  $("slow-consumers").textContent = stats.slow_consumers.toLocaleString();
+  $("chart").setAttribute(
+    "aria-label",
+    `Publishes and deliveries per second over the last two minutes; now ${formatRate(rates[0])} and ${formatRate(rates[1])}`,
+  );
+  drawChart();
+}
+
+function push(list, value) {
+  list.push(value);
+  if (list.length > HISTORY) list.shift();
+}
+
+function niceCeiling(value) {
+  if (value <= 1) return 1;
+  const magnitude = 10 ** Math.floor(Math.log10(value));
+  for (const step of [1, 2, 5, 10]) if (step * magnitude >= value) return step * magnitude;
+  return 10 * magnitude;
+}
+
+function drawChart() {
+  const canvas = $("chart");
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth;
+  const height = canvas.clientHeight;
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const style = getComputedStyle(document.documentElement);
+  const color = (name) => style.getPropertyValue(name).trim();
+  const left = 48;
+  const top = 8;
+  const bottom = height - 20;
+  const right = width - 8;
+  const max = niceCeiling(Math.max(0, ...series.publishes, ...series.deliveries));
+  const y = (v) => bottom - (v / max) * (bottom - top);
+  const x = (i, n) => right - (n - 1 - i) * ((right - left) / (HISTORY - 1));
+
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "right";
+  ctx.lineWidth = 1;
+  for (let step = 0; step <= 4; step += 1) {
+    const value = (max * step) / 4;
+    const py = Math.round(y(value)) + 0.5;
+    ctx.strokeStyle = color("--grid");
+    ctx.beginPath();
+    ctx.moveTo(left, py);
+    ctx.lineTo(right, py);
+    ctx.stroke();
+    ctx.fillStyle = color("--muted");
+    ctx.fillText(String(+value.toFixed(2)), left - 6, py);
+  }
+  ctx.textAlign = "left";
+  ctx.textBaseline = "alphabetic";
+  ctx.fillText("−2 min", left, height - 4);
+  ctx.textAlign = "right";
+  ctx.fillText("now", right, height - 4);
+
+  for (const [name, values] of [["--deliveries", series.deliveries], ["--publishes", series.publishes]]) {
+    if (values.length < 2) continue;
+    ctx.strokeStyle = color(name);
+    ctx.lineWidth = 2;
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    values.forEach((v, i) => (i ? ctx.lineTo(x(i, values.length), y(v)) : ctx.moveTo(x(i, values.length), y(v))));
+    ctx.stroke();
+  }
+}
+
+new ResizeObserver(() => drawChart()).observe($("chart"));
+
+// -- topics -------------------------------------------------------------------------------
+
+function showTopics({ topics, total }) {
+  const rows = $("topic-rows");
+  rows.replaceChildren(
+    ...topics.map(({ topic, subscribers }) => {
+      const tr = document.createElement("tr");
+      const name = document.createElement("td");
+      const use = document.createElement("button");
+      use.type = "button";
+      use.textContent = topic;
+      use.title = "Use this topic in the publish and subscribe forms";
+      use.addEventListener("click", () => {
+        $("publish-topic").value = topic;
+        $("subscribe-topics").value = topic;
+      });
+      name.append(use);
+      const count = document.createElement("td");
+      count.className = "num";
+      count.textContent = subscribers.toLocaleString();
+      tr.append(name, count);
+      return tr;
+    }),
+  );
+  $("topics-summary").textContent =
+    total === 0
+      ? "No topic has a subscriber on this node."
+      : topics.length < total
+        ? `The ${topics.length} busiest of ${total} topics.`
+        : `${total} topic${total === 1 ? "" : "s"} with subscribers.`;
+}
+
+$("topic-filter").addEventListener("submit", (event) => event.preventDefault());
+$("topic-prefix").addEventListener("input", () => refreshTopics());
+
+async function refreshTopics() {
+  const query = new URLSearchParams({ limit: "50", prefix: $("topic-prefix").value.trim() });
+  showTopics(await api(`topics?${query}`));
+}
+
+// -- polling ------------------------------------------------------------------------------
+
+let ticks = 0;
+let timer = null;
+
+async function poll(now = false) {
+  clearTimeout(timer);
+  if (!dialog.open) {
+    try {
+      showStats(await api("stats"));
+      if (now || ticks % 2 === 0) await refreshTopics();
+      setApiStatus("live", true);
+    } catch (error) {
+      if (!(error instanceof AuthRequired)) {
+        setApiStatus(error instanceof TypeError ? "server unreachable" : error.message, false);
+        $("publish-rate").textContent = "–";
+        $("delivery-rate").textContent = "–";
+      }
+    }
+    ticks += 1;
+  }
+  timer = setTimeout(poll, 1000);
+}
+
+// -- publish ------------------------------------------------------------------------------
+
+function userId(input) {
+  const value = input.value.trim();
+  return value === "" ? null : value;
+}
+
+$("publish-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const result = $("publish-result");
+  const body = {
+    topic: $("publish-topic").value.trim(),
+    message: $("publish-message").value,
+    user_id: userId($("publish-user")),
+  };
+  result.className = "";
+  result.textContent = "publishing…";
+  try {
+    const { recipients } = await api("publish", { method: "POST", body });
+    result.textContent = `Delivered to ${recipients} connection${recipients === 1 ? "" : "s"}.`;
+  } catch (error) {
+    result.className = "bad";
+    result.textContent = error.message;
+  }
+});
+
+// -- subscribe ----------------------------------------------------------------------------
+
+let relay = null;
+let received = 0;
+
+const STATES = {
+  idle: ["not connected", null],
+  connecting: ["connecting…", null],
+  open: ["connected", true],
+  reconnecting: ["reconnecting…", false],
+  closed: ["stopped", false],
+};
+
+function showClientState(state) {
+  const [text, ok] = STATES[state];
+  const el = $("client-state");
+  el.textContent = text;
+  el.classList.toggle("ok", ok === true);
+  el.classList.toggle("bad", ok === false);
+}
+
+function detail(text, bad = false) {
+  const el = $("client-detail");
+  el.textContent = text;
+  el.classList.toggle("bad-text", bad);
+}
+
+// Chips show what the server acknowledged; while reconnecting they are marked pending
+// until the server confirms the resubscription.
+function showSubscribed(topics, pending = false) {
+  $("subscribed").replaceChildren(
+    ...topics.map((topic) => {
+      const li = document.createElement("li");
+      if (pending) {
+        li.className = "pending";
+        li.title = "waiting for the server to confirm";
+      }
+      const name = document.createElement("span");
+      name.textContent = topic;
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", `Unsubscribe from ${topic}`);
+      remove.addEventListener("click", () => relay?.unsubscribe(topic).catch((e) => detail(e.message, true)));
+      li.append(name, remove);
+      return li;
+    }),
+  );
+}
+
+function addMessage(topic, message) {
+  const li = document.createElement("li");
+  const time = document.createElement("time");
+  const now = new Date();
+  time.dateTime = now.toISOString();
+  time.textContent = now.toLocaleTimeString();
+  const name = document.createElement("span");
+  name.className = "topic";
+  name.textContent = topic;
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = message; // text, never HTML
+  li.append(time, name, text);
+  const list = $("messages");
+  list.prepend(li);
+  while (list.children.length > MESSAGES) list.lastElementChild.remove();
+  received += 1;
+  $("message-count").textContent = `(${received})`;
+}
+
+function shortUrl(url) {
+  return url.replace(/\/ws\/([0-9a-f]{8})[0-9a-f]+/, "/ws/$1…");
+}
+
+function newRelay(user) {
+  const client = new Relay({
+    register: async () => (await api("register", { method: "POST", body: { user_id: user, topics: [] } })).url,
+    maxDelay: 5000, // a console should come back quickly
+  });
+  client.addEventListener("state", (event) => showClientState(event.detail.state));
+  client.addEventListener("open", (event) => detail(`on ${shortUrl(event.detail.url)}`));
+  client.addEventListener("subscribed", (event) => showSubscribed(event.detail.topics));
+  client.addEventListener("error", (event) => detail(event.detail.error.message, true));
+  client.addEventListener("close", ({ detail: d }) => {
+    const why = `closed (${d.code ?? "no connection"}${d.reason ? `: ${d.reason}` : ""})`;
+    detail(d.reconnect ? `${why}; retrying in ${(d.delay / 1000).toFixed(1)} s` : why, !d.reconnect);
+    showSubscribed(client.topics, true);
+  });
+  client.on("*", (message, topic) => addMessage(topic, message));
+  return client;
+}
+
+$("subscribe-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("subscribe-topics");
+  const topics = input.value.split(/[\s,]+/).filter(Boolean);
+  if (topics.length === 0) {
+    detail("Enter one or more topics, separated by spaces.", true);
+    return;
+  }
+  try {
+    if (!relay) {
+      relay = newRelay(userId($("subscribe-user")));
+      $("subscribe-user").disabled = true;
+      $("disconnect").disabled = false;
+    }
+    if (relay.state === "idle" || relay.state === "closed") relay.connect().catch(() => {});
+    const pending = relay.subscribe(...topics);
+    input.value = "";
+    await pending;
+  } catch (error) {
+    detail(error.message, true);
+  }
+});
+
+$("disconnect").addEventListener("click", () => {
+  if (!relay) return;
+  const url = relay.url;
+  relay.close();
+  relay = null;
+  showClientState("idle");
+  showSubscribed([]);
+  detail("");
+  $("subscribe-user").disabled = false;
+  $("disconnect").disabled = true;
+  const id = url?.match(/\/ws\/([^/?]+)/)?.[1];
+  if (id) api(`register/${id}`, { method: "DELETE" }).catch(() => {}); // it may be gone already
+});
+
+$("clear-messages").addEventListener("click", () => {
+  $("messages").replaceChildren();
+  received = 0;
+  $("message-count").textContent = "(0)";
+});
+
+poll(true);

@@ -1,0 +1,433 @@
+/**
+ * wsrelay.js: the browser client of a wsrelay server.
+ *
+ * A plain ES module with no dependencies, served by every relay at
+ * `GET /client/wsrelay.js`. It keeps one WebSocket open, reconnects with
+ * exponential backoff and full jitter, and after each reconnect sends the whole
+ * topic set again, so a client never has to track what the server remembers.
+ *
+ * @example
+ * import { Relay } from "/client/wsrelay.js";
+ * const relay = new Relay({
+ *   // your backend calls POST /register (it holds the API key) and returns the url
+ *   register: async () => (await (await fetch("/my-backend/relay")).json()).url,
+ * });
+ * relay.on("cats", (message, topic) => console.log(topic, message));
+ * relay.addEventListener("state", (event) => console.log(event.detail.state));
+ * await relay.connect();
+ * await relay.subscribe("cats", "dogs");
+ *
+ * Close codes (see the server's README): 1000 (registration deleted), 1003, 1008,
+ * 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
+ * else (1001 going away, 1006 dropped, 1011 server error, 4000-4499) reconnects.
+ * @module wsrelay
+ */
+
+/** Characters a topic may hold (the server also limits the length). */
+const TOPIC = /^[A-Za-z0-9_\-.:/@]+$/;
+
+/** The states a {@link Relay} goes through, reported by its `state` event. */
+export const States = Object.freeze({
+  /** Constructed, `connect()` not called yet. */
+  IDLE: "idle",
+  /** Registering (if needed) and opening the WebSocket. */
+  CONNECTING: "connecting",
+  /** The WebSocket is open. */
+  OPEN: "open",
+  /** Closed by the network or the server; waiting `delay` ms before trying again. */
+  RECONNECTING: "reconnecting",
+  /** Stopped for good: `close()` was called, or the server said not to reconnect. */
+  CLOSED: "closed",
+});
+
+/**
+ * What a client should do after the server closed its connection with `code`.
+ * @param {number} code a WebSocket close code
+ * @returns {"reconnect" | "stop"}
+ */
+export function closeAction(code) {
+  if (code === 1000 || code === 1003 || code === 1008 || code === 1009) return "stop";
+  if (code >= 4500 && code <= 4999) return "stop";
+  return "reconnect";
+}
+
+/** An error frame from the server, or a refused command. */
+export class RelayError extends Error {
+  /**
+   * @param {string} code the server's error code, e.g. `invalid_topic`
+   * @param {string} message what went wrong
+   */
+  constructor(code, message) {
+    super(message);
+    this.name = "RelayError";
+    /** @type {string} */
+    this.code = code;
+  }
+}
+
+/**
+ * @typedef {object} RelayOptions
+ * @property {string} [url] the WebSocket URL: `url` from `POST /register`
+ *   (`ws://host/ws/<id>`), or with `token`, the server's `ws://host/ws`. A relative or
+ *   `http(s)://` URL is turned into the matching `ws(s)://` one.
+ * @property {() => Promise<string | {url: string}>} [register] called for a URL when
+ *   there is none yet, and again when the current one is gone (the server answers 404
+ *   because the registration expired or the server lost it). Usually asks your backend,
+ *   which calls `POST /register` with the API key. The 404 is detected with a plain
+ *   `GET` on the URL, which needs the relay to be same-origin (or to allow CORS).
+ * @property {string | (() => Promise<string>)} [token] a signed connection token
+ *   for `GET /ws?token=`; a function is called again before every connection, so it can
+ *   fetch a fresh one.
+ * @property {number} [minDelay=500] ms: the first reconnect waits up to this long
+ * @property {number} [maxDelay=30000] ms: no reconnect waits longer
+ * @property {number} [stableAfter=5000] ms a connection must stay open before the
+ *   backoff starts again from `minDelay`
+ */
+
+/**
+ * A connection to a wsrelay server that survives restarts and network drops.
+ *
+ * Events (`relay.addEventListener(name, (event) => event.detail)`):
+ * - `state`: `{state, previous}`, one of {@link States}.
+ * - `open`: `{url}` (the URL without any token), after each successful connection.
+ * - `close`: `{code, reason, reconnect, delay}`; `reconnect` says whether it will try
+ *   again, after `delay` ms.
+ * - `subscribed`: `{topics}`, the server's whole topic set, after each command.
+ * - `error`: `{error}`: a {@link RelayError} from the server, a failed `register` or
+ *   `token` call, or a frame that was not JSON. The connection carries on.
+ *
+ * Messages are not events: register handlers with {@link Relay#on}.
+ */
+export class Relay extends EventTarget {
+  #url;
+  #register;
+  #token;
+  #minDelay;
+  #maxDelay;
+  #stableAfter;
+  /** @type {WebSocket | null} */
+  #socket = null;
+  #state = States.IDLE;
+  #stopped = false;
+  /** @type {Set<string>} */
+  #topics = new Set();
+  /** Whether `subscribe`/`unsubscribe` was ever called: then the set is ours to resend. */
+  #managed = false;
+  /** @type {Map<string, Set<Function>>} */
+  #handlers = new Map();
+  #attempt = 0;
+  #timer = null;
+  #openedAt = 0;
+  /** Commands sent on the current socket, answered in order. */
+  #pending = [];
+  /** Callers waiting for the next resubscription (commands made while disconnected). */
+  #waiting = [];
+  /** `connect()` callers waiting for the next open. */
+  #connecting = [];
+  /** Whether the previous attempt failed before opening (then check for a 404). */
+  #checkGone = false;
+
+  /** @param {RelayOptions} options */
+  constructor({ url, register, token, minDelay = 500, maxDelay = 30000, stableAfter = 5000 } = {}) {
+    super();
+    if (!url && !register) throw new TypeError("Relay needs a url or a register callback");
+    if (token && !url) throw new TypeError("a token needs the server's url (ws://host/ws)");
+    this.#url = url ? toWebSocketUrl(url) : null;
+    this.#register = register ?? null;
+    this.#token = token ?? null;
+    this.#minDelay = minDelay;
+    this.#maxDelay = maxDelay;
+    this.#stableAfter = stableAfter;
+  }
+
+  /** The current state, one of {@link States}. */
+  get state() {
+    return this.#state;
+  }
+
+  /** The topics this client wants, sorted. */
+  get topics() {
+    return [...this.#topics].sort();
+  }
+
+  /** The WebSocket URL in use (without a token), or null before the first one. */
+  get url() {
+    return this.#url;
+  }
+
+  /**
+   * Start connecting (and keep reconnecting) if not already.
+   * @returns {Promise<void>} resolves once open; rejects if the client stops first
+   */
+  connect() {
+    if (this.#state === States.OPEN) return Promise.resolve();
+    const opened = new Promise((resolve, reject) => this.#connecting.push({ resolve, reject }));
+    if (this.#state === States.IDLE || this.#state === States.CLOSED) {
+      this.#stopped = false;
+      this.#attempt = 0;
+      this.#run();
+    }
+    return opened;
+  }
+
+  /**
+   * Add topics. Sent now if open, else with the whole set when the connection opens.
+   * @param {...string} topics
+   * @returns {Promise<string[]>} the server's topic set once it has acknowledged;
+   *   rejects with a {@link RelayError} if it refused (the topics are then dropped), or
+   *   a TypeError for a topic that cannot be valid (nothing is sent)
+   */
+  subscribe(...topics) {
+    const invalid = topicProblem(topics);
+    if (invalid) return Promise.reject(invalid);
+    const added = topics.filter((t) => !this.#topics.has(t));
+    for (const t of topics) this.#topics.add(t);
+    return this.#command({ subscribe: topics }, () => {
+      for (const t of added) this.#topics.delete(t);
+    });
+  }
+
+  /**
+   * Remove topics.
+   * @param {...string} topics
+   * @returns {Promise<string[]>} the server's topic set once it has acknowledged
+   */
+  unsubscribe(...topics) {
+    const invalid = topicProblem(topics);
+    if (invalid) return Promise.reject(invalid);
+    const removed = topics.filter((t) => this.#topics.has(t));
+    for (const t of topics) this.#topics.delete(t);
+    return this.#command({ unsubscribe: topics }, () => {
+      for (const t of removed) this.#topics.add(t);
+    });
+  }
+
+  /**
+   * Call `handler(message, topic)` for each message on `topic`, or on every topic for
+   * `"*"`. Handling does not subscribe: call {@link Relay#subscribe} too.
+   * @param {string} topic a topic, or `"*"`
+   * @param {(message: string, topic: string) => void} handler
+   * @returns {() => void} a function that removes the handler
+   */
+  on(topic, handler) {
+    const invalid = topic === "*" ? null : topicProblem([topic]);
+    if (invalid) throw invalid;
+    if (typeof handler !== "function") throw new TypeError("handler must be a function");
+    let set = this.#handlers.get(topic);
+    if (!set) this.#handlers.set(topic, (set = new Set()));
+    set.add(handler);
+    return () => this.off(topic, handler);
+  }
+
+  /**
+   * Remove a handler added with {@link Relay#on}.
+   * @param {string} topic
+   * @param {Function} handler
+   */
+  off(topic, handler) {
+    this.#handlers.get(topic)?.delete(handler);
+  }
+
+  /**
+   * Close the connection and stop reconnecting. The registration is left alone (your
+   * backend may delete it with `DELETE /register/<id>`).
+   * @param {number} [code=1000]
+   * @param {string} [reason=""]
+   */
+  close(code = 1000, reason = "") {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#timer = null;
+    const socket = this.#socket;
+    this.#socket = null;
+    if (socket) {
+      socket.close(code, reason);
+      this.#emit("close", { code, reason, reconnect: false, delay: null });
+    }
+    this.#stop(new Error("the client was closed"));
+  }
+
+  // -- internals ------------------------------------------------------------------------
+
+  #command(body, revert) {
+    this.#managed = true;
+    return new Promise((resolve, reject) => {
+      const entry = { resolve, reject: (error) => (revert(), reject(error)) };
+      if (this.#stopped) {
+        entry.reject(new Error("the client is closed"));
+      } else if (this.#state === States.OPEN && this.#socket) {
+        this.#pending.push(entry);
+        this.#socket.send(JSON.stringify(body));
+      } else {
+        this.#waiting.push(entry); // answered by the resubscription when it opens
+      }
+    });
+  }
+
+  async #run() {
+    this.#setState(States.CONNECTING);
+    let url;
+    try {
+      if (this.#checkGone && this.#register && !this.#token && this.#url) {
+        if (await isGone(this.#url)) this.#url = null;
+      }
+      url = await this.#socketUrl();
+    } catch (error) {
+      if (this.#stopped) return;
+      this.#emit("error", { error });
+      this.#retry();
+      return;
+    }
+    if (this.#stopped) return;
+    let opened = false;
+    const socket = new WebSocket(url);
+    this.#socket = socket;
+    socket.addEventListener("open", () => {
+      if (socket !== this.#socket) return;
+      opened = true;
+      this.#checkGone = false;
+      this.#openedAt = Date.now();
+      this.#setState(States.OPEN);
+      this.#resubscribe();
+      this.#emit("open", { url: this.#url });
+      for (const waiter of this.#connecting.splice(0)) waiter.resolve();
+    });
+    socket.addEventListener("message", (event) => {
+      if (socket === this.#socket) this.#frame(event.data);
+    });
+    socket.addEventListener("close", (event) => {
+      if (socket !== this.#socket) return; // replaced, or closed by close()
+      this.#socket = null;
+      this.#waiting.push(...this.#pending.splice(0)); // answered after the next open
+      if (opened && Date.now() - this.#openedAt >= this.#stableAfter) this.#attempt = 0;
+      if (opened && closeAction(event.code) === "stop") {
+        this.#stopped = true;
+        this.#emit("close", { code: event.code, reason: event.reason, reconnect: false, delay: null });
+        this.#stop(new RelayError("closed", `closed by the server (${event.code} ${event.reason})`));
+        return;
+      }
+      this.#checkGone = !opened;
+      const delay = this.#retry();
+      this.#emit("close", { code: event.code, reason: event.reason, reconnect: true, delay });
+    });
+  }
+
+  async #socketUrl() {
+    if (this.#token) {
+      const token = typeof this.#token === "function" ? await this.#token() : this.#token;
+      const url = new URL(this.#url);
+      url.searchParams.set("token", token);
+      return url.href;
+    }
+    if (!this.#url) {
+      const answer = await this.#register();
+      const url = typeof answer === "string" ? answer : answer?.url;
+      if (!url) throw new TypeError("register() must return the url from POST /register");
+      this.#url = toWebSocketUrl(url);
+    }
+    return this.#url;
+  }
+
+  /** Schedule the next attempt; returns its delay in ms. */
+  #retry() {
+    const ceiling = Math.min(this.#maxDelay, this.#minDelay * 2 ** this.#attempt);
+    const delay = Math.round(Math.random() * ceiling); // full jitter
+    this.#attempt += 1;
+    this.#setState(States.RECONNECTING);
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      if (!this.#stopped) this.#run();
+    }, delay);
+    return delay;
+  }
+
+  #resubscribe() {
+    const waiting = this.#waiting.splice(0);
+    if (!this.#managed) {
+      for (const entry of waiting) entry.resolve([]);
+      return;
+    }
+    this.#pending.push({
+      resolve: (topics) => waiting.forEach((entry) => entry.resolve(topics)),
+      reject: (error) => waiting.forEach((entry) => entry.reject(error)),
+    });
+    this.#socket.send(JSON.stringify({ topics: this.topics }));
+  }
+
+  #frame(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      this.#emit("error", { error: new RelayError("invalid_frame", "a frame was not JSON") });
+      return;
+    }
+    if (frame.type === "message") {
+      for (const key of [frame.topic, "*"]) {
+        for (const handler of this.#handlers.get(key) ?? []) {
+          try {
+            handler(frame.message, frame.topic);
+          } catch (error) {
+            reportError(error);
+          }
+        }
+      }
+    } else if (frame.type === "subscribed") {
+      this.#pending.shift()?.resolve(frame.topics);
+      this.#emit("subscribed", { topics: frame.topics });
+    } else if (frame.type === "error") {
+      const error = new RelayError(frame.error?.code ?? "error", frame.error?.message ?? "");
+      this.#pending.shift()?.reject(error);
+      this.#emit("error", { error });
+    }
+  }
+
+  #stop(error) {
+    this.#setState(States.CLOSED);
+    for (const entry of this.#waiting.splice(0)) entry.reject(error);
+    for (const entry of this.#pending.splice(0)) entry.reject(error);
+    for (const waiter of this.#connecting.splice(0)) waiter.reject(error);
+  }
+
+  #setState(state) {
+    if (state === this.#state) return;
+    const previous = this.#state;
+    this.#state = state;
+    this.#emit("state", { state, previous });
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
+
+/** A TypeError for the first topic that cannot be valid, or null. */
+function topicProblem(topics) {
+  if (topics.length === 0) return new TypeError("give at least one topic");
+  for (const topic of topics) {
+    if (typeof topic !== "string" || !TOPIC.test(topic)) {
+      return new TypeError(`invalid topic ${JSON.stringify(topic)}: use letters, digits and _-.:/@`);
+    }
+  }
+  return null;
+}
+
+function toWebSocketUrl(url) {
+  const absolute = new URL(url, globalThis.location?.href);
+  if (absolute.protocol === "http:") absolute.protocol = "ws:";
+  else if (absolute.protocol === "https:") absolute.protocol = "wss:";
+  return absolute.href;
+}
+
+/** Whether the registration behind `url` is gone: a plain GET answers 404 (else 426). */
+async function isGone(url) {
+  const http = new URL(url);
+  http.protocol = http.protocol === "wss:" ? "https:" : "http:";
+  http.search = "";
+  try {
+    const response = await fetch(http, { cache: "no-store", credentials: "omit" });
+    return response.status === 404;
+  } catch {
+    return false; // unreachable, or cross-origin without CORS: cannot tell
+  }
+}

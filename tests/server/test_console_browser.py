@@ -1,0 +1,345 @@
+"""The web console and wsrelay.js in a real headless Chromium, against a real server.
+
+The browser is the system's Chromium (Debian's ``chromium`` package), driven by
+Playwright; never one downloaded by ``playwright install``. Without it these tests
+skip, saying how to enable them, unless ``WSRELAY_REQUIRE_BROWSER=1`` (set by
+``.ci/run``) makes that a failure. Every wait is Playwright's own (``expect``),
+bounded by a timeout; nothing sleeps. Each test leaves a screenshot of the page in
+``test-artifacts/`` (gitignored), whatever its outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+
+from tests.utils import TIMEOUT, Api, ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+REQUIRED = os.environ.get("WSRELAY_REQUIRE_BROWSER") == "1"
+WAIT = TIMEOUT * 1000  # Playwright counts in milliseconds
+RECONNECT_WAIT = WAIT * 4  # a server restart, plus the console's backoff (at most 5 s)
+KEY = "console-key-1"
+
+expect.set_options(timeout=WAIT)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = (
+            "no Chromium on PATH: install Debian's (apt-get install chromium) to run the "
+            "browser tests"
+        )
+        if REQUIRED:
+            pytest.fail(message + " — WSRELAY_REQUIRE_BROWSER=1 makes this a failure")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = chromium()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable)
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
+    """A fresh page; fails the test on an uncaught script error or a CSP violation,
+    and saves a screenshot in test-artifacts/ at the end."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+
+    def on_console(message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            problems.append(f"CSP: {message.text}")
+
+    page.on("console", on_console)
+    try:
+        yield page
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
+        await page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+        await context.close()
+    assert problems == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def subscribe_in_page(page: Page, *topics: str) -> None:
+    await page.get_by_label("Topics to subscribe to").fill(" ".join(topics))
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    await expect(page.locator("#client-state")).to_have_text("connected")
+    await expect(page.locator("#subscribed li:not(.pending) span")).to_have_text(sorted(topics))
+
+
+async def publish_in_page(page: Page, topic: str, message: str) -> None:
+    await page.get_by_label("Topic", exact=True).fill(topic)
+    await page.get_by_label("Message", exact=True).fill(message)
+    await page.get_by_role("button", name="Publish").click()
+
+
+def messages(page: Page) -> Any:
+    """The message log, newest first: one row of time, topic, text per message."""
+    return page.locator("#messages li")
+
+
+# -- the files themselves (no browser needed) ---------------------------------------------
+
+
+async def test_console_files_have_types_csp_and_revalidate(
+    server: ServerProcess, session: aiohttp.ClientSession
+) -> None:
+    expected = {
+        "/console": "text/html",
+        "/console/console.js": "text/javascript",
+        "/console/console.css": "text/css",
+        "/client/wsrelay.js": "text/javascript",
+    }
+    for path, content_type in expected.items():
+        async with session.get(server.url + path) as response:
+            assert response.status == 200, path
+            assert response.content_type == content_type, path
+            assert response.headers["Cache-Control"] == "no-cache", path
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            etag = response.headers["ETag"]
+            if path == "/console":
+                csp = response.headers["Content-Security-Policy"]
+                assert "script-src 'self';" in csp and "default-src 'none'" in csp
+                assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+                assert "<script>" not in await response.text()  # nothing inline
+        async with session.get(server.url + path, headers={"If-None-Match": etag}) as response:
+            assert response.status == 304, path
+    async with session.get(server.url + "/console/wsrelay.py") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "not_found"
+
+
+# -- the console in a browser -------------------------------------------------------------
+
+
+async def test_console_shows_messages_published_from_the_page_and_the_api(
+    start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
+) -> None:
+    server = start_server()
+    api = Api(session, server.url)
+    await page.goto(server.url + "/console")
+    await expect(page.locator("#api-status")).to_have_text("live")
+
+    await subscribe_in_page(page, "console.cats", "console.dogs")
+    await expect(page.locator("#connections")).to_have_text("1")
+    rows = page.locator("#topic-rows tr")
+    await expect(rows).to_have_count(2)
+    await expect(rows.filter(has_text="console.cats")).to_contain_text("1")
+
+    await publish_in_page(page, "console.cats", "from the <b>page</b>")
+    await expect(page.locator("#publish-result")).to_have_text("Delivered to 1 connection.")
+    await expect(messages(page).first).to_contain_text("console.catsfrom the <b>page</b>")
+
+    assert await api.publish("console.dogs", "from the API") == 1
+    await expect(messages(page)).to_have_count(2)
+    await expect(messages(page).first).to_contain_text("console.dogsfrom the API")
+    await expect(page.locator("#message-count")).to_have_text("(2)")
+    # message text is shown as text, never parsed as HTML
+    await expect(page.locator("#messages b")).to_have_count(0)
+
+    # the counters move: two publishes became two deliveries
+    await expect(page.locator("#registrations")).to_have_text("1")
+    status, stats = await api.call("GET", "/stats")
+    assert (status, stats["publishes"], stats["deliveries"]) == (200, 2, 2)
+
+    # unsubscribing in the page reaches the server
+    await page.get_by_role("button", name="Unsubscribe from console.dogs").click()
+    await expect(page.locator("#subscribed li span")).to_have_text(["console.cats"])
+    assert await api.publish("console.dogs", "not any more") == 0
+
+
+async def test_console_asks_for_the_api_key_and_keeps_it_in_session_storage(
+    start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
+) -> None:
+    server = start_server("--api-key", KEY)
+    await page.goto(server.url + "/console")
+    dialog = page.get_by_role("dialog", name="API key")
+    await expect(dialog).to_be_visible()
+    await expect(page.locator("#api-status")).to_have_text("API key needed")
+
+    await dialog.get_by_label("API key").fill("wrong")
+    await dialog.get_by_role("button", name="Use key").click()
+    await expect(dialog).to_contain_text("The server refused that key")
+
+    await dialog.get_by_label("API key").fill(KEY)
+    await dialog.get_by_role("button", name="Use key").click()
+    await expect(dialog).to_be_hidden()
+    await expect(page.locator("#api-status")).to_have_text("live")
+    await expect(page.locator("#node")).not_to_have_text("…")
+
+    await subscribe_in_page(page, "keyed")
+    await publish_in_page(page, "keyed", "with the key")
+    await expect(messages(page).first).to_contain_text("keyedwith the key")
+    api = Api(session, server.url)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    status, body = await api.call(
+        "POST", "/publish", {"topic": "keyed", "message": "from the API"}, headers=headers
+    )
+    assert (status, body) == (200, {"recipients": 1})
+    await expect(messages(page).first).to_contain_text("keyedfrom the API")
+
+    # the key lives in this tab's sessionStorage only: no cookie, no localStorage
+    assert await page.evaluate("sessionStorage.getItem('wsrelay.apiKey')") == KEY
+    assert await page.evaluate("localStorage.length") == 0
+    state = await page.context.storage_state()
+    assert state["cookies"] == []
+    # and a new tab (a new session) has to ask again
+    other = await page.context.new_page()
+    await other.goto(server.url + "/console")
+    await expect(other.get_by_role("dialog", name="API key")).to_be_visible()
+    await other.close()
+
+
+async def test_the_browser_client_reconnects_and_resubscribes_after_a_restart(
+    start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
+) -> None:
+    port = free_port()
+    server = start_server("--port", str(port))
+    await page.goto(server.url + "/console")
+    await subscribe_in_page(page, "restart.a", "restart.b")
+    assert await Api(session, server.url).publish("restart.a", "before") == 1
+    await expect(messages(page).first).to_contain_text("restart.abefore")
+    before = await page.locator("#client-detail").text_content()
+    assert before is not None and "/ws/" in before
+
+    assert server.stop() == 0  # SIGTERM: the page sees 1001 "going away"
+    state = page.locator("#client-state")
+    await expect(state).not_to_have_text("connected")
+    await expect(page.locator("#subscribed li.pending span")).to_have_text(
+        ["restart.a", "restart.b"]
+    )
+    await expect(page.locator("#api-status")).to_have_text("server unreachable")
+
+    # The same port, but a new process: the in-memory registration is gone, so the
+    # client's reconnect gets 404, it registers again and sends its whole topic set.
+    restarted = start_server("--port", str(port))
+    assert restarted.url == server.url
+    await expect(state).to_have_text("connected", timeout=RECONNECT_WAIT)
+    await expect(page.locator("#subscribed li:not(.pending) span")).to_have_text(
+        ["restart.a", "restart.b"], timeout=RECONNECT_WAIT
+    )
+    after = await page.locator("#client-detail").text_content()
+    assert after is not None and "/ws/" in after and after != before  # a new registration
+
+    api = Api(session, restarted.url)
+    status, listed = await api.call("GET", "/topics")
+    assert status == 200
+    assert {t["topic"]: t["subscribers"] for t in listed["topics"]} == {
+        "restart.a": 1,
+        "restart.b": 1,
+    }
+    assert await api.publish("restart.b", "after") == 1
+    await expect(messages(page).first).to_contain_text("restart.bafter")
+    await expect(page.locator("#api-status")).to_have_text("live")
+
+
+# -- wsrelay.js on its own ----------------------------------------------------------------
+
+CLIENT_SCRIPT = """
+async () => {
+  const { Relay, closeAction } = await import("/client/wsrelay.js");
+  const register = async () =>
+    (await (await fetch("/register", { method: "POST", body: "{}" })).json()).url;
+  const nextClose = (relay) =>
+    new Promise((resolve) =>
+      relay.addEventListener("close", (e) => resolve(e.detail), { once: true }),
+    );
+  const url = await register();
+  const first = new Relay({ url });
+  await first.connect();
+  const replaced = nextClose(first);
+  const second = new Relay({ url });
+  const received = new Promise((resolve) =>
+    second.on("*", (message, topic) => resolve([topic, message])),
+  );
+  await second.connect();
+  const acknowledged = await second.subscribe("js.a", "js.b");
+  const refused = await second.subscribe("js.c", "bad topic").then(() => null, (e) => e.name);
+  const rejected = await second.subscribe("js.d", "x".repeat(200)).then(() => null, (e) => e.code);
+  const publish = { topic: "js.b", message: "hi" };
+  await fetch("/publish", { method: "POST", body: JSON.stringify(publish) });
+  const message = await received;
+  const unregistered = nextClose(second);
+  await fetch(new URL(url).pathname.replace("/ws/", "/register/"), { method: "DELETE" });
+  const codes = [1000, 1001, 1003, 1006, 1008, 1009, 1011, 4000, 4008, 4499, 4500, 4999];
+  return {
+    replaced: await replaced,
+    firstState: first.state,
+    acknowledged,
+    refused,
+    rejected,
+    topics: second.topics,
+    message,
+    unregistered: await unregistered,
+    secondState: second.state,
+    actions: Object.fromEntries(codes.map((code) => [code, closeAction(code)])),
+  };
+}
+"""
+
+
+async def test_wsrelay_js_subscribes_receives_and_stops_on_terminal_codes(
+    start_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    server = start_server()
+    await page.goto(server.url + "/console")  # any page of the server's origin
+    result = await page.evaluate(CLIENT_SCRIPT)
+    # a second connection to one registration replaces the first: 4500, no reconnect
+    assert result["replaced"] == {
+        "code": 4500,
+        "reason": "replaced by a newer connection",
+        "reconnect": False,
+        "delay": None,
+    }
+    assert result["firstState"] == "closed"
+    assert result["acknowledged"] == ["js.a", "js.b"]
+    assert result["refused"] == "TypeError"  # checked in the browser, nothing sent
+    assert result["rejected"] == "invalid_topic"  # the server refused it; dropped locally
+    assert result["topics"] == ["js.a", "js.b"]
+    assert result["message"] == ["js.b", "hi"]
+    # deleting the registration closes with 1000: stop
+    assert result["unregistered"]["code"] == 1000
+    assert result["unregistered"]["reconnect"] is False
+    assert result["secondState"] == "closed"
+    stop, again = "stop", "reconnect"
+    assert result["actions"] == {
+        "1000": stop,
+        "1001": again,
+        "1003": stop,
+        "1006": again,
+        "1008": stop,
+        "1009": stop,
+        "1011": again,
+        "4000": again,
+        "4008": again,
+        "4499": again,
+        "4500": stop,
+        "4999": stop,
+    }
