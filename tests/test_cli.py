@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import queue
+import re
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from typing import IO
 
 import pytest
 
@@ -37,11 +44,19 @@ def test_serve_help_lists_every_setting_with_default_and_variable(capsys) -> Non
             assert f"(default: {f.default})" in text
 
 
-@pytest.mark.parametrize("command", ["pub", "sub"])
-def test_client_commands_have_help_with_an_example(command: str, capsys) -> None:
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("command", ["serve", "pub", "sub", "stats"])
+def test_every_command_has_help_with_an_example(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
-    assert "example: wsrelay " + command in capsys.readouterr().out
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "example: wsrelay " + command in text
+    if command != "serve":  # client commands: where they connect, and their defaults
+        flat = " ".join(text.split())
+        assert "WSRELAY_URL" in flat and "(default: http://127.0.0.1:8000)" in flat
+        assert "WSRELAY_API_KEY" in flat
+    if command == "stats":
+        assert "(default: 1.0)" in " ".join(text.split())
 
 
 def test_invalid_setting_is_a_one_line_error() -> None:
@@ -118,3 +133,170 @@ def test_pub_reports_server_errors_and_unreachable_servers(server: ServerProcess
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith("wsrelay pub: cannot reach http://127.0.0.1:9")
     assert unreachable.stderr.count("\n") == 1
+
+
+# -- pub / sub / stats on the client library -------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Lines:
+    """A subprocess's output stream, pumped by a thread, read line by line with timeouts."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.queue.put(line.rstrip("\n"))
+        self.queue.put(None)
+
+    def next(self, timeout: float = TIMEOUT) -> str:
+        line = self.queue.get(timeout=timeout)
+        assert line is not None, "the stream ended"
+        return line
+
+    def until(self, text: str, timeout: float = TIMEOUT * 4) -> list[str]:
+        """Lines up to and including the first that contains ``text``."""
+        seen: list[str] = []
+        while not seen or text not in seen[-1]:
+            seen.append(self.next(timeout))
+        return seen
+
+
+@contextlib.contextmanager
+def subscriber(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[Lines, Lines]]:
+    """`wsrelay sub ARGS` until it said it is subscribed; yields (stdout, stderr) and
+    stops it with SIGTERM after, which it must handle by cleaning up (exit 143)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsrelay", "sub", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    out, err = Lines(process.stdout), Lines(process.stderr)
+    try:
+        assert "subscribed to" in err.next(TIMEOUT * 4)
+        yield out, err
+    finally:
+        process.terminate()
+        assert process.wait(TIMEOUT) == 143
+        for stream in (process.stdout, process.stderr):
+            stream.close()
+
+
+def test_pub_stdin_publishes_every_line_in_order_and_sub_json_prints_them(
+    server: ServerProcess, topic: str
+) -> None:
+    messages = [f'line {i} "quoted" é' for i in range(2999)] + [""]
+    with subscriber(topic, "--json", "--url", server.url) as (out, _):
+        result = subprocess.run(
+            [sys.executable, "-m", "wsrelay", "pub", topic, "--stdin", "--url", server.url],
+            input="".join(m + "\n" for m in messages),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 4,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("published 3000 message(s) in ")
+        assert result.stdout.rstrip().endswith("delivered to 3000 connection(s) in total")
+        received = [json.loads(out.next()) for _ in messages]
+    assert received == [{"type": "message", "topic": topic, "message": m} for m in messages]
+
+
+def test_pub_needs_a_message_or_stdin(server: ServerProcess, topic: str) -> None:
+    for args in ([topic], [topic, "m", "--stdin"]):
+        result = run("pub", *args, "--url", server.url)
+        assert result.returncode == 2
+        assert result.stderr == "wsrelay pub: give either MESSAGE or --stdin\n"
+
+
+def test_stats_once_shows_counters_and_top_topics(server: ServerProcess, topic: str) -> None:
+    with subscriber(topic + ".busy", topic + ".quiet", "--url", server.url) as (out, _):
+        with subscriber(topic + ".busy", "--url", server.url):
+            assert "delivered to 2" in run("pub", topic + ".busy", "m", "--url", server.url).stdout
+            result = run("stats", "--once", "--prefix", topic, "--url", server.url)
+        assert out.next() == f"[{topic}.busy] m"
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{server.url}  node ") and "broker up" in lines[0]
+    for counter in ("connections", "registrations", "topics", "publishes", "deliveries"):
+        assert any(line.split()[:1] == [counter] for line in lines), counter
+    assert lines[-3:] == [
+        "top topics (2 of 2), by subscribers:",
+        f"           2  {topic}.busy",
+        f"           1  {topic}.quiet",
+    ]
+
+
+def test_stats_refreshes_with_rates(server: ServerProcess, topic: str) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsrelay", "stats", "--interval", "0.1", "--url", server.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    out = Lines(process.stdout)
+    try:
+        out.until("publishes")  # the first snapshot has no rates yet
+        assert re.fullmatch(r"publishes +[\d,]+  \([\d,]+\.\d/s\)", out.until("publishes")[-1])
+        assert re.fullmatch(r"deliveries +[\d,]+  \([\d,]+\.\d/s\)", out.next())
+    finally:
+        process.terminate()
+        assert process.wait(TIMEOUT) == 143
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_wrong_api_key_is_the_servers_one_line_message(start_server, topic: str) -> None:
+    server = start_server("--api-key", "right,other")
+    for command, *args in (["pub", topic, "m"], ["sub", topic], ["stats", "--once"]):
+        wrong = run(command, *args, "--url", server.url, env={"WSRELAY_API_KEY": "wrong"})
+        assert wrong.returncode == 1
+        assert wrong.stderr == (
+            f"wsrelay {command}: HTTP 401 unauthorized: the API key is not valid\n"
+        )
+    # The flag wins over the variable; the variable may list several keys (the first counts).
+    assert run("pub", topic, "m", "--url", server.url, "--api-key", "other").returncode == 0
+    ok = run("stats", "--once", "--url", server.url, env={"WSRELAY_API_KEY": "right,x"})
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("command", ["pub", "sub", "stats"])
+def test_unreachable_server_is_a_one_line_error(command: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    args = {"pub": ["pub", "t", "m"], "sub": ["sub", "t"], "stats": ["stats"]}[command]
+    result = run(*args, env={"WSRELAY_URL": url})
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"wsrelay {command}: cannot reach {url}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_sub_reconnects_by_itself_and_cleans_up_on_sigterm(start_server, topic: str) -> None:
+    port = str(free_port())
+    first = start_server("--port", port)
+    env = {"WSRELAY_URL": first.url}
+    with subscriber(topic, env=env) as (out, err):
+        assert "delivered to 1" in run("pub", topic, "before", env=env).stdout
+        assert out.next() == "before"
+        first.stop()
+        assert "wsrelay sub: connection lost (close 1001" in err.next()
+        second = start_server("--port", port)
+        assert err.until("reconnected")[-1] == (
+            f"wsrelay sub: reconnected (registered anew); subscribed to {topic}"
+        )
+        assert "delivered to 1" in run("pub", topic, "after", env=env).stdout
+        assert out.next() == "after"
+    # SIGTERM deleted the registration.
+    stats = run("stats", "--once", "--url", second.url).stdout
+    assert re.search(r"^registrations +0$", stats, flags=re.MULTILINE), stats

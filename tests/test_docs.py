@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
 
 from wsrelay import codes
+from wsrelay.cli import build_parser
 from wsrelay.config import Settings, env_name
 from wsrelay.server.app import create_app
 
@@ -50,3 +52,13 @@ def test_readme_lists_every_route() -> None:
     for resource in app.router.resources():
         path = resource.canonical.replace("{client_id}", "<id>")
         assert path in README, path
+
+
+def test_readme_lists_every_cli_command() -> None:
+    (commands,) = [
+        action.choices
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    for name in commands:
+        assert f"wsrelay {name}" in README, name

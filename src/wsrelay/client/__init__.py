@@ -1,0 +1,93 @@
+"""An asyncio client for wsrelay: publish over HTTP, subscribe over WebSocket.
+
+::
+
+    import asyncio
+    from wsrelay.client import Relay
+
+    async def main() -> None:
+        async with Relay("http://127.0.0.1:8000", api_key=None) as relay:
+            async with relay.subscribe("cats") as messages:
+                print(await relay.publish("cats", "hello"))  # 1 recipient
+                async for message in messages:
+                    print(message.topic, message.message)  # cats hello
+                    break
+
+    asyncio.run(main())
+
+:class:`Relay` wraps the HTTP API (``publish``, ``publish_many``, ``stats``,
+``topics``, ``register``, ``unregister``); :meth:`Relay.subscribe` returns a
+:class:`Subscription` that yields :class:`Message` objects and reconnects by
+itself. Failures are :class:`RelayError` subclasses carrying the server's
+error ``code`` and HTTP ``status``.
+"""
+
+from __future__ import annotations
+
+from wsrelay.client._errors import (
+    BadRequest,
+    CommandRefused,
+    ConnectionClosed,
+    ConnectionFailed,
+    Forbidden,
+    HTTPError,
+    NotFound,
+    PayloadTooLarge,
+    ProtocolError,
+    RelayError,
+    Replaced,
+    ServerError,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    Unregistered,
+)
+from wsrelay.client._models import (
+    Backoff,
+    Event,
+    Message,
+    Publish,
+    Reconnecting,
+    Registration,
+    Stats,
+    Subscribed,
+    TopicCount,
+    Topics,
+    UserId,
+)
+from wsrelay.client._relay import DEFAULT_URL, MAX_BATCH, Relay, Subscription, normalize_url
+
+__all__ = [
+    "DEFAULT_URL",
+    "MAX_BATCH",
+    "Backoff",
+    "BadRequest",
+    "CommandRefused",
+    "ConnectionClosed",
+    "ConnectionFailed",
+    "Event",
+    "Forbidden",
+    "HTTPError",
+    "Message",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "Publish",
+    "Reconnecting",
+    "Registration",
+    "Relay",
+    "RelayError",
+    "Replaced",
+    "ServerError",
+    "ServiceUnavailable",
+    "Stats",
+    "Subscribed",
+    "Subscription",
+    "TooManyRequests",
+    "TopicCount",
+    "Topics",
+    "Unauthorized",
+    "Unregistered",
+    "UserId",
+    "normalize_url",
+]

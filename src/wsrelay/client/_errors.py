@@ -1,0 +1,180 @@
+"""Exceptions raised by :mod:`wsrelay.client`.
+
+Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
+``"unauthorized"``) and, for HTTP answers, the ``status``::
+
+    RelayError                     code, status, message
+    ├── ConnectionFailed           the server could not be reached or did not answer
+    ├── ProtocolError              the server answered something that is not wsrelay's API
+    ├── HTTPError                  the server answered 4xx/5xx with {"error": {...}}
+    │   ├── BadRequest             400 (invalid_topic, invalid_field, ...)
+    │   ├── Unauthorized           401 (missing or wrong API key)
+    │   ├── Forbidden              403
+    │   ├── NotFound               404 (unknown_client, not_found)
+    │   ├── PayloadTooLarge        413
+    │   ├── TooManyRequests        429 (too_many_registrations)
+    │   └── ServerError            5xx
+    │       └── ServiceUnavailable 503 (broker_unavailable, too_many_connections)
+    ├── CommandRefused             an error frame answered a subscription command
+    └── ConnectionClosed           the server closed the WebSocket for good
+        ├── Unregistered           1000: the registration was deleted
+        └── Replaced               4500: a newer connection took the registration over
+
+These are the client's own classes: they are not the server-side
+``wsrelay.errors`` hierarchy, though the codes are the same strings.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class RelayError(Exception):
+    """Base of every error the client raises.
+
+    Attributes:
+        code: the server's error code (``"unauthorized"``, ``"invalid_topic"``...) or,
+            for failures the client detected itself, one of its own
+            (``"connection_failed"``, ``"protocol_error"``, ``"closed"``).
+        status: the HTTP status of the answer, or ``None`` when there was none.
+        message: a one-line human description.
+    """
+
+    default_code: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, code={self.code!r}, status={self.status!r})"
+        )
+
+
+class ConnectionFailed(RelayError):
+    """The server could not be reached (refused, DNS, TLS, reset) or did not answer in time."""
+
+    default_code = "connection_failed"
+
+
+class ProtocolError(RelayError):
+    """The server's answer was not what wsrelay sends (not JSON, wrong shape)."""
+
+    default_code = "protocol_error"
+
+
+class HTTPError(RelayError):
+    """The server refused a request with ``{"error": {"code", "message"}}``.
+
+    ``str()`` is ``"HTTP <status> <code>: <message>"``.
+    """
+
+    default_code = "http_error"
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status} {self.code}: {self.message}"
+
+
+class BadRequest(HTTPError):
+    """400: the request was invalid (a bad topic, a wrongly typed field...)."""
+
+    default_code = "bad_request"
+
+
+class Unauthorized(HTTPError):
+    """401: the API key is missing or wrong."""
+
+    default_code = "unauthorized"
+
+
+class Forbidden(HTTPError):
+    """403: e.g. ``origin_not_allowed``."""
+
+    default_code = "forbidden"
+
+
+class NotFound(HTTPError):
+    """404: no such registration (``unknown_client``) or route (``not_found``)."""
+
+    default_code = "not_found"
+
+
+class PayloadTooLarge(HTTPError):
+    """413: the body is over the server's ``--max-body-size``."""
+
+    default_code = "payload_too_large"
+
+
+class TooManyRequests(HTTPError):
+    """429: e.g. ``too_many_registrations``: the same request may succeed later."""
+
+    default_code = "too_many_requests"
+
+
+class ServerError(HTTPError):
+    """5xx: the server failed; the same request may succeed later."""
+
+    default_code = "internal_error"
+
+
+class ServiceUnavailable(ServerError):
+    """503: ``broker_unavailable`` or ``too_many_connections``; retry later or elsewhere."""
+
+    default_code = "service_unavailable"
+
+
+class CommandRefused(RelayError):
+    """The server answered a subscription command with an error frame."""
+
+    default_code = "command_refused"
+
+
+class ConnectionClosed(RelayError):
+    """The server closed the WebSocket with a code after which reconnecting is pointless.
+
+    Attributes:
+        close_code: the WebSocket close code (see the README's table).
+        reason: the close frame's reason, possibly empty.
+    """
+
+    default_code = "closed"
+
+    def __init__(self, message: str, *, close_code: int, reason: str = "") -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.reason = reason
+
+
+class Unregistered(ConnectionClosed):
+    """Close 1000: the registration was deleted (``DELETE /register/<id>``)."""
+
+    default_code = "unregistered"
+
+
+class Replaced(ConnectionClosed):
+    """Close 4500: another connection opened with the same registration took over."""
+
+    default_code = "replaced"
+
+
+_BY_STATUS: dict[int, type[HTTPError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    413: PayloadTooLarge,
+    429: TooManyRequests,
+    503: ServiceUnavailable,
+}
+
+
+def http_error(status: int, code: str | None, message: str) -> HTTPError:
+    """The exception for an HTTP error answer."""
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else HTTPError)
+    return cls(message, code=code, status=status)

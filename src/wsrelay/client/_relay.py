@@ -1,0 +1,631 @@
+"""The asyncio client: :class:`Relay` (HTTP API) and :class:`Subscription` (WebSocket).
+
+HTTP goes through one :class:`aiohttp.ClientSession` per :class:`Relay`; each
+subscription holds one WebSocket opened with the ``websockets`` library, whose
+background reader answers the server's pings even while the application is busy
+with a message. Nothing here imports the server side of wsrelay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import aiohttp
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed as WSConnectionClosed
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+from wsrelay.client._errors import (
+    CommandRefused,
+    ConnectionClosed,
+    ConnectionFailed,
+    HTTPError,
+    NotFound,
+    ProtocolError,
+    RelayError,
+    Replaced,
+    ServerError,
+    TooManyRequests,
+    Unregistered,
+    http_error,
+)
+from wsrelay.client._models import (
+    Backoff,
+    Event,
+    Message,
+    Publish,
+    Reconnecting,
+    Registration,
+    Stats,
+    Subscribed,
+    Topics,
+    UserId,
+)
+
+DEFAULT_URL: Final = "http://127.0.0.1:8000"
+MAX_BATCH: Final = 1000
+"""Most messages the server accepts in one ``POST /publish/batch``."""
+DEFAULT_BATCH_BYTES: Final = 512 * 1024
+"""Largest batch body the client builds (the server's default limit is 1 MiB)."""
+
+NO_CLOSE_FRAME: Final = 1006
+TERMINAL_CLOSE_CODES: Final = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 1010})
+"""Standard codes after which reconnecting cannot help: the registration is gone
+(1000), or the client sent something the server refuses (it would send it again).
+Codes 4500-4999 are terminal too; every other code means "reconnect"."""
+
+T = TypeVar("T")
+Item = Publish | tuple[str, str] | tuple[str, str, UserId]
+
+_encode = msgspec.json.Encoder().encode
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decode(data: bytes | str, into: type[T]) -> T:
+    decoder = _decoders.get(into)
+    if decoder is None:
+        decoder = _decoders[into] = msgspec.json.Decoder(into)
+    return decoder.decode(data)  # type: ignore[no-any-return]
+
+
+class _ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail
+
+
+class _Frame(msgspec.Struct):
+    """Any frame the server sends in JSON mode; unknown types are skipped."""
+
+    type: str
+    topic: str = ""
+    message: str = ""
+    topics: list[str] = []
+    error: _ErrorDetail | None = None
+
+
+class _Recipients(msgspec.Struct):
+    recipients: int
+
+
+class _BatchRecipients(msgspec.Struct):
+    recipients: list[int]
+
+
+def normalize_url(url: str) -> str:
+    """``url`` as an ``http(s)://`` base without a trailing slash; ``ws(s)://`` and a
+    missing scheme are accepted (``127.0.0.1:8000`` means ``http://127.0.0.1:8000``)."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    scheme, rest = url.split("://", 1)
+    scheme = {"ws": "http", "wss": "https"}.get(scheme.lower(), scheme.lower())
+    return f"{scheme}://{rest}"
+
+
+def _redact(ws_url: str) -> str:
+    """``ws_url`` with the client id (a secret capability) cut to 8 characters."""
+    base, _, client_id = ws_url.rpartition("/ws/")
+    return f"{base}/ws/{client_id[:8]}…" if base else ws_url
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class Relay:
+    """A client of one wsrelay server.
+
+    Use it as an async context manager (or call :meth:`close`)::
+
+        async with Relay("http://127.0.0.1:8000", api_key="secret") as relay:
+            await relay.publish("cats", "hello")
+            async with relay.subscribe("cats", "dogs") as messages:
+                async for message in messages:
+                    print(message.topic, message.message)
+
+    Args:
+        url: the server's base URL (``http(s)://host:port``; ``ws(s)://`` works too).
+        api_key: sent as ``Authorization: Bearer <key>`` to the routes that need it.
+        timeout: seconds any one HTTP request, WebSocket handshake or subscription
+            acknowledgement may take before :class:`ConnectionFailed` is raised.
+        backoff: default reconnect policy of :meth:`subscribe`.
+        batch_bytes: largest request body :meth:`publish_many` builds.
+        session: an aiohttp session to use instead of one of the client's own
+            (which it then does not close).
+
+    Every method raises a :class:`RelayError`: :class:`ConnectionFailed` when the
+    server cannot be reached, an :class:`HTTPError` subclass (``code`` and ``status``
+    as the server sent them) when it refuses the request.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        backoff: Backoff | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.url = normalize_url(url)
+        self.timeout = timeout
+        self.backoff = backoff or Backoff()
+        self.batch_bytes = batch_bytes
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session = session
+        self._own_session = session is None
+        self._subscriptions: set[Subscription] = set()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every open subscription (deleting their registrations), then the session."""
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        if self._session is not None and self._own_session:
+            await self._session.close()
+            self._session = None
+
+    # -- HTTP API ---------------------------------------------------------------------------
+
+    async def publish(self, topic: str, message: str, *, user_id: UserId = None) -> int:
+        """Publish ``message`` to ``topic``; with ``user_id`` only that user's clients get
+        it. Returns the number of connections on the server's node it was handed to."""
+        body = Publish(topic, message, user_id)
+        answer = await self._request("POST", "/publish", _Recipients, body=_encode(body))
+        return answer.recipients
+
+    async def publish_many(self, messages: Iterable[Item]) -> list[int]:
+        """Publish several messages in order, in as few ``POST /publish/batch`` requests
+        as the server's limits allow (1000 messages and ``batch_bytes`` per request).
+
+        ``messages`` holds :class:`Publish` structs or ``(topic, message)`` /
+        ``(topic, message, user_id)`` tuples. Returns each message's recipient count.
+        A refused batch raises (e.g. :class:`BadRequest` for a bad topic); the batches
+        sent before it were published.
+        """
+        recipients: list[int] = []
+        parts: list[bytes] = []
+        size = 0
+        for item in messages:
+            part = _encode(item if isinstance(item, Publish) else Publish(*item))
+            if parts and (len(parts) >= MAX_BATCH or size + len(part) + 1 > self.batch_bytes):
+                recipients += await self._publish_batch(parts)
+                parts, size = [], 0
+            parts.append(part)
+            size += len(part) + 1
+        if parts:
+            recipients += await self._publish_batch(parts)
+        return recipients
+
+    async def _publish_batch(self, parts: list[bytes]) -> list[int]:
+        body = b'{"messages":[' + b",".join(parts) + b"]}"
+        answer = await self._request("POST", "/publish/batch", _BatchRecipients, body=body)
+        return answer.recipients
+
+    async def stats(self) -> Stats:
+        """``GET /stats``: the node's live counters."""
+        return await self._request("GET", "/stats", Stats)
+
+    async def topics(self, prefix: str = "", limit: int = 100) -> Topics:
+        """``GET /topics``: topics with subscribers on the node, busiest first, at most
+        ``limit`` (1 to 1000) of those starting with ``prefix``."""
+        params = {"prefix": prefix, "limit": str(limit)}
+        return await self._request("GET", "/topics", Topics, params=params)
+
+    async def register(self, user_id: UserId = None, topics: Sequence[str] = ()) -> Registration:
+        """``POST /register``: a new client id and its WebSocket URL. :meth:`subscribe`
+        does this for you."""
+        body = _encode({"user_id": user_id, "topics": list(topics)})
+        return await self._request("POST", "/register", Registration, body=body)
+
+    async def unregister(self, client_id: str) -> None:
+        """``DELETE /register/<id>``: forget a registration and close its connection
+        (with 1000). Raises :class:`NotFound` if the id is unknown."""
+        await self._request("DELETE", f"/register/{client_id}", None)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        into: type[T] | None,
+        *,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> T:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with (
+                asyncio.timeout(self.timeout),
+                self._session.request(
+                    method, self.url + path, data=body, params=params, headers=headers
+                ) as response,
+            ):
+                status = response.status
+                raw = await response.read()
+        except TimeoutError:
+            raise ConnectionFailed(
+                f"cannot reach {self.url}: no answer within {self.timeout:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConnectionFailed(f"cannot reach {self.url}: {_one_line(exc)}") from exc
+        if status >= 400:
+            raise _error_from(status, raw)
+        try:
+            return _decode(raw, into) if into is not None else None  # type: ignore[return-value]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(
+                f"{method} {self.url}{path} answered HTTP {status} with an unexpected body: {exc}",
+                status=status,
+            ) from None
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *topics: str,
+        user_id: UserId = None,
+        on_event: Callable[[Event], object] | None = None,
+        backoff: Backoff | None = None,
+    ) -> Subscription:
+        """Receive every message published to ``topics`` (and, with ``user_id``, those
+        targeted at that user) as :class:`Message` objects.
+
+        ``async with relay.subscribe(...) as sub`` returns once the server has confirmed
+        the subscription, so nothing published afterwards is missed; ``async for``
+        over the result without ``async with`` connects on the first iteration. See
+        :class:`Subscription` for reconnecting and for how it ends.
+        """
+        if not topics:
+            raise ValueError("subscribe needs at least one topic")
+        subscription = Subscription(
+            self, topics, user_id=user_id, on_event=on_event, backoff=backoff or self.backoff
+        )
+        self._subscriptions.add(subscription)
+        return subscription
+
+
+def _error_from(status: int, raw: bytes) -> HTTPError:
+    try:
+        detail = _decode(raw, _ErrorBody).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        text = " ".join(raw[:200].decode("utf-8", "replace").split())
+        return http_error(status, f"http_{status}", text or "no error body")
+    return http_error(status, detail.code, detail.message)
+
+
+def _closed_error(code: int, reason: str) -> ConnectionClosed | None:
+    """The exception for a close after which the client must not reconnect, else None."""
+    described = f"the server closed the connection with {code}" + (f": {reason}" if reason else "")
+    if code == 1000:
+        return Unregistered(
+            f"the registration was deleted (close {code})", close_code=code, reason=reason
+        )
+    if code == 4500:
+        return Replaced(
+            f"another connection took this registration over (close {code})",
+            close_code=code,
+            reason=reason,
+        )
+    if code in TERMINAL_CLOSE_CODES or 4500 <= code <= 4999:
+        return ConnectionClosed(described, close_code=code, reason=reason)
+    return None
+
+
+class _Lost(Exception):
+    """The connection went away; reconnect."""
+
+    def __init__(self, close_code: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.close_code = close_code
+        self.reason = reason
+
+
+class Subscription:
+    """A registration and its WebSocket, as an async iterator of :class:`Message`.
+
+    Made by :meth:`Relay.subscribe`. It registers the client (``POST /register``),
+    connects, sends the topics and waits for the server's confirmation; then each
+    iteration returns the next publication.
+
+    **Reconnecting.** When the connection is lost (close 1001, 1006, 1011, 4000-4499
+    or any other code not listed below) it reconnects to the same registration,
+    waiting :class:`Backoff` delays between attempts; if the server no longer knows
+    the id (404, e.g. it restarted with the memory store) it registers again, and it
+    sends the topics again after every reconnect. Messages published while it was
+    disconnected are lost. ``on_event`` receives a :class:`Reconnecting` before each
+    attempt and a :class:`Subscribed` after each successful (re)subscription.
+    Reconnecting happens inside iteration: keep iterating. Failures of the *first*
+    connection are raised at once instead (wrong API key, unreachable server...).
+
+    **Ending.** Iteration raises :class:`Unregistered` when the registration is deleted
+    (close 1000), :class:`Replaced` when another connection takes it over (4500),
+    :class:`ConnectionClosed` for the other terminal codes (1002, 1003, 1007-1010,
+    4501-4999), and the :class:`HTTPError` that made a re-registration fail for good
+    (e.g. :class:`Unauthorized` after the key was revoked); the subscription is then
+    closed and further iteration stops (``StopAsyncIteration``), as it does after
+    :meth:`close`. :meth:`close` (also called on leaving ``async with``, and by
+    :meth:`Relay.close`) closes the WebSocket and deletes the registration.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        topics: Sequence[str],
+        *,
+        user_id: UserId,
+        on_event: Callable[[Event], object] | None,
+        backoff: Backoff,
+    ) -> None:
+        self.relay = relay
+        self.topics: tuple[str, ...] = tuple(topics)
+        self.user_id = user_id
+        self.backoff = backoff
+        self.id: str | None = None
+        """The current registration id (it changes when the client registers again)."""
+        self.reconnects = 0
+        """How many times the subscription was restored after a loss."""
+        self._on_event = on_event
+        self._url: str | None = None
+        self._ws: ClientConnection | None = None
+        self._pending: deque[Message] = deque()
+        self._started = False
+        self._closed = False
+        self._closing = asyncio.Event()
+        self._delete_on_close = True
+        self._rng = random.Random()
+
+    @property
+    def url(self) -> str | None:
+        """The WebSocket URL of the current registration (a secret, like the id)."""
+        return self._url
+
+    @property
+    def closed(self) -> bool:
+        """Whether the subscription has ended (closed, or stopped by a terminal error)."""
+        return self._closed
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def start(self) -> None:
+        """Register, connect and wait for the server to confirm the topics. Raises the
+        error of this first attempt (no retry) after cleaning up. Called by ``async
+        with`` and by the first iteration; does nothing the second time."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            registered = await self._connect()
+        except _Lost as lost:
+            await self.close()
+            raise ConnectionFailed(
+                f"the connection to {self.relay.url} closed while subscribing: {lost.reason}"
+            ) from None
+        except BaseException:
+            await self.close()
+            raise
+        self._emit(Subscribed(self._id(), self.topics, 0, registered))
+
+    async def __anext__(self) -> Message:
+        if not self._started:
+            await self.start()
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                message = await self._receive()
+                if message is not None:
+                    return message
+            except _Lost as lost:
+                if self._closed:
+                    raise StopAsyncIteration from None
+                try:
+                    await self._reconnect(lost)
+                except Exception:
+                    await self.close()
+                    raise
+            except Exception:  # a terminal close or a refused command; not a cancellation
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        """Close the connection and delete the registration (unless it is already gone
+        or another connection replaced this one). Safe to call more than once and from
+        another task; a pending iteration then stops."""
+        self._closed = True
+        self._closing.set()
+        self.relay._subscriptions.discard(self)
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+        client_id, self.id = self.id, None
+        if client_id is not None and self._delete_on_close:
+            with contextlib.suppress(RelayError):
+                await self.relay.unregister(client_id)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _id(self) -> str:
+        assert self.id is not None
+        return self.id
+
+    def _emit(self, event: Event) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def _receive(self) -> Message | None:
+        """The next frame's message, None for frames that are not messages."""
+        if self._ws is None:
+            raise _Lost(None, "not connected")
+        try:
+            data = await self._ws.recv()
+        except WSConnectionClosed as exc:
+            if self._closed:  # by close(), from another task
+                raise _Lost(None, "closed") from None
+            raise self._lost(exc) from None
+        return self._handle(data)
+
+    def _lost(self, exc: WSConnectionClosed) -> Exception:
+        """What a closed connection means: a terminal error, or _Lost (reconnect)."""
+        self._ws = None
+        frame = exc.rcvd
+        code = frame.code if frame is not None else NO_CLOSE_FRAME
+        reason = frame.reason if frame is not None else "no close frame"
+        error = _closed_error(code, reason)
+        if error is None:
+            return _Lost(code, reason or f"close {code}")
+        # After 1000 the registration is gone; after 4500 it is the other connection's.
+        self._delete_on_close = not isinstance(error, Unregistered | Replaced)
+        return error
+
+    def _handle(self, data: str | bytes) -> Message | None:
+        try:
+            frame = _decode(data, _Frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"the server sent a frame that is not wsrelay's: {exc}") from None
+        if frame.type == "message":
+            return Message(frame.topic, frame.message)
+        if frame.type == "error" and frame.error is not None:
+            raise CommandRefused(frame.error.message, code=frame.error.code)
+        return None  # "subscribed" outside a handshake, or a frame type added later
+
+    async def _connect(self) -> bool:
+        """Connect (registering first if there is no id, or if the server forgot it),
+        send the topics and wait for their acknowledgement. Returns whether it
+        registered. Raises _Lost if the connection closed meanwhile."""
+        registered = False
+        if self._url is None:
+            await self._register()
+            registered = True
+        try:
+            ws = await self._open(self._url)
+        except NotFound:
+            if registered:
+                raise
+            await self._register()
+            registered = True
+            ws = await self._open(self._url)
+        if self._closed:  # closed from another task meanwhile
+            await ws.close()
+            raise _Lost(None, "closed")
+        self._ws = ws
+        try:
+            await ws.send(_encode({"topics": list(self.topics)}).decode())
+            async with asyncio.timeout(self.relay.timeout):
+                while True:
+                    data = await ws.recv()
+                    if _decode(data, _Frame).type == "subscribed":
+                        return registered
+                    message = self._handle(data)
+                    if message is not None:
+                        self._pending.append(message)
+        except WSConnectionClosed as exc:
+            raise self._lost(exc) from None
+        except TimeoutError:
+            self._ws = None
+            await ws.close()
+            raise ConnectionFailed(
+                f"{self.relay.url} did not confirm the subscription within {self.relay.timeout:g} s"
+            ) from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"the server sent a frame that is not wsrelay's: {exc}") from None
+
+    async def _register(self) -> None:
+        registration = await self.relay.register(self.user_id, self.topics)
+        self.id, self._url = registration.id, registration.url
+
+    async def _open(self, url: str | None) -> ClientConnection:
+        assert url is not None
+        shown = _redact(url)
+        try:
+            return await connect(
+                url,
+                open_timeout=self.relay.timeout,
+                max_size=None,  # publications are bounded by the server's body size limit
+                proxy=None,
+                user_agent_header="wsrelay-client",
+            )
+        except InvalidStatus as exc:
+            raise _error_from(exc.response.status_code, bytes(exc.response.body or b"")) from None
+        except InvalidURI as exc:
+            raise ProtocolError(f"the server gave an unusable WebSocket URL: {exc}") from None
+        except TimeoutError:
+            raise ConnectionFailed(
+                f"cannot reach {shown}: no WebSocket handshake within {self.relay.timeout:g} s"
+            ) from None
+        except (OSError, InvalidHandshake) as exc:
+            raise ConnectionFailed(f"cannot reach {shown}: {_one_line(exc)}") from exc
+
+    async def _reconnect(self, lost: _Lost) -> None:
+        """Reconnect with backoff until subscribed again. Raises StopAsyncIteration if
+        closed meanwhile, and the error that makes retrying pointless."""
+        close_code, reason = lost.close_code, lost.reason
+        attempt = 0
+        while True:
+            attempt += 1
+            limit = self.backoff.max_attempts
+            if limit is not None and attempt > limit:
+                raise ConnectionFailed(
+                    f"gave up reconnecting to {self.relay.url} after {limit} attempt(s): {reason}"
+                )
+            delay = self.backoff.delay(attempt, self._rng)
+            self._emit(Reconnecting(attempt, delay, close_code, reason))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                registered = await self._connect()
+            except _Lost as again:
+                close_code, reason = again.close_code, again.reason
+                continue
+            except (ConnectionFailed, ServerError, TooManyRequests) as exc:
+                close_code, reason = None, str(exc)
+                continue
+            self.reconnects += 1
+            self._emit(Subscribed(self._id(), self.topics, self.reconnects, registered))
+            return
+
+
+__all__ = ["DEFAULT_URL", "MAX_BATCH", "Relay", "Subscription", "normalize_url"]

@@ -1,0 +1,354 @@
+"""wsrelay.client against real servers: round trips, errors, reconnects, terminal closes.
+
+Nothing waits by sleeping: each step waits for the event it needs (a message, a
+``Subscribed`` or ``Reconnecting`` event from the subscription), bounded by TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import socket
+from collections.abc import Callable
+
+import msgspec
+import pytest
+import websockets
+
+from tests.redis_server import RedisServer
+from tests.utils import TIMEOUT, ServerProcess
+from wsrelay.client import (
+    MAX_BATCH,
+    Backoff,
+    BadRequest,
+    ConnectionFailed,
+    Event,
+    Message,
+    NotFound,
+    Publish,
+    Reconnecting,
+    Relay,
+    Replaced,
+    Subscribed,
+    Subscription,
+    Unauthorized,
+    Unregistered,
+)
+
+Start = Callable[..., ServerProcess]
+FAST = Backoff(initial=0.05, maximum=0.5)
+"""Short reconnect delays, so that tests wait for the server rather than the backoff."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Events:
+    """A subscription's on_event callback that tests can wait on."""
+
+    def __init__(self) -> None:
+        self.seen: list[Event] = []
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.seen.append(event)
+        self.queue.put_nowait(event)
+
+    async def next(self, kind: type[Event]) -> Event:
+        """The next event of type ``kind``, skipping others."""
+        async with asyncio.timeout(TIMEOUT * 4):
+            while True:
+                event = await self.queue.get()
+                if isinstance(event, kind):
+                    return event
+
+
+async def receive(subscription: Subscription, count: int = 1) -> list[Message]:
+    async with asyncio.timeout(TIMEOUT):
+        return [await anext(subscription) for _ in range(count)]
+
+
+async def test_publish_subscribe_round_trip(server: ServerProcess, topic: str) -> None:
+    events = Events()
+    async with Relay(server.url) as relay, relay.subscribe(topic, on_event=events) as sub:
+        first = events.seen[0]
+        assert isinstance(first, Subscribed) and first.reconnects == 0 and first.registered
+        assert first.id == sub.id and first.topics == (topic,)
+        assert await relay.publish(topic, "hello") == 1
+        (message,) = await receive(sub)
+        assert message == Message(topic, "hello")
+        with pytest.raises(AttributeError):
+            message.message = "changed"  # type: ignore[misc]
+        client_id = sub.id
+        assert client_id is not None
+    # Leaving the blocks deleted the registration.
+    async with Relay(server.url) as relay:
+        with pytest.raises(NotFound) as info:
+            await relay.unregister(client_id)
+        assert info.value.code == "unknown_client" and info.value.status == 404
+
+
+async def test_iterating_without_async_with_connects_and_relay_close_cleans_up(
+    server: ServerProcess, topic: str
+) -> None:
+    async with Relay(server.url) as relay:
+        sub = relay.subscribe(topic)
+        # Nothing is registered until the first iteration; run it, then publish
+        # until the subscription is in place (each publish reports its recipients).
+        receiving = asyncio.create_task(anext(sub))
+        async with asyncio.timeout(TIMEOUT):
+            while await relay.publish(topic, "first") == 0:
+                await asyncio.sleep(0.01)
+            assert await receiving == Message(topic, "first")
+        client_id = sub.id
+        assert client_id is not None
+    assert sub.closed
+    async with Relay(server.url) as relay:
+        with pytest.raises(NotFound):
+            await relay.unregister(client_id)
+
+
+async def test_user_targeting(server: ServerProcess, topic: str) -> None:
+    async with (
+        Relay(server.url) as relay,
+        relay.subscribe(topic, user_id=7) as user7,
+        relay.subscribe(topic) as anonymous,
+    ):
+        assert await relay.publish(topic, "for 8", user_id=8) == 0
+        assert await relay.publish(topic, "for 7", user_id="7") == 1
+        assert await relay.publish(topic, "for all") == 2
+        assert [m.message for m in await receive(user7, 2)] == ["for 7", "for all"]
+        assert [m.message for m in await receive(anonymous)] == ["for all"]
+
+
+async def test_publish_many_in_order_across_batches(server: ServerProcess, topic: str) -> None:
+    other = topic + ".other"
+    count = MAX_BATCH * 2 + 500  # three requests
+    async with Relay(server.url) as relay, relay.subscribe(topic, other) as sub:
+        before = (await relay.stats()).publishes
+        items: list[Publish | tuple[str, str]] = [
+            Publish(other, str(i)) if i % 3 == 0 else (topic, str(i)) for i in range(count)
+        ]
+        assert await relay.publish_many(items) == [1] * count
+        assert (await relay.stats()).publishes - before == count
+        received = await receive(sub, count)
+        assert received == [Message(other if i % 3 == 0 else topic, str(i)) for i in range(count)]
+        assert await relay.publish_many([]) == []
+
+
+async def test_publish_many_splits_by_size_and_targets_users(
+    server: ServerProcess, topic: str
+) -> None:
+    async with (
+        Relay(server.url, batch_bytes=1000) as relay,
+        relay.subscribe(topic, user_id="u1") as sub,
+    ):
+        big = "x" * 300
+        counts = await relay.publish_many(
+            [(topic, f"{i}{big}", "u1" if i % 2 else "u2") for i in range(20)]
+        )
+        assert counts == [0, 1] * 10
+        assert [m.message for m in await receive(sub, 10)] == [f"{i}{big}" for i in range(1, 20, 2)]
+
+
+async def test_stats_and_topics(server: ServerProcess, topic: str) -> None:
+    async with Relay(server.url) as relay:
+        before = await relay.stats()
+        async with (
+            relay.subscribe(topic + ".a", topic + ".b") as sub,
+            relay.subscribe(topic + ".a"),
+        ):
+            await relay.publish(topic + ".a", "m")
+            await receive(sub)
+            stats = await relay.stats()
+            assert stats.publishes == before.publishes + 1
+            assert stats.deliveries == before.deliveries + 2
+            assert stats.connections >= 2 and stats.broker == "up" and stats.uptime > 0
+            listed = await relay.topics(prefix=topic)
+            assert [(t.topic, t.subscribers) for t in listed.topics] == [
+                (topic + ".a", 2),
+                (topic + ".b", 1),
+            ]
+            assert listed.total == 2
+            assert len((await relay.topics(prefix=topic, limit=1)).topics) == 1
+        with pytest.raises(BadRequest) as info:
+            await relay.topics(limit=0)
+        assert info.value.code == "invalid_field" and info.value.status == 400
+
+
+async def test_reconnects_and_resubscribes_after_a_server_restart(
+    start_server: Start, topic: str
+) -> None:
+    """The server stops (close 1001) and comes back on the same port with an empty
+    memory store: the subscription retries with backoff, gets 404 for its old id,
+    registers again, resubscribes, and messages flow again, with no missed iteration."""
+    port = str(free_port())
+    first = await asyncio.to_thread(start_server, "--port", port)
+    events = Events()
+    async with (
+        Relay(first.url, backoff=FAST) as relay,
+        relay.subscribe(topic, "other." + topic, user_id=5, on_event=events) as sub,
+    ):
+        assert await relay.publish(topic, "before") == 1
+        assert await receive(sub) == [Message(topic, "before")]
+        old_id = sub.id
+        receiving = asyncio.create_task(anext(sub))  # iterating while the server goes away
+
+        await asyncio.to_thread(first.stop)
+        lost = await events.next(Reconnecting)
+        assert isinstance(lost, Reconnecting) and lost.close_code == 1001 and lost.attempt == 1
+        await events.next(Reconnecting)  # an attempt against the stopped server failed
+        assert not receiving.done()
+
+        second = await asyncio.to_thread(start_server, "--port", port)
+        assert second.url == first.url
+        back = await events.next(Subscribed)
+        assert isinstance(back, Subscribed)
+        assert back.reconnects == 1 and sub.reconnects == 1
+        assert back.registered and back.id == sub.id != old_id
+        assert back.topics == (topic, "other." + topic)
+
+        # Resubscribed to both topics, still as user 5.
+        assert await relay.publish(topic, "after", user_id=5) == 1
+        async with asyncio.timeout(TIMEOUT):
+            assert await receiving == Message(topic, "after")
+        assert await relay.publish("other." + topic, "again") == 1
+        assert await receive(sub) == [Message("other." + topic, "again")]
+        failed = [e for e in events.seen if isinstance(e, Reconnecting)]
+        assert [e.attempt for e in failed] == list(range(1, len(failed) + 1))
+        assert all(0 <= e.delay <= FAST.maximum for e in failed)
+
+
+async def test_reconnect_keeps_the_registration_when_the_server_still_knows_it(
+    start_server: Start, redis_server: RedisServer, topic: str
+) -> None:
+    """With the Redis store the id survives the restart: no new registration."""
+    port = str(free_port())
+    first = await asyncio.to_thread(start_server, "--port", port, "--broker", redis_server.url)
+    events = Events()
+    async with (
+        Relay(first.url, backoff=FAST) as relay,
+        relay.subscribe(topic, on_event=events) as sub,
+    ):
+        old_id = sub.id
+        receiving = asyncio.create_task(anext(sub))
+        await asyncio.to_thread(first.stop)
+        await events.next(Reconnecting)
+        await asyncio.to_thread(start_server, "--port", port, "--broker", redis_server.url)
+        back = await events.next(Subscribed)
+        assert isinstance(back, Subscribed) and not back.registered and sub.id == old_id
+        assert await relay.publish(topic, "after") == 1
+        async with asyncio.timeout(TIMEOUT):
+            assert await receiving == Message(topic, "after")
+
+
+async def test_wrong_api_key_raises_unauthorized(start_server: Start, topic: str) -> None:
+    server = await asyncio.to_thread(start_server, "--api-key", "right")
+    async with Relay(server.url, api_key="wrong") as relay:
+        with pytest.raises(Unauthorized) as info:
+            await relay.publish(topic, "m")
+        assert info.value.code == "unauthorized" and info.value.status == 401
+        assert str(info.value) == "HTTP 401 unauthorized: the API key is not valid"
+        sub = relay.subscribe(topic)
+        with pytest.raises(Unauthorized):
+            await sub.start()
+        assert sub.closed
+        with pytest.raises(StopAsyncIteration):
+            await anext(sub)
+    async with Relay(server.url) as relay:  # no key at all
+        with pytest.raises(Unauthorized):
+            await relay.stats()
+    async with (
+        Relay(server.url, api_key="right") as relay,
+        relay.subscribe(topic) as sub,
+    ):
+        assert await relay.publish(topic, "m") == 1
+        assert await receive(sub) == [Message(topic, "m")]
+
+
+async def test_unreachable_server_raises_connection_failed(topic: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    async with Relay(url, timeout=TIMEOUT) as relay:
+        with pytest.raises(ConnectionFailed) as info:
+            await relay.publish(topic, "m")
+        assert str(info.value).startswith(f"cannot reach {url}: ")
+        assert info.value.code == "connection_failed" and info.value.status is None
+        with pytest.raises(ConnectionFailed):
+            async with relay.subscribe(topic):
+                pass
+        with pytest.raises(ConnectionFailed):
+            await relay.stats()
+
+
+async def test_invalid_topic_is_refused_at_subscribe(server: ServerProcess) -> None:
+    async with Relay(server.url) as relay:
+        with pytest.raises(BadRequest) as info:
+            async with relay.subscribe("no spaces"):
+                pass
+        assert info.value.code == "invalid_topic"
+
+
+async def test_deleted_registration_ends_the_subscription(
+    server: ServerProcess, topic: str
+) -> None:
+    """Close 1000 is terminal: the iteration raises Unregistered, then stops."""
+    events = Events()
+    async with (
+        Relay(server.url, backoff=FAST) as relay,
+        relay.subscribe(topic, on_event=events) as sub,
+    ):
+        assert sub.id is not None
+        receiving = asyncio.create_task(anext(sub))
+        await relay.unregister(sub.id)
+        with pytest.raises(Unregistered) as info:
+            async with asyncio.timeout(TIMEOUT):
+                await receiving
+        assert info.value.close_code == 1000 and info.value.code == "unregistered"
+        assert sub.closed
+        with pytest.raises(StopAsyncIteration):
+            await anext(sub)
+        assert not any(isinstance(e, Reconnecting) for e in events.seen)
+
+
+async def test_replaced_connection_ends_without_deleting_the_registration(
+    server: ServerProcess, topic: str
+) -> None:
+    async with Relay(server.url) as relay:
+        sub = relay.subscribe(topic)
+        await sub.start()
+        assert sub.url is not None
+        async with websockets.connect(sub.url, open_timeout=TIMEOUT) as other:
+            with pytest.raises(Replaced) as info:
+                await receive(sub)
+            assert info.value.close_code == 4500
+            # The registration is the other connection's now: still there, still subscribed.
+            assert await relay.publish(topic, "to the new connection") == 1
+            async with asyncio.timeout(TIMEOUT):
+                frame = msgspec.json.decode(await other.recv())
+            assert frame == {"type": "message", "topic": topic, "message": "to the new connection"}
+
+
+async def test_close_from_another_task_stops_iteration(server: ServerProcess, topic: str) -> None:
+    async with Relay(server.url) as relay, relay.subscribe(topic) as sub:
+        receiving = asyncio.create_task(anext(sub))
+        await asyncio.sleep(0)  # let it start waiting
+        await sub.close()
+        with pytest.raises(StopAsyncIteration):
+            async with asyncio.timeout(TIMEOUT):
+                await receiving
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    backoff = Backoff(initial=0.1, maximum=2.0)
+    rng = random.Random(1)
+    for attempt in range(1, 12):
+        ceiling = min(2.0, 0.1 * 2 ** (attempt - 1))
+        delays = [backoff.delay(attempt, rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8 and min(delays) < ceiling * 0.2  # spread, not fixed
+    assert dataclasses.replace(backoff, max_attempts=3).max_attempts == 3
