@@ -47,6 +47,15 @@ def test_readme_lists_every_close_code() -> None:
     assert named == documented
 
 
+def test_readme_close_code_advice_matches_should_reconnect() -> None:
+    """Client libraries (Python and wsrelay.js) follow codes.should_reconnect; users read
+    the README's table. They must give the same advice."""
+    rows = re.findall(r"^\| (\d{4}) \| [^|]+ \| (yes|no)\b", README, flags=re.MULTILINE)
+    assert len(rows) >= 8
+    for code, advice in rows:
+        assert codes.should_reconnect(int(code)) == (advice == "yes"), code
+
+
 def test_readme_lists_every_route() -> None:
     app = create_app()
     for resource in app.router.resources():

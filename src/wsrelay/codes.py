@@ -49,4 +49,8 @@ TERMINAL_RANGE: Final = range(4500, 5000)
 
 def should_reconnect(code: int) -> bool:
     """Whether a client that saw close ``code`` should reconnect to the same URL."""
-    return code not in TERMINAL_RANGE and code not in (NORMAL, UNSUPPORTED_DATA, POLICY_VIOLATION)
+    return code not in TERMINAL_RANGE and code not in _FIX_THE_CLIENT
+
+
+_FIX_THE_CLIENT: Final = frozenset({NORMAL, UNSUPPORTED_DATA, POLICY_VIOLATION, MESSAGE_TOO_BIG})
+"""Closes that the same client would provoke again by reconnecting (README: close codes)."""
