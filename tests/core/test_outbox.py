@@ -37,3 +37,58 @@ def test_take_empties() -> None:
     box.push(b"abc")
     box.take()
     assert len(box) == 0 and box.pending_bytes == 0 and box.take() == []
+
+
+def test_one_frame_waits_without_a_list() -> None:
+    """The common case, one frame per flush, makes no list."""
+    box = Outbox(100)
+    assert box.push(b"abc") is True
+    assert box.take_raw() == (b"abc", None)
+    assert box.take_raw() == (None, None)
+    box.push(b"a")
+    box.push(b"b")
+    box.push(b"c")
+    assert box.take_raw() == (b"a", [b"a", b"b", b"c"])
+    assert len(box) == 0 and box.pending_bytes == 0
+
+
+def test_sent_bytes_raise_the_bound_until_a_measurement_clears_it() -> None:
+    """Bytes handed to the transport count against the limit without asking it;
+    once they would pass the limit, one measurement replaces the bound."""
+    measured: list[int] = []
+    buffered = 0
+
+    def measure() -> int:
+        measured.append(buffered)
+        return buffered
+
+    box = Outbox(100, measure)
+    for _ in range(9):
+        box.push(b"x" * 10)
+        box.take()
+        box.sent(10)  # 90 bytes handed over: the bound is 90
+    assert measured == []
+    box.push(b"x" * 10)  # 90 + 10 fits exactly: still not measured
+    box.take()
+    box.sent(10)
+    assert box.push(b"x" * 10) is True  # the kernel took everything: measured once, 0
+    assert measured == [0]
+    buffered = 95
+    box.take()
+    box.sent(95)
+    with pytest.raises(OutboxOverflow):  # 95 really buffered + 10 > 100
+        box.push(b"x" * 10)
+    assert measured == [0, 95]
+
+
+def test_a_subclass_can_measure_its_own_transport() -> None:
+    class Measured(Outbox):
+        __slots__ = ()
+
+        def measure_buffered(self) -> int:
+            return 95
+
+    box = Measured(100)
+    box.sent(95)
+    with pytest.raises(OutboxOverflow):
+        box.push(b"x" * 10)
