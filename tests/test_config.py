@@ -37,12 +37,23 @@ def test_lists_booleans_and_seconds_parse_from_the_environment() -> None:
         ({"WSRELAY_REQUEST_TIMEOUT": "0"}, "request_timeout"),
         ({"WSRELAY_LOG_FORMAT": "xml"}, "log_format"),
         ({"WSRELAY_MAX_CONNECTIONS": "0"}, "max_connections"),
+        ({"WSRELAY_MAX_REGISTRATIONS_PER_USER": "-1"}, "WSRELAY_MAX_REGISTRATIONS_PER_USER"),
         ({"WSRELAY_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "no such file"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(variables: dict[str, str], fragment: str):
     with pytest.raises(ValueError, match=fragment):
         Settings.from_env(variables)
+
+
+def test_registrations_per_user_default_to_100_and_zero_means_no_limit() -> None:
+    assert Settings().max_registrations_per_user == 100
+    assert (
+        Settings.from_env({"WSRELAY_MAX_REGISTRATIONS_PER_USER": "0"}).max_registrations_per_user
+        == 0
+    )
+    with pytest.raises(ValueError, match="max_registrations_per_user must be 0"):
+        Settings(max_registrations_per_user=-1)
 
 
 def test_secrets_stay_out_of_repr() -> None:

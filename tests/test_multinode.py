@@ -173,3 +173,20 @@ async def test_workers_share_one_port_and_act_as_one_relay(
     for sub in subs:
         assert [await sub.message() for _ in range(4)] == [("t", f"m{i}") for i in range(4)]
         await sub.close()
+
+
+async def test_nodes_share_each_users_registration_count(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """`--max-registrations-per-user 2` on two nodes: the limit is the user's, not a node's."""
+    n1, n2 = nodes(start_server, redis_server, 2, "--max-registrations-per-user", "2")
+    a, b = Api(session, n1.url), Api(session, n2.url)
+    first = await a.register("carol")
+    await b.register("carol")
+    for api in (a, b):
+        status, body = await api.call("POST", "/register", {"user_id": "carol"})
+        assert (status, body["error"]["code"]) == (429, "too_many_registrations")
+    status, _ = await b.call("DELETE", f"/register/{first['id']}")  # made on A, deleted on B
+    assert status == 200
+    await a.register("carol")
+    assert (await b.call("POST", "/register", {"user_id": "carol"}))[0] == 429

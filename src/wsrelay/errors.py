@@ -18,7 +18,8 @@ The hierarchy::
     │   ├── MethodNotAllowed        405 method_not_allowed
     │   ├── RequestTimeout          408 request_timeout (body not sent in time)
     │   ├── PayloadTooLarge         413 payload_too_large
-    │   └── UpgradeRequired         426 upgrade_required
+    │   ├── UpgradeRequired         426 upgrade_required
+    │   └── TooManyRegistrations    429 too_many_registrations (the user's limit)
     └── ServerError                 ours (5xx / close 1011)
         ├── BrokerUnavailable       503 broker_unavailable
         └── ServiceUnavailable      503 too_many_connections
@@ -137,6 +138,14 @@ class PayloadTooLarge(ClientError):
 class UpgradeRequired(ClientError):
     code = "upgrade_required"
     http_status = 426
+
+
+class TooManyRegistrations(ClientError):
+    """The user already holds ``max_registrations_per_user`` registrations. Unlike other
+    client errors, the same request succeeds once one of them is deleted or expires."""
+
+    code = "too_many_registrations"
+    http_status = 429
 
 
 class ServerError(RelayError):

@@ -25,7 +25,13 @@ from wsrelay.config import Settings
 from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.registry import Client, Occupancy, Registry, Sink, user_key
-from wsrelay.errors import BrokerUnavailable, InvalidTopic, NotFound, TooManyTopics
+from wsrelay.errors import (
+    BrokerUnavailable,
+    InvalidTopic,
+    NotFound,
+    TooManyRegistrations,
+    TooManyTopics,
+)
 
 log = logging.getLogger("wsrelay")
 
@@ -92,12 +98,20 @@ class Relay:
 
         Raises:
             InvalidTopic, TooManyTopics: ``topics`` breaks the topic rules.
+            TooManyRegistrations: the user already holds ``max_registrations_per_user``
+                (counted on every node; anonymous registrations are never refused).
             BrokerUnavailable: the store is unreachable.
         """
         client = Client(
             secrets.token_hex(CLIENT_ID_BYTES), user_key(user_id), self._validate(topics)
         )
-        await self.registrations.add(client)
+        limit = self.settings.max_registrations_per_user
+        if not await self.registrations.add(client, limit):
+            raise TooManyRegistrations(
+                f"user {client.user!r} already holds {limit} registrations, the limit "
+                "(max_registrations_per_user); delete one with DELETE /register/<id>, or "
+                "reuse one"
+            )
         return client
 
     async def lookup(self, client_id: str) -> Client:

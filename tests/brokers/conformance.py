@@ -4,6 +4,11 @@ A broker test module subclasses :class:`BrokerConformance` and provides the
 ``nodes`` fixture: two started brokers on one backend, as two relay nodes
 would hold them. Waits are on the delivery itself, bounded by ``TIMEOUT``;
 absence is checked behind a fence (a later publication that must arrive).
+
+Likewise :class:`RegistrationStoreConformance` (the per-user limit) with the
+``stores`` fixture: two nodes' views of one store, and ``expiring_stores``, the
+same with a registration TTL of ``EXPIRING_TTL`` seconds (skipped by stores
+without a TTL).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from tests.utils import TIMEOUT
-from wsrelay.brokers import Broker
+from wsrelay.brokers import Broker, RegistrationStore
 from wsrelay.core.fanout import Publication
+from wsrelay.core.registry import Client
 
 
 class Inbox:
@@ -111,3 +117,119 @@ class BrokerConformance:
         await inbox_b.wait_for(1)
         assert [p.message for p in inbox_b.items] == ["fence"]
         assert inbox_a.items == []
+
+
+Stores = tuple[RegistrationStore, RegistrationStore]
+
+EXPIRING_TTL = 2
+"""Seconds registrations live in ``expiring_stores``; the expiry tests leave half of it as
+their margin for a slow machine."""
+
+
+def reg(client_id: str, user: str | None = "u") -> Client:
+    return Client(client_id, user, {"t"})
+
+
+async def add_all(store: RegistrationStore, ids: list[str], user: str | None, limit: int) -> None:
+    for client_id in ids:
+        assert await store.add(reg(client_id, user), limit), f"{client_id} refused"
+
+
+class RegistrationStoreConformance:
+    """The per-user registration limit. Subclasses define ``stores`` and ``expiring_stores``
+    (two nodes' views of one store; the latter with a TTL of ``EXPIRING_TTL`` seconds)."""
+
+    @pytest.fixture
+    async def stores(self) -> AsyncIterator[Stores]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @pytest.fixture
+    async def expiring_stores(self) -> AsyncIterator[Stores]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    async def test_the_limit_refuses_one_more(self, stores: Stores) -> None:
+        a, _ = stores
+        await add_all(a, ["r1", "r2", "r3"], "u", limit=3)
+        assert await a.add(reg("r4"), 3) is False
+        assert await a.get("r4") is None  # refused means not stored
+        for client_id in ("r1", "r2", "r3"):
+            stored = await a.get(client_id)
+            assert stored is not None and stored.user == "u"
+
+    async def test_the_count_is_shared_by_nodes(self, stores: Stores) -> None:
+        a, b = stores
+        await add_all(a, ["r1", "r2"], "u", limit=3)
+        await add_all(b, ["r3"], "u", limit=3)
+        assert await a.add(reg("r4"), 3) is False
+        assert await b.add(reg("r5"), 3) is False
+
+    async def test_concurrent_adds_on_two_nodes_never_pass_the_limit(self, stores: Stores) -> None:
+        a, b = stores
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).add(reg(f"r{i}"), 5)
+                for i in range(40)  # interleaved between the nodes
+            )
+        )
+        assert results.count(True) == 5
+
+    async def test_deleting_one_frees_a_slot(self, stores: Stores) -> None:
+        a, b = stores
+        await add_all(a, ["r1", "r2"], "u", limit=2)
+        assert await a.add(reg("r3"), 2) is False
+        assert await b.remove("r1") is True
+        assert await a.add(reg("r3"), 2) is True
+        assert await a.add(reg("r4"), 2) is False
+        assert await b.remove("r1") is False  # removing twice frees nothing more
+        assert await a.add(reg("r4"), 2) is False
+
+    async def test_users_are_counted_separately(self, stores: Stores) -> None:
+        a, _ = stores
+        await add_all(a, ["a1", "a2"], "alice", limit=2)
+        await add_all(a, ["b1", "b2"], "bob", limit=2)
+        assert await a.add(reg("a3", "alice"), 2) is False
+        assert await a.add(reg("b3", "bob"), 2) is False
+
+    async def test_anonymous_registrations_are_not_limited_and_not_counted(
+        self, stores: Stores
+    ) -> None:
+        a, _ = stores
+        await add_all(a, [f"anon{i}" for i in range(5)], None, limit=1)
+        await add_all(a, ["u1"], "u", limit=1)  # the anonymous ones took no user's slot
+        assert await a.remove("anon0") is True
+
+    async def test_a_limit_of_zero_is_no_limit(self, stores: Stores) -> None:
+        a, _ = stores
+        await add_all(a, [f"r{i}" for i in range(50)], "u", limit=0)
+        assert await a.add(reg("one-more"), 50) is False  # yet all 50 were counted
+
+    async def test_expired_registrations_do_not_count(self, expiring_stores: Stores) -> None:
+        a, b = expiring_stores
+        await add_all(a, ["old"], "u", limit=2)
+        await asyncio.sleep(EXPIRING_TTL / 2)
+        await add_all(a, ["young"], "u", limit=2)  # expires half a TTL after "old"
+        assert await b.add(reg("new1"), 2) is False
+
+        async def until_accepted() -> None:
+            while not await b.add(reg("new1"), 2):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(until_accepted(), EXPIRING_TTL + TIMEOUT)
+        assert await a.get("old") is None
+        # "old" stopped counting on its own, not with everything of its user's at once
+        assert await a.get("young") is not None
+        assert await b.add(reg("new2"), 2) is False
+
+    async def test_a_refreshed_registration_keeps_counting(self, expiring_stores: Stores) -> None:
+        """An attached client's TTL is restarted (by ``attached`` and the refresher); the
+        count follows the registration's real lifetime, not the one it was added with."""
+        a, b = expiring_stores
+        await add_all(a, ["kept"], "u", limit=1)
+        await asyncio.sleep(EXPIRING_TTL / 2)
+        assert await b.attached(reg("kept")) is True  # now lives until 1.5 TTLs
+        await asyncio.sleep(EXPIRING_TTL * 3 / 4)  # past the first expiry, before the second
+        assert await a.get("kept") is not None
+        assert await b.add(reg("other"), 1) is False
+        await b.detached(reg("kept"))

@@ -2,7 +2,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.brokers.conformance import BrokerConformance, Inbox, Node
+from tests.brokers.conformance import (
+    BrokerConformance,
+    Inbox,
+    Node,
+    RegistrationStoreConformance,
+    Stores,
+)
 from wsrelay.brokers import MemoryBroker, MemoryBus, from_url
 
 
@@ -17,6 +23,18 @@ class TestMemoryBroker(BrokerConformance):
         yield (a, inbox_a), (b, inbox_b)
         await a.stop()
         await b.stop()
+
+
+class TestMemoryRegistrations(RegistrationStoreConformance):
+    @pytest.fixture
+    async def stores(self) -> AsyncIterator[Stores]:
+        bus = MemoryBus()
+        yield bus.backend().registrations, bus.backend().registrations
+
+    @pytest.fixture
+    async def expiring_stores(self) -> AsyncIterator[Stores]:
+        pytest.skip("registrations kept in memory do not expire; only DELETE frees a slot")
+        yield  # pragma: no cover
 
 
 def test_from_url_picks_memory_and_refuses_unknown_schemes() -> None:

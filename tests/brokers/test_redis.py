@@ -9,7 +9,14 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from tests.brokers.conformance import BrokerConformance, Inbox, Node
+from tests.brokers.conformance import (
+    EXPIRING_TTL,
+    BrokerConformance,
+    Inbox,
+    Node,
+    RegistrationStoreConformance,
+    Stores,
+)
 from tests.redis_server import RedisServer
 from tests.utils import TIMEOUT
 from wsrelay.brokers import from_url
@@ -46,6 +53,25 @@ class TestRedisBroker(BrokerConformance):
         yield a, b
         await a[0].stop()
         await b[0].stop()
+
+
+async def two_stores(url: str, ttl: int) -> AsyncIterator[Stores]:
+    clients = [make_client(url), make_client(url)]  # two nodes, two connections
+    yield RedisRegistrations(clients[0], ttl), RedisRegistrations(clients[1], ttl)
+    for client in clients:
+        await client.aclose()
+
+
+class TestRedisRegistrations(RegistrationStoreConformance):
+    @pytest.fixture
+    async def stores(self, redis_server: RedisServer) -> AsyncIterator[Stores]:
+        async for stores in two_stores(redis_server.url, ttl=60):
+            yield stores
+
+    @pytest.fixture
+    async def expiring_stores(self, redis_server: RedisServer) -> AsyncIterator[Stores]:
+        async for stores in two_stores(redis_server.url, ttl=EXPIRING_TTL):
+            yield stores
 
 
 async def test_a_dropped_subscriber_connection_catches_up_without_gaps(
@@ -143,8 +169,8 @@ async def test_registrations_round_trip_and_expire(redis_server: RedisServer) ->
 async def test_attached_registrations_do_not_expire(redis_server: RedisServer) -> None:
     backend = from_url(redis_server.url, registration_ttl=1, history_size=10)
     await backend.broker.start(lambda p: None, "n")
-    reg = Client("kept", None, set())
-    await backend.registrations.add(reg)
+    reg = Client("kept", "u", set())
+    await backend.registrations.add(reg, 1)
     assert await backend.registrations.attached(reg)
     admin = aioredis.from_url(redis_server.url)
     # the refresher renews the 1 s TTL every third of a second; watch it for 2 s
@@ -152,9 +178,33 @@ async def test_attached_registrations_do_not_expire(redis_server: RedisServer) -
         ttl = await admin.pttl("wsrelay:reg:kept")
         assert ttl > 0, "an attached registration expired"
         await asyncio.sleep(0.1)
+    # ... and its place in its user's count with it
+    assert await backend.registrations.add(Client("other", "u", set()), 1) is False
     await backend.registrations.detached(reg)
     await admin.aclose()
     await backend.broker.stop()
+
+
+async def test_a_users_set_is_emptied_by_removes_and_expires_with_them(
+    redis_server: RedisServer,
+) -> None:
+    """The per-user index leaves nothing behind: removing takes the id out of its user's
+    set, and the set's own TTL covers its longest-lived member."""
+    client = make_client(redis_server.url)
+    store = RedisRegistrations(client, ttl=60)
+    admin = aioredis.from_url(redis_server.url)
+    await store.add(Client("r1", "u", set()), 10)
+    await store.add(Client("r2", "u", set()), 10)
+    await store.add(Client("anon", None, set()), 10)
+    assert await admin.zrange("wsrelay:user-regs:u", 0, -1) == [b"r1", b"r2"]
+    assert 59_000 < await admin.pttl("wsrelay:user-regs:u") <= 60_001
+    assert await admin.keys("wsrelay:user-regs:*") == [b"wsrelay:user-regs:u"]  # none for anon
+    await store.remove("r1")
+    assert await admin.zrange("wsrelay:user-regs:u", 0, -1) == [b"r2"]
+    await store.remove("r2")
+    assert await admin.exists("wsrelay:user-regs:u") == 0
+    await admin.aclose()
+    await client.aclose()
 
 
 async def test_store_calls_fail_clearly_when_redis_is_down(redis_server: RedisServer) -> None:

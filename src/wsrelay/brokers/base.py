@@ -11,7 +11,8 @@ made on *other* nodes for topics this node subscribed to. Local delivery is the
 node's own job, so a publication reaches local subscribers without a round trip.
 
 The store keeps registrations, so that a client may register on one node and
-connect to another, and survive a node's restart.
+connect to another, and survive a node's restart. It also counts each user's
+registrations, so that ``max_registrations_per_user`` holds across all nodes.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ class Broker(Protocol):
 class RegistrationStore(Protocol):
     """Where registrations live. Methods raise BrokerUnavailable when the engine is down."""
 
-    async def add(self, client: Client) -> None:
-        """Store a new registration."""
+    async def add(self, client: Client, limit: int = 0) -> bool:
+        """Store a new registration, unless its user already holds ``limit`` live ones
+        (0: no limit); False if refused. Check and insert are one atomic step, across
+        every node sharing the store; expired registrations do not count, nor does an
+        anonymous one (``client.user`` None) count or get refused."""
         ...
 
     async def get(self, client_id: str) -> Client | None:

@@ -71,16 +71,33 @@ class MemoryRegistrations:
 
     def __init__(self) -> None:
         self._clients: dict[str, tuple[str | None, frozenset[str]]] = {}
+        self._by_user: dict[str, set[str]] = {}  # user -> ids; anonymous ones are not here
 
-    async def add(self, client: Client) -> None:
+    async def add(self, client: Client, limit: int = 0) -> bool:
+        # No await between the check and the insert: atomic on the event loop.
+        if client.user is not None:
+            ids = self._by_user.setdefault(client.user, set())
+            if limit and len(ids) >= limit and client.id not in ids:
+                return False
+            ids.add(client.id)
         self._clients[client.id] = (client.user, frozenset(client.topics))
+        return True
 
     async def get(self, client_id: str) -> Client | None:
         stored = self._clients.get(client_id)
         return None if stored is None else Client(client_id, stored[0], set(stored[1]))
 
     async def remove(self, client_id: str) -> bool:
-        return self._clients.pop(client_id, None) is not None
+        stored = self._clients.pop(client_id, None)
+        if stored is None:
+            return False
+        user = stored[0]
+        if user is not None:
+            ids = self._by_user[user]
+            ids.discard(client_id)
+            if not ids:
+                del self._by_user[user]
+        return True
 
     async def save_topics(self, client: Client) -> None:
         if client.id in self._clients:

@@ -32,6 +32,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         408: "The body did not arrive within request_timeout.",
         413: "The body is larger than max_body_size.",
         426: "Not a WebSocket upgrade request.",
+        429: "The user already holds max_registrations_per_user registrations "
+        "(code too_many_registrations); delete one first.",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
         "unreachable (broker_unavailable); retry later.",
     }
@@ -105,6 +107,8 @@ def document(settings: Settings) -> dict[str, Any]:
     if settings.api_key:
         keyed = {"security": [{"apiKey": []}]}
         unauthorized = (401,)
+    # Registering (POST /register, or /ws?token=) may hit the per-user limit, if one is set.
+    limited: tuple[int, ...] = (429,) if settings.max_registrations_per_user else ()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -140,7 +144,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("RegisterRequest")},
                     "responses": {
                         "200": {"description": "Registered.", "content": _json("RegisterResponse")},
-                        **_errors(400, *unauthorized, 408, 413, 503),
+                        **_errors(400, *unauthorized, 408, 413, *limited, 503),
                     },
                 }
             },
@@ -251,7 +255,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     ],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},
-                        **_errors(400, 401, 403, 404, 426, 503),
+                        **_errors(400, 401, 403, 404, 426, *limited, 503),
                     },
                 }
             },
