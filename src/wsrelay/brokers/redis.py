@@ -227,6 +227,7 @@ class RedisBroker:
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         self._handler: PublicationHandler | None = None
         self._origin = ""
+        self._last_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -241,7 +242,10 @@ class RedisBroker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._connected.wait(), 5)
         if not self.healthy:
-            log.warning("broker down: Redis is unreachable; retrying in the background")
+            log.warning(
+                "broker down: Redis is unreachable (%s); retrying in the background",
+                self._last_error or "no answer yet",
+            )
 
     async def stop(self) -> None:
         if self._registrations is not None:
@@ -354,9 +358,16 @@ class RedisBroker:
             try:
                 await self._listen_once()
             except (RedisError, OSError) as exc:
+                # Say why (a wrong password or TLS setting must not look like an outage),
+                # once per distinct reason rather than on every retry.
+                reason = f"{type(exc).__name__}: {exc}"
                 if self.healthy:
-                    log.warning("broker down: lost the Redis connection (%s)", exc)
+                    log.warning("broker down: lost the Redis connection (%s)", reason)
                     failures = 0
+                elif reason != self._last_error and self._last_error is not None:
+                    log.warning("broker still down: %s", reason)
+                self._last_error = reason
+                await self._drop_idle_connections()
             except Exception:  # a bug must not silently end cross-node delivery
                 log.exception("broker listener failed; reconnecting")
             finally:
@@ -368,14 +379,32 @@ class RedisBroker:
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
 
+    async def _drop_idle_connections(self) -> None:
+        """Close the pool's idle connections. When Redis went away they all died with it,
+        and redis-py would only find out by failing the next command sent on each (a 503
+        for a publish made after Redis is back).
+
+        Under the pool's lock: otherwise a publish could take a connection from the pool
+        between the moment it is picked for closing and the moment it is closed, and fail
+        mid-write. (redis-py's pool takes the same lock to hand out a connection; the
+        attribute is private, so without it this falls back to no lock.)"""
+        pool = self._client.connection_pool
+        lock = getattr(pool, "_lock", None)
+        guard = lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext()
+        with contextlib.suppress(RedisError, OSError):
+            async with guard:
+                await pool.disconnect(inuse_connections=False)
+
     async def _listen_once(self) -> None:
         pubsub = self._pubsub = self._client.pubsub()
         # A channel of our own keeps the connection open while no topic is wanted.
         await pubsub.subscribe(f"wsrelay:node:{self._origin}", *map(_channel, self._topics))
         await self._catch_up(list(self._topics))
         if not self.healthy:
+            await self._drop_idle_connections()
             log.info("broker up: connected to Redis")
             self._connected.set()
+            self._last_error = None
         async for message in pubsub.listen():
             if message["type"] == "subscribe":
                 for confirmed in self._confirmations.get(message["channel"], ()):
