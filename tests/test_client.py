@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import random
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import msgspec
@@ -352,3 +354,17 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8 and min(delays) < ceiling * 0.2  # spread, not fixed
     assert dataclasses.replace(backoff, max_attempts=3).max_attempts == 3
+
+
+def test_the_client_does_not_load_the_server() -> None:
+    """Applications that only publish or subscribe need not import aiohttp's web server,
+    Prometheus or JWT code."""
+    code = (
+        "import sys, wsrelay.client; "
+        "print(sorted(m for m in sys.modules if m.startswith(('wsrelay.server', 'jwt', "
+        "'prometheus_client', 'aiohttp.web'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
