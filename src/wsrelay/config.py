@@ -44,8 +44,8 @@ class Settings:
     )
     registration_ttl: int = _setting(
         86400,
-        "Seconds a registration lives while no connection is open for it (Redis broker "
-        "only; in memory, registrations live until deleted).",
+        "Seconds a registration lives after it is made, or after its last connection "
+        "closed, while no connection is open for it.",
         metavar="SECONDS",
     )
     workers: int = _setting(

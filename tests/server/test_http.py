@@ -219,3 +219,25 @@ async def test_openapi_document_describes_every_route(api: Api) -> None:
     schemas = doc["components"]["schemas"]
     assert schemas["PublishRequest"]["required"] == ["topic", "message"]
     assert set(schemas["PublishRequest"]["properties"]) == {"topic", "message", "user_id"}
+
+
+async def test_in_memory_a_registration_expires_once_its_connection_is_gone(
+    start_server, session: aiohttp.ClientSession
+) -> None:
+    """Registrations nobody uses must not pile up: in memory too they expire
+    ``--registration-ttl`` seconds after they were made or their connection closed."""
+    api = Api(session, start_server("--registration-ttl", "1").url)
+    unused = await api.register(1)
+    sub = await api.connect(2, ["t"])
+
+    async def gone(client_id: str) -> None:
+        # GET without an upgrade: 426 while the registration exists, 404 once it expired
+        while (await api.call("GET", f"/ws/{client_id}"))[0] != 404:
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(gone(unused["id"]), TIMEOUT)
+    # the connected one outlived its TTL: connected registrations do not expire
+    assert await api.publish("t", "still here") == 1
+    assert await sub.message() == ("t", "still here")
+    await sub.close()
+    await asyncio.wait_for(gone(sub.id), TIMEOUT)

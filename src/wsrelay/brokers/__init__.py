@@ -35,7 +35,7 @@ def from_url(url: str, *, registration_ttl: float = 86400.0, history_size: int =
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryBus().backend()
+        return MemoryBus(registration_ttl).backend()
     if scheme in ("redis", "rediss"):
         from wsrelay.brokers.redis import redis_backend
 

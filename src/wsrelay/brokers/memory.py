@@ -5,11 +5,16 @@ which is what lets the broker conformance suite (and tests of multi-node logic)
 run without any external service. A backend made without a bus gets its own,
 so a single node does no work at all per publish.
 
-Registrations kept in memory do not expire; they end with ``DELETE`` or with
-the process.
+Registrations expire as they do in Redis: ``registration_ttl`` seconds after they
+were made or their last connection closed, and never while a connection is open.
 """
 
 from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable
 
 from wsrelay.brokers.base import Backend, PublicationHandler
 from wsrelay.core.fanout import Publication
@@ -19,9 +24,9 @@ from wsrelay.core.registry import Client
 class MemoryBus:
     """The shared medium of in-process brokers, and their shared registrations."""
 
-    def __init__(self) -> None:
+    def __init__(self, registration_ttl: float | None = None) -> None:
         self.members: list[MemoryBroker] = []
-        self.registrations = MemoryRegistrations()
+        self.registrations = MemoryRegistrations(registration_ttl)
 
     def backend(self) -> Backend:
         """A new node's view of this bus."""
@@ -62,52 +67,110 @@ class MemoryBroker:
                 handler(publication)
 
 
+class _Stored:
+    __slots__ = ("expires", "topics", "user")
+
+    def __init__(self, user: str | None, topics: frozenset[str], expires: float) -> None:
+        self.user = user
+        self.topics = topics
+        self.expires = expires
+        """When it expires (``clock`` time); infinite while a connection is attached."""
+
+
 class MemoryRegistrations:
     """A :class:`~wsrelay.brokers.base.RegistrationStore` in a dict.
 
     Like Redis, it keeps values, not the live :class:`Client` objects: each node
     loads its own copy, and topic changes are saved explicitly.
+
+    Expiry needs no timer: every call first removes what has expired, in deadline
+    order from a heap. A deadline that was moved (the client connected, or
+    disconnected again) leaves a stale heap entry behind, skipped when popped; the
+    heap is rebuilt when stale entries outnumber live ones, so its size stays
+    proportional to the number of registrations.
     """
 
-    def __init__(self) -> None:
-        self._clients: dict[str, tuple[str | None, frozenset[str]]] = {}
+    def __init__(
+        self, ttl: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._clients: dict[str, _Stored] = {}
         self._by_user: dict[str, set[str]] = {}  # user -> ids; anonymous ones are not here
+        self._deadlines: list[tuple[float, str]] = []
 
     async def add(self, client: Client, limit: int = 0) -> bool:
+        self._expire()
         # No await between the check and the insert: atomic on the event loop.
         if client.user is not None:
             ids = self._by_user.setdefault(client.user, set())
             if limit and len(ids) >= limit and client.id not in ids:
                 return False
             ids.add(client.id)
-        self._clients[client.id] = (client.user, frozenset(client.topics))
+        stored = _Stored(client.user, frozenset(client.topics), math.inf)
+        self._clients[client.id] = stored
+        self._start_countdown(client.id, stored)
         return True
 
     async def get(self, client_id: str) -> Client | None:
+        self._expire()
         stored = self._clients.get(client_id)
-        return None if stored is None else Client(client_id, stored[0], set(stored[1]))
+        return None if stored is None else Client(client_id, stored.user, set(stored.topics))
 
     async def remove(self, client_id: str) -> bool:
+        self._expire()
+        return self._remove(client_id)
+
+    async def save_topics(self, client: Client) -> None:
+        stored = self._clients.get(client.id)
+        if stored is not None:
+            stored.topics = frozenset(client.topics)
+
+    async def attached(self, client: Client) -> bool:
+        self._expire()
+        stored = self._clients.get(client.id)
+        if stored is None:
+            return False
+        stored.expires = math.inf
+        return True
+
+    async def detached(self, client: Client) -> None:
+        stored = self._clients.get(client.id)
+        if stored is not None:
+            self._start_countdown(client.id, stored)
+
+    async def count(self) -> int:
+        self._expire()
+        return len(self._clients)
+
+    # -- expiry ---------------------------------------------------------------------------
+
+    def _start_countdown(self, client_id: str, stored: _Stored) -> None:
+        if self._ttl is None:
+            return
+        stored.expires = self._clock() + self._ttl
+        heapq.heappush(self._deadlines, (stored.expires, client_id))
+        if len(self._deadlines) > 2 * len(self._clients) + 64:
+            self._deadlines = [
+                (s.expires, i) for i, s in self._clients.items() if s.expires != math.inf
+            ]
+            heapq.heapify(self._deadlines)
+
+    def _expire(self) -> None:
+        deadlines, now = self._deadlines, self._clock()
+        while deadlines and deadlines[0][0] <= now:
+            expires, client_id = heapq.heappop(deadlines)
+            stored = self._clients.get(client_id)
+            if stored is not None and stored.expires == expires:
+                self._remove(client_id)
+
+    def _remove(self, client_id: str) -> bool:
         stored = self._clients.pop(client_id, None)
         if stored is None:
             return False
-        user = stored[0]
-        if user is not None:
-            ids = self._by_user[user]
+        if stored.user is not None:
+            ids = self._by_user[stored.user]
             ids.discard(client_id)
             if not ids:
-                del self._by_user[user]
+                del self._by_user[stored.user]
         return True
-
-    async def save_topics(self, client: Client) -> None:
-        if client.id in self._clients:
-            self._clients[client.id] = (client.user, frozenset(client.topics))
-
-    async def attached(self, client: Client) -> bool:
-        return client.id in self._clients
-
-    async def detached(self, client: Client) -> None:
-        pass
-
-    async def count(self) -> int:
-        return len(self._clients)
