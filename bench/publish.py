@@ -131,8 +131,8 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_wrk(url: str, body_file: str, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
-    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds:g}s"]
+def run_wrk(url: str, body_file: str, args: argparse.Namespace, seconds: int) -> dict[str, Any]:
+    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s"]
     argv += ["--timeout", "10s", "-s", os.path.join(BENCH_DIR, "publish.lua"), url]
     cpus = args.client_cpus
     proc = subprocess.run(
@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=0, help="also run wsrelay's /publish/batch, K each")
     p.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of measured publishing")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured wrk first")
+    p.add_argument("--duration", type=int, default=10, help="whole seconds of measured publishing")
+    p.add_argument("--warmup", type=int, default=2, help="whole seconds of unmeasured wrk first")
     p.add_argument("--size", type=int, default=100, help="message text size in bytes")
     p.add_argument("--repeat", type=int, default=1, help="runs per target, alternating; medians")
     p.add_argument("--pin", action="store_true", help="server on CPU 0, wrk + subscriber others")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         modes.append(Mode(f"wsrelay batch {args.batch}", "wsrelay", args.batch))
     print(
         f"bench: {args.connections} connections POST one {args.size} B message "
-        f"(/publish/batch: {args.batch} per request) for {args.duration:g} s; "
+        f"(/publish/batch: {args.batch} per request) for {args.duration} s; "
         f"{', '.join(m.label for m in modes)}; {args.repeat} run(s) each; repo {REPO_ROOT}",
         file=sys.stderr,
     )
