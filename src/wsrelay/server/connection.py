@@ -129,8 +129,10 @@ class Connection(Outbox):
         return True
 
     def flush(self) -> None:
-        size = self._pending
-        first, frames = self.take_raw()
+        # Outbox.take_raw() inlined: this runs once per connection per publication.
+        first, frames, size = self._first, self._frames, self._pending
+        self._first = self._frames = None
+        self._pending = 0
         transport = self._transport
         if first is None or self.closing or transport.is_closing():
             return
