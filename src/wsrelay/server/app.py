@@ -8,6 +8,7 @@ an existing aiohttp app. :func:`serve` runs one until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -115,6 +116,11 @@ async def serve(
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
         await site.start()
+        # Everything alive now (modules, the app, the relay) lives as long as the process:
+        # keep it out of the cyclic collector, so that full collections, which pause
+        # every connection, only walk what connections created (Instagram's gc.freeze).
+        gc.collect()
+        gc.freeze()
         urls = [f"http://{_format_host(host)}:{port}" for host, port, *_ in runner.addresses]
         if on_listening is not None:
             on_listening(urls)
