@@ -67,6 +67,14 @@ async def test_metrics_count_what_happened_without_client_ids(start_server, sess
     assert value(after, hist, method="DELETE", route="/register/{client_id}", status="404") == 1
     assert sub.id not in text and other.id not in text and sub.id[:8] not in text
 
+    # probing random paths adds no series: they share one "unmatched" route label
+    for i in range(20):
+        await api.call("GET", f"/no/such/path/{i}")
+    _, probed = await scrape(session, server)
+    series = [k for k in probed if k[0] == hist]
+    assert value(probed, hist, method="GET", route="unmatched", status="404") == 20
+    assert len(series) == len([k for k in after if k[0] == hist]) + 1
+
 
 async def test_ready_answers_200_while_the_node_accepts_publishes(api: Api) -> None:
     assert await api.call("GET", "/ready") == (200, {"status": "ready"})

@@ -13,7 +13,9 @@ state instead of being kept up to date on every change.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -24,7 +26,6 @@ from prometheus_client.registry import Collector
 from wsrelay.errors import BrokerUnavailable
 from wsrelay.server.connection import ConnectionStats
 from wsrelay.server.keys import CONNECTIONS, RELAY
-from wsrelay.server.logs import route_of
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The Prometheus text exposition format, which every Prometheus version scrapes."""
@@ -64,8 +65,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._latency_series: dict[tuple[str, str, int], Any] = {}
         self._live = _LiveCollector(app, self.stats)
         r.register(self._live)
+
+    def request_latency(self, method: str, route: str, status: int) -> Any:
+        """The histogram series for one (method, route, status). Cached: prometheus-client's
+        ``labels()`` takes a lock and builds strings on every call, once per request."""
+        key = (method, route, status)
+        series = self._latency_series.get(key)
+        if series is None:
+            series = self._latency_series[key] = self.requests.labels(method, route, str(status))
+        return series
 
     async def render(self) -> bytes:
         """The text exposition, after refreshing what must be awaited."""
@@ -141,8 +152,7 @@ async def metrics(request: web.Request) -> web.Response:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time each HTTP request into the latency histogram, labelled by route template."""
-    loop_time = request.loop.time
-    start = loop_time()
+    start = time.perf_counter()
     status = 500
     try:
         response = await handler(request)
@@ -153,6 +163,24 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         if status != 101:  # a WebSocket session's length is not a latency
-            request.app[METRICS].requests.labels(
-                request.method, route_of(request), str(status)
-            ).observe(loop_time() - start)
+            series = request.app[METRICS].request_latency(
+                _method_label(request.method), _route_label(request), status
+            )
+            series.observe(time.perf_counter() - start)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
+def _route_label(request: web.Request) -> str:
+    """The route template; every request that matched no route shares one label, so
+    that clients probing random paths cannot create series (and memory) without end."""
+    info = request.match_info
+    resource = info.route.resource if info is not None else None
+    if resource is not None and info.http_exception is None:
+        return resource.canonical
+    return "unmatched"
