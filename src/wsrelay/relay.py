@@ -11,7 +11,6 @@ effects (the framer, the connections' sinks) are passed in.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -215,11 +214,9 @@ class Relay:
             except InvalidTopic as exc:
                 raise InvalidTopic(f"messages[{index}]: {exc.message}") from None
             publications.append(Publication(topic, message, user_key(user_id)))
-        outcomes = await asyncio.gather(
-            *(self.broker.publish(p) for p in publications), return_exceptions=True
-        )
+        outcomes = await self.broker.publish_many(publications)
         recipients = []
-        failed: BaseException | None = None
+        failed: Exception | None = None
         for publication, outcome in zip(publications, outcomes, strict=True):
             if outcome is None:
                 self.published += 1

@@ -103,6 +103,19 @@ class BrokerConformance:
         await inbox.wait_for(200)
         assert [p.message for p in inbox.items] == [str(i) for i in range(200)]
 
+    async def test_publish_many_arrives_in_order_and_reports_each(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("x")
+        await b.subscribe("y")
+        batch = [Publication("xy"[i % 2], str(i), "u" if i % 3 else None) for i in range(200)]
+        assert await a.publish_many(batch) == [None] * 200
+        got = await inbox.wait_for(200)
+        assert [(p.topic, p.message, p.user) for p in got] == [
+            (p.topic, p.message, p.user) for p in batch
+        ]
+
     async def test_stop_is_idempotent_and_silences_the_node(self, nodes: tuple[Node, Node]) -> None:
         (a, inbox_a), (b, inbox_b) = nodes
         await a.subscribe("t")

@@ -17,7 +17,7 @@ registrations, so that ``max_registrations_per_user`` holds across all nodes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +58,14 @@ class Broker(Protocol):
         Raises:
             wsrelay.errors.BrokerUnavailable: it could not be handed over; the
                 caller must not report the publish as accepted.
+        """
+        ...
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
+        """Send several publications at once, in order, as ``publish`` would one by one.
+
+        Returns each one's outcome: None if it was handed over, else the error (a
+        :class:`~wsrelay.errors.BrokerUnavailable`) that kept it back.
         """
         ...
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from wsrelay.brokers.base import Backend, PublicationHandler
 from wsrelay.core.fanout import Publication
@@ -65,6 +65,17 @@ class MemoryBroker:
             handler = member._handler
             if member is not self and handler is not None and publication.topic in member.topics:
                 handler(publication)
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for publication in publications:
+            try:
+                await self.publish(publication)
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        return outcomes
 
 
 class _Stored:

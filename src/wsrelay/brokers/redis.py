@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -303,6 +303,15 @@ class RedisBroker:
     async def publish(self, publication: Publication) -> None:
         """Publishes made while a batch is on its way to Redis wait and go together in
         the next one: one round trip for many publishes (Centrifugo's smart batching)."""
+        await self._enqueue(publication)
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
+        """All of them in the next batch, in order; waiting on futures, not one task each."""
+        waiting = [self._enqueue(p) for p in publications]
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        return [o if isinstance(o, Exception) else None for o in outcomes]
+
+    def _enqueue(self, publication: Publication) -> asyncio.Future[None]:
         data = _encode(_Data(self._origin, publication.user, publication.message))
         args = (
             *_keys(publication.topic),
@@ -316,7 +325,7 @@ class RedisBroker:
         self._batch.append((args, done))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_batches(), name="wsrelay-redis-pub")
-        await done
+        return done
 
     async def _send_batches(self) -> None:
         while self._batch:
