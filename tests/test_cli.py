@@ -300,3 +300,38 @@ def test_sub_reconnects_by_itself_and_cleans_up_on_sigterm(start_server, topic: 
     # SIGTERM deleted the registration.
     stats = run("stats", "--once", "--url", second.url).stdout
     assert re.search(r"^registrations +0$", stats, flags=re.MULTILINE), stats
+
+
+def test_serve_raises_its_open_files_limit_and_warns_when_it_is_too_low() -> None:
+    """Started with a soft limit of 256 (many systems start processes at 1024), the server
+    raises it to the hard limit; where even that is too low for --max-connections it says so."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-files limit here is {hard}")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsrelay", "serve", "--port", "0", "--max-connections", "10000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=low_soft_limit,
+    )
+    assert process.stdout is not None
+    try:
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("wsrelay listening on "):
+                break
+        soft, _ = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+        assert soft == hard if hard != resource.RLIM_INFINITY else soft > 256
+        assert any("open-files limit" in line for line in output), output
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+        process.stdout.close()

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -120,9 +121,20 @@ def _serve(args: argparse.Namespace) -> int:
 def _run_server(settings: Settings) -> None:
     """One relay process, until SIGINT or SIGTERM."""
     from wsrelay.server.app import serve
+    from wsrelay.server.limits import connections_allowed_by, raise_open_files_limit
     from wsrelay.server.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    open_files, _ = raise_open_files_limit()
+    room = connections_allowed_by(open_files)
+    if open_files and settings.max_connections > room:
+        logging.getLogger("wsrelay").warning(
+            "max_connections is %d but the open-files limit (%d) leaves room for about %d "
+            "connections: raise it (docs/deployment.md) or lower --max-connections",
+            settings.max_connections,
+            open_files,
+            room,
+        )
 
     def listening(urls: list[str]) -> None:
         for url in urls:
