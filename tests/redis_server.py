@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.utils import TIMEOUT
+from tests.utils import TIMEOUT, free_port
 
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_REDIS") == "1"
 
@@ -96,13 +96,6 @@ class TlsFiles:
             key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         )
         return files
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class RedisServer:

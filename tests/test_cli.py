@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from typing import IO
 
 import pytest
 
-from tests.utils import TIMEOUT, Api, ServerProcess
+from tests.utils import TIMEOUT, Api, ServerProcess, free_port
 from wsrelay.cli import main
 from wsrelay.config import Settings, env_name
 
@@ -136,13 +135,6 @@ def test_pub_reports_server_errors_and_unreachable_servers(server: ServerProcess
 
 
 # -- pub / sub / stats on the client library -------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Lines:

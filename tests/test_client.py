@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import pytest
 import websockets
 
 from tests.redis_server import RedisServer
-from tests.utils import TIMEOUT, ServerProcess
+from tests.utils import TIMEOUT, ServerProcess, free_port
 from wsrelay.client import (
     MAX_BATCH,
     Backoff,
@@ -41,13 +40,6 @@ from wsrelay.client import (
 Start = Callable[..., ServerProcess]
 FAST = Backoff(initial=0.05, maximum=0.5)
 """Short reconnect delays, so that tests wait for the server rather than the backoff."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Events:

@@ -154,7 +154,7 @@ async def test_workers_share_one_port_and_act_as_one_relay(
 ) -> None:
     """`--workers 2`: two processes on one port; every subscriber gets every message,
     whichever process accepted its connection or the publish."""
-    from tests.redis_server import free_port
+    from tests.utils import free_port
 
     port = free_port()
     server = start_server("--broker", redis_server.url, "--workers", "2", "--port", str(port))

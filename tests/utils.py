@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,15 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 TIMEOUT = 5.0 * float(os.environ.get("WSRELAY_TESTS_TIMEOUT_FACTOR", "1"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers that must be
+    restarted on the same port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass

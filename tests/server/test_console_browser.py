@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
-from tests.utils import TIMEOUT, Api, ServerProcess
+from tests.utils import TIMEOUT, Api, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -78,13 +77,6 @@ async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterato
         await page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
         await context.close()
     assert problems == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def subscribe_in_page(page: Page, *topics: str) -> None:

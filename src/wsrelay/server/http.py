@@ -33,6 +33,7 @@ from wsrelay.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
+from wsrelay.relay import Relay
 from wsrelay.server.keys import RELAY, SETTINGS
 from wsrelay.server.metrics import METRICS
 
@@ -72,12 +73,17 @@ async def read_json(request: web.Request, into: type[T]) -> T:
     return decode(body, into)
 
 
+async def _count_registrations(relay: Relay) -> int | None:
+    """All registrations, or None when the store cannot count them or is unreachable."""
+    try:
+        return await relay.registrations.count()
+    except BrokerUnavailable:
+        return None
+
+
 async def health(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    try:
-        registrations = await relay.registrations.count()
-    except BrokerUnavailable:
-        registrations = None
+    registrations = await _count_registrations(relay)
     return json_response(
         HealthResponse(
             status="ok",
@@ -129,10 +135,7 @@ async def publish_batch(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    try:
-        registrations = await relay.registrations.count()
-    except BrokerUnavailable:
-        registrations = None
+    registrations = await _count_registrations(relay)
     return json_response(
         StatsResponse(
             node=relay.node_id,
