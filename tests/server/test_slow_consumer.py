@@ -20,9 +20,9 @@ from tests.utils import TIMEOUT, Api, ServerProcess
 from wsrelay import codes
 
 SUBSCRIBERS = 1000  # one of them stalls
-SIZE = 4096  # bytes per message text
-OUTBOX_LIMIT = "16KiB"
-PAIRS = 5  # phases with a stalled reader, each followed by one as long without it
+SIZE = 512  # bytes per message text
+OUTBOX_LIMIT = "32KiB"
+PAIRS = 4  # phases with a stalled reader, each followed by one as long without it
 MAX_PHASE = 1000  # a stalled reader not dropped after this many messages fails the test
 WARMUP = 20  # unmeasured messages first
 RATIO = 1.2  # the issue: p99 with the stalled reader at most 20% worse than without ...
@@ -169,7 +169,7 @@ async def connect_stalled(server: ServerProcess, client_id: str) -> RawWebSocket
 
     Its receive buffer is tiny and its MSS is 536 bytes: the server's kernel sizes the send
     buffer of a connection from its MSS (about 2.6 MB at loopback's 64 KiB MSS, some 100 KB
-    at 536), so its outbox overflows after about 25 messages of 4 KiB instead of about 650.
+    at 536), so its outbox overflows after a few hundred messages of 512 B, not thousands.
     """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -240,6 +240,7 @@ async def stalled_outcome(ws: RawWebSocket, first_seq: int) -> int | None:
         expected += 1
 
 
+@pytest.mark.timeout(300)  # 40-65 s on a quiet 2-core machine; more under load
 async def test_a_stalled_reader_is_dropped_and_the_others_do_not_notice(
     start_server, session: aiohttp.ClientSession, topic: str
 ) -> None:
@@ -247,20 +248,24 @@ async def test_a_stalled_reader_is_dropped_and_the_others_do_not_notice(
     time, each waited for until all readers have it (no sleeps).
 
     The stalled reader must be disconnected with 4008 (slow consumer) or dropped once its
-    outbox (16 KiB here) overflows; every other subscriber must get every message, in order;
+    outbox (32 KiB here) overflows; every other subscriber must get every message, in order;
     and their p99 delivery latency with the stalled reader present must be at most 20% worse
     than without it.
 
     How latency is compared: a stalled reader connects, messages go out until the one that
-    overflows its outbox (about 25 messages: a phase *with* it), then as many again (a
+    overflows its outbox (a few hundred messages: a phase *with* it), then as many again (a
     phase *without* it); ``PAIRS`` times, each with a fresh stalled reader, on the same
     server and the same 999 readers. Each pair's p99 difference is taken, and the median
     difference over the pairs must stay within 20% of the median p99 without, or within
     ``SLACK_MS``, whichever is larger. Pairing adjacent phases cancels drift; the median
     over pairs drops the one a burst of other work on this 2-core shared machine landed
     in; and the few-ms floor covers scheduler noise when p99 itself is only a few
-    times that. A relay that waited for the stalled socket, or slowed every write while
-    its buffers were full, would be off by far more, or fail the delivery waits outright.
+    times that. Phases are long on purpose: one message that is late for a reason of its own
+    (the stalled reader's handshake, or its close) holds well under 1% of a phase's
+    deliveries, so it cannot move p99 by itself; with 25-message phases it did, and the
+    test failed one run in a few on a quiet machine. A relay that waited for the stalled
+    socket, or slowed every write while its buffers were full, would be off by far more, or
+    fail the delivery waits outright.
     """
     raise_open_files_limit(SUBSCRIBERS + 200)
     server = start_server("--outbox-limit", OUTBOX_LIMIT, "--ping-interval", "0")
