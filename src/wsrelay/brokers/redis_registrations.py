@@ -1,0 +1,201 @@
+"""Registrations in Redis, shared by every node (``--broker redis://``).
+
+``wsrelay:reg:<id>`` holds ``[user, [topics]]`` with a TTL of
+``registration_ttl`` seconds, refreshed while a connection is attached on some
+node (every third of the TTL), so a registration outlives node restarts and
+expires only when nobody uses it.
+
+``wsrelay:user-regs:<user>`` counts a user's registrations for
+``max_registrations_per_user``: a sorted set of their ids, each scored by the
+time its key expires (Redis's clock, in milliseconds; a millisecond late, never
+early). Every change to a key's TTL sets its score in the same Lua script, so
+the two agree; adding prunes the scores already past, then counts and inserts,
+atomically across nodes, so an expired registration never counts and two nodes
+cannot both take the last slot. The set itself expires with its longest-lived
+member. Anonymous registrations have no set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from wsrelay.brokers.redis_client import unavailable
+from wsrelay.core.registry import Client
+from wsrelay.errors import BrokerUnavailable
+
+log = logging.getLogger("wsrelay.redis")
+
+_encode = msgspec.json.Encoder().encode
+
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+# A score is read from the clock *after* the key's TTL was set, plus 1 ms, so it is never
+# earlier than the moment the key expires: a pruned id is always a dead registration.
+
+ADD_REGISTRATION_SCRIPT = (
+    _NOW_MS
+    + """
+-- KEYS[1] the registration, KEYS[2] its user's set (absent if anonymous)
+-- ARGV[1] value, ARGV[2] TTL in seconds, ARGV[3] limit (0: none), ARGV[4] the id
+local ttl = tonumber(ARGV[2])
+if KEYS[2] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms())
+  local limit = tonumber(ARGV[3])
+  if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], now_ms() + ttl * 1000 + 1, ARGV[4])
+  if redis.call('PTTL', KEYS[2]) < ttl * 1000 + 1 then
+    redis.call('PEXPIRE', KEYS[2], ttl * 1000 + 1)
+  end
+end
+return 1
+"""
+)
+
+TOUCH_REGISTRATION_SCRIPT = (
+    _NOW_MS
+    + """
+-- KEYS[1] the registration, KEYS[2] its user's set (absent if anonymous)
+-- ARGV[1] TTL in seconds, ARGV[2] the id. Returns 0 if the registration is gone.
+local ttl = tonumber(ARGV[1])
+if redis.call('EXPIRE', KEYS[1], ttl) == 0 then
+  if KEYS[2] then
+    redis.call('ZREM', KEYS[2], ARGV[2])
+  end
+  return 0
+end
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], now_ms() + ttl * 1000 + 1, ARGV[2])
+  if redis.call('PTTL', KEYS[2]) < ttl * 1000 + 1 then
+    redis.call('PEXPIRE', KEYS[2], ttl * 1000 + 1)
+  end
+end
+return 1
+"""
+)
+
+REMOVE_REGISTRATION_SCRIPT = """
+-- KEYS[1] the registration, KEYS[2] its user's set (absent if anonymous); ARGV[1] the id
+local removed = redis.call('DEL', KEYS[1])
+if KEYS[2] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return removed
+"""
+
+
+class RedisRegistrations:
+    """A :class:`~wsrelay.brokers.base.RegistrationStore` in Redis keys with a TTL."""
+
+    def __init__(self, client: aioredis.Redis, ttl: int) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._attached: dict[str, str | None] = {}  # id -> user, of clients attached here
+        self._refresher: asyncio.Task[None] | None = None
+        # register_script: EVALSHA, loading the script again if Redis lost it
+        self._add_script = client.register_script(ADD_REGISTRATION_SCRIPT)
+        self._touch_script = client.register_script(TOUCH_REGISTRATION_SCRIPT)
+        self._remove_script = client.register_script(REMOVE_REGISTRATION_SCRIPT)
+
+    def start(self) -> None:
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="wsrelay-reg-ttl")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+
+    @staticmethod
+    def _key(client_id: str) -> str:
+        return f"wsrelay:reg:{client_id}"
+
+    @classmethod
+    def _keys(cls, client_id: str, user: str | None) -> list[str]:
+        """The registration's key, and its user's set unless it is anonymous."""
+        key = cls._key(client_id)
+        return [key] if user is None else [key, f"wsrelay:user-regs:{user}"]
+
+    @staticmethod
+    def _value(client: Client) -> bytes:
+        return _encode([client.user, sorted(client.topics)])
+
+    async def add(self, client: Client, limit: int = 0) -> bool:
+        keys = self._keys(client.id, client.user)
+        args: list[bytes | int | str] = [self._value(client), self._ttl, limit, client.id]
+        return bool(await self._run(self._add_script(keys, args)))
+
+    async def get(self, client_id: str) -> Client | None:
+        raw = await self._run(self._client.get(self._key(client_id)))
+        if raw is None:
+            return None
+        user, topics = msgspec.json.decode(raw, type=tuple[str | None, list[str]])
+        return Client(client_id, user, set(topics))
+
+    async def remove(self, client_id: str) -> bool:
+        self._attached.pop(client_id, None)
+        stored = await self.get(client_id)  # its user names the set to take it out of
+        if stored is None:
+            return False
+        keys = self._keys(client_id, stored.user)
+        return bool(await self._run(self._remove_script(keys, [client_id])))
+
+    async def save_topics(self, client: Client) -> None:
+        await self._run(
+            self._client.set(self._key(client.id), self._value(client), xx=True, keepttl=True)
+        )
+
+    async def attached(self, client: Client) -> bool:
+        exists = bool(await self._run(self._touch(client.id, client.user)))
+        if exists:
+            self._attached[client.id] = client.user
+        return exists
+
+    async def detached(self, client: Client) -> None:
+        self._attached.pop(client.id, None)
+        with contextlib.suppress(BrokerUnavailable):  # the TTL runs on regardless
+            await self._run(self._touch(client.id, client.user))
+
+    def _touch(self, client_id: str, user: str | None, pipe: Any = None) -> Any:
+        """Restart the registration's TTL and its score in its user's set together."""
+        return self._touch_script(self._keys(client_id, user), [self._ttl, client_id], pipe)
+
+    async def count(self) -> int | None:
+        return None  # counting keys would need a SCAN of the keyspace
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self._ttl / 3, 0.1))
+            attached = list(self._attached.items())
+            if not attached:
+                continue
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for client_id, user in attached:
+                        await self._touch(client_id, user, pipe)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.debug("could not refresh registration TTLs: %s", exc)
+
+    @staticmethod
+    async def _run(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from None
