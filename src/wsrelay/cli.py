@@ -2,30 +2,24 @@
 
 A thin ``main(argv)`` over the public API; every option of ``serve`` comes from
 :class:`wsrelay.config.Settings`, so ``--help`` always lists them all with
-their defaults and environment variables. ``pub``, ``sub`` and ``stats`` are
-built on :mod:`wsrelay.client`.
+their defaults and environment variables. ``pub``, ``sub`` and ``stats`` live
+in :mod:`wsrelay.cli_client`, built on :mod:`wsrelay.client`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import msgspec
-
 from wsrelay import __version__
+from wsrelay.cli_client import add_client_commands
 from wsrelay.config import Settings, env_name, parse_value
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wsrelay {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_serve(commands)
-    _add_pub(commands)
-    _add_sub(commands)
-    _add_stats(commands)
+    add_client_commands(commands)
     return parser
 
 
@@ -176,321 +168,3 @@ def _install_uvloop() -> None:
     except ImportError:  # optional on platforms without it
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-# -- pub / sub / stats: clients of a running relay, built on wsrelay.client ------------------
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults (except empty ones: those options say what happens without them)
-    and keeps the line breaks of multi-line texts (the examples)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, "") or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-def _client_parser(commands: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        name, formatter_class=_HelpFormatter, **kw
-    )
-    parser.add_argument(
-        "--url",
-        default=None,
-        help=f"the relay's base URL [env: WSRELAY_URL] (default: {DEFAULT_URL})",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=None,
-        metavar="KEY",
-        help="sent as 'Authorization: Bearer KEY' [env: WSRELAY_API_KEY, whose first "
-        "comma-separated key is used] (default: none)",
-    )
-    return parser
-
-
-def _add_pub(commands: Any) -> None:
-    pub = _client_parser(
-        commands,
-        "pub",
-        help="publish a message, or one per line of stdin",
-        description="Publish MESSAGE to TOPIC and print how many connections it reached; "
-        "with --stdin, publish each line of the standard input as one message, in order, "
-        "in batches of up to 1000.",
-        epilog='example: wsrelay pub cats "are these cats?" --user-id 42\n'
-        "         seq 10000 | wsrelay pub cats --stdin",
-    )
-    pub.add_argument("topic", metavar="TOPIC")
-    pub.add_argument("message", metavar="MESSAGE", nargs="?", help="the message text")
-    pub.add_argument(
-        "--stdin", action="store_true", help="publish each line of stdin instead of MESSAGE"
-    )
-    pub.add_argument("--user-id", default=None, help="deliver only to this user's clients")
-    pub.set_defaults(run=lambda args: _run_client(_pub, args))
-
-
-def _add_sub(commands: Any) -> None:
-    sub = _client_parser(
-        commands,
-        "sub",
-        help="subscribe and print messages",
-        description="Register, connect and print each message published to TOPIC... "
-        "until interrupted; reconnects by itself (notices go to stderr), and deletes the "
-        "registration on exit.",
-        epilog="example: wsrelay sub cats dogs --json\n"
-        "         wsrelay sub cats --user-id 42 --url http://relay.internal:8000",
-    )
-    sub.add_argument("topics", metavar="TOPIC", nargs="+")
-    sub.add_argument(
-        "--json",
-        action="store_true",
-        help='print one JSON object per line: {"type":"message","topic":…,"message":…}',
-    )
-    sub.add_argument("--user-id", default=None, help="subscribe as this user")
-    sub.set_defaults(run=lambda args: _run_client(_sub, args))
-
-
-def _add_stats(commands: Any) -> None:
-    stats = _client_parser(
-        commands,
-        "stats",
-        help="show a node's live counters and busiest topics",
-        description="Show GET /stats (with publishes/s and deliveries/s) and the busiest "
-        "topics from GET /topics, refreshed every --interval seconds until interrupted.",
-        epilog="example: wsrelay stats --interval 2\n         wsrelay stats --once --top 5",
-    )
-    stats.add_argument(
-        "--interval",
-        type=_positive_float,
-        default=1.0,
-        metavar="S",
-        help="seconds between refreshes",
-    )
-    stats.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    stats.add_argument("--top", type=int, default=10, metavar="N", help="topics to list")
-    stats.add_argument("--prefix", default="", help="list only topics starting with this")
-    stats.set_defaults(run=lambda args: _run_client(_stats, args))
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {raw!r}")
-    return value
-
-
-def _user_id(raw: str | None) -> int | str | None:
-    if raw is None:
-        return None
-    return int(raw) if raw.lstrip("-").isdigit() else raw
-
-
-def _run_client(command: Any, args: argparse.Namespace) -> int:
-    """Run an async client command; a RelayError becomes a one-line message and 1,
-    SIGTERM cancels the command like Ctrl-C does, so it cleans up (exit 143)."""
-    from wsrelay.client import Relay, RelayError
-
-    url = args.url or os.environ.get("WSRELAY_URL") or DEFAULT_URL
-    key = args.api_key or os.environ.get("WSRELAY_API_KEY", "").split(",")[0].strip() or None
-    name = command.__name__.lstrip("_")
-
-    async def run() -> int:
-        import signal
-
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        terminated: list[bool] = []
-
-        def terminate() -> None:
-            terminated.append(True)
-            task.cancel()
-
-        with contextlib.suppress(NotImplementedError):  # not on Windows
-            loop.add_signal_handler(signal.SIGTERM, terminate)
-        try:
-            async with Relay(url, api_key=key) as relay:
-                return int(await command(relay, args))
-        except RelayError as exc:
-            return _fail(name, str(exc))
-        except asyncio.CancelledError:
-            if terminated:
-                return 143
-            raise
-
-    try:
-        return asyncio.run(run())
-    except BrokenPipeError:  # e.g. `wsrelay sub cats | head -3`
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-
-
-async def _pub(relay: Any, args: argparse.Namespace) -> int:
-    user_id = _user_id(args.user_id)
-    if args.stdin == (args.message is not None):
-        return _fail("pub", "give either MESSAGE or --stdin", status=2)
-    if not args.stdin:
-        recipients = await relay.publish(args.topic, args.message, user_id=user_id)
-        print(f"delivered to {recipients} connection(s)")
-        return 0
-    published = delivered = batches = 0
-    async for lines in _stdin_batches():
-        counts = await relay.publish_many([(args.topic, line, user_id) for line in lines])
-        published += len(counts)
-        delivered += sum(counts)
-        batches += 1
-    print(
-        f"published {published} message(s) in {batches} batch(es); "
-        f"delivered to {delivered} connection(s) in total"
-    )
-    return 0
-
-
-async def _stdin_batches(limit: int = 1000, ahead: int = 10_000) -> AsyncIterator[list[str]]:
-    """The lines of stdin (without their line ends), in batches of what has already
-    arrived, up to ``limit`` each: a pipe's lines go out as they come, a file's in full
-    batches. A thread reads at most ``ahead`` lines ahead of what was sent."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-    room = threading.Semaphore(ahead)
-
-    def read() -> None:
-        for raw in sys.stdin.buffer:
-            room.acquire()
-            line = raw.decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")
-            loop.call_soon_threadsafe(queue.put_nowait, line)
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    threading.Thread(target=read, name="wsrelay-stdin", daemon=True).start()
-    done = False
-    while not done:
-        first = await queue.get()
-        if first is None:
-            break
-        batch = [first]
-        while len(batch) < limit and not queue.empty():
-            line = queue.get_nowait()
-            if line is None:
-                done = True
-                break
-            batch.append(line)
-        yield batch
-        room.release(len(batch))
-
-
-async def _sub(relay: Any, args: argparse.Namespace) -> int:
-    from wsrelay.client import Reconnecting, Subscribed
-
-    topics = ", ".join(args.topics)
-
-    def notice(event: Any) -> None:
-        if isinstance(event, Reconnecting) and event.attempt == 1:
-            why = "no close frame" if event.close_code is None else f"close {event.close_code}"
-            _note(f"connection lost ({why}: {event.reason}); reconnecting in {event.delay:.1f} s")
-        elif isinstance(event, Reconnecting):
-            _note(
-                f"reconnect attempt {event.attempt - 1} failed ({event.reason}); "
-                f"retrying in {event.delay:.1f} s"
-            )
-        elif isinstance(event, Subscribed) and event.reconnects:
-            anew = " (registered anew)" if event.registered else ""
-            _note(f"reconnected{anew}; subscribed to {topics}")
-
-    encode = msgspec.json.Encoder().encode
-    prefixed = len(args.topics) > 1
-    subscription = relay.subscribe(*args.topics, user_id=_user_id(args.user_id), on_event=notice)
-    async with subscription:
-        print(f"subscribed to {topics}; waiting for messages", file=sys.stderr, flush=True)
-        async for m in subscription:
-            if args.json:
-                line = encode({"type": "message", "topic": m.topic, "message": m.message})
-                print(line.decode(), flush=True)
-            else:
-                print(f"[{m.topic}] {m.message}" if prefixed else m.message, flush=True)
-    return _fail("sub", "the subscription ended")  # only by an exception, in practice
-
-
-def _note(text: str) -> None:
-    print(f"wsrelay sub: {text}", file=sys.stderr, flush=True)
-
-
-async def _stats(relay: Any, args: argparse.Namespace) -> int:
-    from wsrelay.client import RelayError
-
-    tty = sys.stdout.isatty()
-    previous: tuple[float, Any] | None = None
-    while True:
-        now = time.monotonic()
-        try:
-            stats = await relay.stats()
-            topics = await relay.topics(args.prefix, max(1, min(args.top, 1000)))
-        except RelayError as exc:
-            if previous is None:
-                raise
-            print(f"wsrelay stats: {exc}; retrying", file=sys.stderr, flush=True)
-        else:
-            rates = None
-            if previous is not None and stats.uptime >= previous[1].uptime:  # not restarted
-                elapsed = max(now - previous[0], 1e-9)
-                rates = (
-                    (stats.publishes - previous[1].publishes) / elapsed,
-                    (stats.deliveries - previous[1].deliveries) / elapsed,
-                )
-            text = _stats_text(relay.url, stats, topics, rates, args.top)
-            if args.once:
-                print(text)
-                return 0
-            print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"), flush=True)
-            previous = (now, stats)
-        await asyncio.sleep(args.interval)
-
-
-def _stats_text(
-    url: str, stats: Any, topics: Any, rates: tuple[float, float] | None, top: int
-) -> str:
-    def rate(index: int) -> str:
-        return f"  ({rates[index]:,.1f}/s)" if rates is not None else ""
-
-    registrations = "?" if stats.registrations is None else f"{stats.registrations:,}"
-    lines = [
-        f"{url}  node {stats.node}  version {stats.version}  "
-        f"up {_duration(stats.uptime)}  broker {stats.broker}",
-        f"connections     {stats.connections:>12,}",
-        f"registrations   {registrations:>12}",
-        f"topics          {stats.topics:>12,}",
-        f"publishes       {stats.publishes:>12,}{rate(0)}",
-        f"deliveries      {stats.deliveries:>12,}{rate(1)}",
-        f"slow consumers  {stats.slow_consumers:>12,}",
-    ]
-    if top > 0:
-        shown = topics.topics[:top]
-        lines.append(f"top topics ({len(shown)} of {topics.total}), by subscribers:")
-        lines += [f"  {t.subscribers:>10,}  {t.topic}" for t in shown]
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d{hours:02d}h{minutes:02d}m"
-    if hours:
-        return f"{hours}h{minutes:02d}m{s:02d}s"
-    return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
-
-
-def _fail(command: str, message: str, status: int = 1) -> int:
-    print(f"wsrelay {command}: {message}", file=sys.stderr)
-    return status
