@@ -59,6 +59,10 @@ async def read_json(request: web.Request, into: type[T]) -> T:
             f"request body is {request.content_length} bytes; the limit is {limit}"
         )
     # aiohttp stops reading and raises 413 past client_max_size (chunked bodies).
+    if request.content.is_eof():
+        # The whole body came with the headers (the usual case for a small JSON body):
+        # reading cannot wait, so there is nothing to time (a timer per request is not free).
+        return decode(await request.read(), into)
     try:
         async with asyncio.timeout(settings.request_timeout):
             body = await request.read()
