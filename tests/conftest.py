@@ -13,6 +13,7 @@ def _stop_and_check(server: ServerProcess) -> None:
     status = server.stop()
     log = server.log()
     assert "Traceback" not in log, f"the server logged a traceback:\n{log}"
+    assert "Warning:" not in log, f"the server printed a warning:\n{log}"
     assert status == 0, f"the server exited with {status}:\n{log}"
 
 

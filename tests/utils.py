@@ -46,7 +46,9 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
 
     def start(self) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # Warnings printed (once per place) so that the fixtures can fail a test whose
+        # server warned: a deprecation on every request is a cost nobody sees otherwise.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default", **self.env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wsrelay", "serve", "--port", "0", *self.args],
             stdout=subprocess.PIPE,

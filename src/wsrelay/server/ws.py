@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 from aiohttp import WebSocketError, WSMsgType, web
 
@@ -93,8 +94,9 @@ def _format(request: web.Request) -> str:
     return fmt
 
 
-def _upgrade_check(request: web.Request) -> None:
-    if not web.WebSocketResponse().can_prepare(request).ok:
+def _upgrade_check(request: web.Request, ws: web.WebSocketResponse | None = None) -> None:
+    """426 unless ``request`` is a WebSocket upgrade ``ws`` (or any) can accept."""
+    if not (ws or web.WebSocketResponse()).can_prepare(request).ok:
         raise UpgradeRequired("this endpoint only speaks WebSocket; send an Upgrade request")
 
 
@@ -108,8 +110,7 @@ async def _serve(request: web.Request, client: Client) -> web.StreamResponse:
         timeout=CLOSE_TIMEOUT,
         heartbeat=settings.ping_interval or None,  # no pong within half of it: dropped
     )
-    if not ws.can_prepare(request).ok:
-        raise UpgradeRequired("this endpoint only speaks WebSocket; send an Upgrade request")
+    _upgrade_check(request, ws)
     slots = request.app[SLOTS]
     slots.acquire()  # 503 past --max-connections, before the upgrade
     try:
@@ -127,7 +128,7 @@ async def _serve(request: web.Request, client: Client) -> web.StreamResponse:
             stats=metrics.stats,
         )
         metrics.connections_opened.inc()
-        opened = request.loop.time()
+        opened = time.monotonic()
         conn_log.info(
             "connection opened",
             extra={
@@ -172,7 +173,7 @@ async def _serve(request: web.Request, client: Client) -> web.StreamResponse:
         finally:
             connections.discard(connection)
             await relay.detach(client, connection)
-            _closed(request, client, connection, ws, request.loop.time() - opened)
+            _closed(request, client, connection, ws, time.monotonic() - opened)
         await connection.wait_closed()
         return ws
     finally:
