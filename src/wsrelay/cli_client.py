@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from wsrelay.client import DEFAULT_URL
 
 
 def add_client_commands(commands: Any) -> None:

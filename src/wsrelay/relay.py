@@ -228,7 +228,7 @@ class Relay:
                 accepted = len(recipients)
                 raise BrokerUnavailable(
                     f"{failed.message}; {accepted} of {len(publications)} messages were "
-                    "published before the failure"
+                    "published (the others were not)"
                 ) from None
             raise failed
         return recipients
