@@ -24,8 +24,10 @@ from wsrelay.server import console, http, metrics, ws
 from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, protected
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
+from wsrelay.server.front import RelaySite
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
 from wsrelay.server.limits import SLOTS, ConnectionSlots
+from wsrelay.server.native import Shared
 
 log = logging.getLogger("wsrelay")
 
@@ -76,9 +78,25 @@ def create_app(
     return app
 
 
+HEARTBEAT = web.AppKey("heartbeat", asyncio.Task[None])
+
+
 async def _start(app: web.Application) -> None:
     app[FLUSHER] = Flusher(asyncio.get_running_loop())
     await app[RELAY].start()
+    interval = app[SETTINGS].ping_interval
+    if interval:
+        app[HEARTBEAT] = asyncio.create_task(_heartbeat(app[CONNECTIONS], interval))
+
+
+async def _heartbeat(connections: set[Connection], interval: float) -> None:
+    """One timer for the whole app rather than one per connection (a ``TimerHandle``
+    and a libuv timer each): every interval, each connection pings or, if nothing
+    came since its last ping, is dropped."""
+    while True:
+        await asyncio.sleep(interval)
+        for connection in list(connections):
+            connection.heartbeat()
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -91,6 +109,9 @@ async def _close_connections(app: web.Application) -> None:
 
 
 async def _stop(app: web.Application) -> None:
+    heartbeat = app.get(HEARTBEAT)
+    if heartbeat is not None:
+        heartbeat.cancel()
     await app[RELAY].stop()
 
 
@@ -114,7 +135,8 @@ async def serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+        # Fresh WebSocket upgrades go to the native driver, all else to aiohttp.
+        site = RelaySite(runner, Shared(app), settings.host, settings.port, reuse_port=reuse_port)
         await site.start()
         # Everything alive now (modules, the app, the relay) lives as long as the process:
         # keep it out of the cyclic collector, so that full collections, which pause

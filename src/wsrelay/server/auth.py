@@ -105,10 +105,9 @@ def protected(handler: Handler) -> Handler:
 # -- Origin -----------------------------------------------------------------------------------
 
 
-def check_origin(request: web.Request, patterns: tuple[str, ...]) -> None:
-    """Raises Forbidden if ``patterns`` is not empty, the request names an Origin,
-    and no pattern matches it (case-insensitively)."""
-    origin = request.headers.get("Origin")
+def check_origin(origin: str | None, patterns: tuple[str, ...]) -> None:
+    """Raises Forbidden if ``patterns`` is not empty, a handshake names an
+    ``origin``, and no pattern matches it (case-insensitively)."""
     if not patterns or origin is None:
         return
     if not any(fnmatch.fnmatchcase(origin.lower(), p.lower()) for p in patterns):

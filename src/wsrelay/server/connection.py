@@ -1,12 +1,17 @@
 """One WebSocket connection as a :class:`~wsrelay.core.registry.Sink`, and the flusher.
 
+:class:`Connection` is what both WebSocket drivers share: the outbox, the
+flush and the close. :class:`AiohttpConnection` closes through aiohttp's
+``WebSocketResponse``; :class:`wsrelay.server.native.NativeConnection` through
+its own protocol.
+
 Fan-out only appends frames to outboxes. Once per event-loop pass the
 :class:`Flusher` writes each dirty connection's frames with one transport call,
 so a burst of publications costs one system call per connection, not one per
 message. Frames go straight to the connection's transport: they are complete
 WebSocket frames built once per publication (no compression is negotiated, so
-the bytes are the same for every client), and aiohttp's own writer only ever
-adds whole frames too (pongs, the close frame), so frames never interleave.
+the bytes are the same for every client), and each driver's own writes are
+whole frames too (pongs, pings, the close frame), so frames never interleave.
 """
 
 from __future__ import annotations
@@ -77,23 +82,14 @@ class Connection(Outbox):
 
     It *is* its :class:`~wsrelay.core.outbox.Outbox` (a subclass, not a member):
     one object per connection instead of three (outbox, bound method, list), and
-    one attribute lookup less per frame.
+    one attribute lookup less per frame. A driver subclasses it to say how a
+    close is sent (:meth:`_send_close`) and when it is over (:meth:`wait_closed`).
     """
 
-    __slots__ = (
-        "_closer",
-        "_flusher",
-        "_stats",
-        "_transport",
-        "_ws",
-        "closed_with",
-        "closing",
-        "raw",
-    )
+    __slots__ = ("_flusher", "_stats", "_transport", "closed_with", "closing", "raw")
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
         transport: asyncio.Transport,
         *,
         raw: bool,
@@ -106,11 +102,9 @@ class Connection(Outbox):
         self.closing = False
         self.closed_with: tuple[int, str] | None = None
         """The code and reason this side closed with, once it did."""
-        self._ws = ws
         self._transport = transport
         self._flusher = flusher
         self._stats = stats if stats is not None else ConnectionStats()
-        self._closer: asyncio.Task[None] | None = None
 
     def measure_buffered(self) -> int:
         return self._transport.get_write_buffer_size()
@@ -164,6 +158,42 @@ class Connection(Outbox):
         self.closing = True
         self.closed_with = (code, reason)
         self.take_raw()
+        self._send_close(code, reason)
+
+    def heartbeat(self) -> None:
+        """Called once per ping interval by the app's sweep (``server/app.py``).
+        Nothing here: a driver with keep-alive of its own overrides it."""
+
+    def _send_close(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has closed (after :meth:`close`)."""
+        raise NotImplementedError
+
+
+class AiohttpConnection(Connection):
+    """A connection that aiohttp's ``WebSocketResponse`` reads and closes."""
+
+    __slots__ = ("_closer", "_ws")
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        *,
+        raw: bool,
+        outbox_limit: int,
+        flusher: Flusher,
+        stats: ConnectionStats | None = None,
+    ) -> None:
+        super().__init__(
+            transport, raw=raw, outbox_limit=outbox_limit, flusher=flusher, stats=stats
+        )
+        self._ws = ws
+        self._closer: asyncio.Task[None] | None = None
+
+    def _send_close(self, code: int, reason: str) -> None:
         self._closer = asyncio.ensure_future(self._close(code, reason))
 
     async def wait_closed(self) -> None:

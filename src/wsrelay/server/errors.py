@@ -36,12 +36,18 @@ def error_response(error: RelayError) -> web.Response:
     if isinstance(error, PayloadTooLarge | RequestTimeout):
         # The rest of the body was not read; the connection cannot be reused.
         response.force_close()
+    response.headers.update(error_headers(error))
+    return response
+
+
+def error_headers(error: RelayError) -> dict[str, str]:
+    """Headers an error response carries besides its JSON body."""
     if isinstance(error, Unauthorized):  # RFC 6750 section 3
         challenge = 'Bearer realm="wsrelay"'
         if error.code != Unauthorized.code:  # a connection token was refused
             challenge += ', error="invalid_token"'
-        response.headers["WWW-Authenticate"] = challenge
-    return response
+        return {"WWW-Authenticate": challenge}
+    return {}
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> RelayError:
@@ -81,16 +87,20 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 def _log_refused(request: web.Request, error: RelayError) -> None:
+    log_refused(request.method, route_of(request), error, request.remote)
+
+
+def log_refused(method: str, route: str, error: RelayError, peer: str | None) -> None:
     """One line per refused request; the route template, never a client id or token."""
     log.log(
         logging.WARNING if isinstance(error, ServerError) else logging.INFO,
         "refused request",
         extra={
             "event": "http_refused",
-            "method": request.method,
-            "route": route_of(request),
+            "method": method,
+            "route": route,
             "status": error.http_status,
             "code": error.code,
-            "peer": request.remote,
+            "peer": peer,
         },
     )
