@@ -6,15 +6,7 @@ import aiohttp
 import pytest
 
 from tests.redis_server import RedisServer
-from tests.utils import Api, ServerProcess
-
-
-def _stop_and_check(server: ServerProcess) -> None:
-    status = server.stop()
-    log = server.log()
-    assert "Traceback" not in log, f"the server logged a traceback:\n{log}"
-    assert "Warning:" not in log, f"the server printed a warning:\n{log}"
-    assert status == 0, f"the server exited with {status}:\n{log}"
+from tests.utils import Api, ServerProcess, stop_and_check
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +15,7 @@ def server() -> Iterator[ServerProcess]:
     tracebacks and a clean exit at the end."""
     process = ServerProcess().start()
     yield process
-    _stop_and_check(process)
+    stop_and_check(process)
 
 
 @pytest.fixture
@@ -39,7 +31,7 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 
     yield start
     for process in started:
-        _stop_and_check(process)
+        stop_and_check(process)
 
 
 @pytest.fixture

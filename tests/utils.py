@@ -97,6 +97,15 @@ class ServerProcess:
         return "".join(self.output)
 
 
+def stop_and_check(server: ServerProcess) -> None:
+    """Stop ``server``; fail if it logged a traceback or a warning, or exited badly."""
+    status = server.stop()
+    log = server.log()
+    assert "Traceback" not in log, f"the server logged a traceback:\n{log}"
+    assert "Warning:" not in log, f"the server printed a warning:\n{log}"
+    assert status == 0, f"the server exited with {status}:\n{log}"
+
+
 class Subscriber:
     """A real WebSocket client of the relay."""
 

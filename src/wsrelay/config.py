@@ -19,6 +19,7 @@ MiB = 1024 * KiB
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+WEBSOCKET_STACKS = ("native", "aiohttp")
 
 
 def _setting(default: Any, help: str, *, metavar: str | None = None, secret: bool = False) -> Any:
@@ -137,6 +138,14 @@ class Settings:
         "answered half an interval later is disconnected. 0 turns pings off.",
         metavar="SECONDS",
     )
+    websocket_stack: str = _setting(
+        "native",
+        "What serves a connection whose first request is a WebSocket upgrade: native "
+        "(the websockets library's sans-I/O protocol, about 7 KiB per idle connection) "
+        "or aiohttp (about 19 KiB; what an upgrade on a kept-alive HTTP connection "
+        "always gets). Same API and rules either way.",
+        metavar="STACK",
+    )
     request_timeout: float = _setting(
         30.0,
         "Seconds a client gets to send a request's headers (from connecting, or from its "
@@ -166,6 +175,8 @@ class Settings:
             problems.append("ping_interval must be 0 (off) or more")
         if self.request_timeout <= 0:
             problems.append("request_timeout must be more than 0")
+        if self.websocket_stack not in WEBSOCKET_STACKS:
+            problems.append(f"websocket_stack must be one of {', '.join(WEBSOCKET_STACKS)}")
         if self.log_format not in LOG_FORMATS:
             problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if any(not key.strip() or "," in key for key in self.api_key):

@@ -56,29 +56,65 @@ class RawWebSocket:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.head = b""
+        """The server's answer to the handshake: status line and headers."""
 
     @classmethod
-    async def connect(cls, url: str, headers: dict[str, str] | None = None) -> RawWebSocket:
-        """Open ``url`` (ws://host:port/path) and complete the upgrade.
+    async def connect(
+        cls,
+        url: str,
+        headers: dict[str, str] | None = None,
+        *,
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+        trickle: int = 0,
+        then: bytes = b"",
+    ) -> RawWebSocket:
+        """Open ``url`` (ws://host:port/path), or use ``streams`` already open, and
+        complete the upgrade. The first ``trickle`` bytes of the request go one
+        write (and one event-loop pass) at a time; ``then`` follows the request
+        in the same write, before the answer.
 
         Raises:
             AssertionError: the server did not answer 101.
         """
+        socket = await cls.handshake(url, headers, streams=streams, trickle=trickle, then=then)
+        assert socket.head.startswith(b"HTTP/1.1 101"), socket.head
+        return socket
+
+    @classmethod
+    async def handshake(
+        cls,
+        url: str,
+        headers: dict[str, str] | None = None,
+        *,
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+        trickle: int = 0,
+        then: bytes = b"",
+        upgrade: bool = True,
+    ) -> RawWebSocket:
+        """Like :meth:`connect`, whatever the answer; its head is in ``.head``."""
         host, port = host_port(url)
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = streams or await asyncio.open_connection(host, port)
         key = base64.b64encode(os.urandom(16)).decode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        writer.write(
-            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n".encode()
+        asks = (
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            if upgrade
+            else ""
         )
+        request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n{asks}{extra}\r\n".encode()
+        for i in range(min(trickle, len(request))):
+            writer.write(request[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.write(request[trickle:] + then)
         await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
+        socket = cls(reader, writer)
+        socket.head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        return socket
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)

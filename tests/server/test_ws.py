@@ -5,13 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterator
 
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.utils import TIMEOUT, Api, Subscriber
+from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber, stop_and_check
 from wsrelay import codes
+from wsrelay.config import WEBSOCKET_STACKS
+
+
+@pytest.fixture(scope="module", params=WEBSOCKET_STACKS)
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Every test here that uses the shared server runs once per WebSocket stack."""
+    process = ServerProcess(["--websocket-stack", request.param]).start()
+    yield process
+    stop_and_check(process)
 
 
 async def publish_until_received(api: Api, topic: str, message: str) -> None:

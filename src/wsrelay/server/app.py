@@ -91,12 +91,13 @@ async def _start(app: web.Application) -> None:
 
 async def _heartbeat(connections: set[Connection], interval: float) -> None:
     """One timer for the whole app rather than one per connection (a ``TimerHandle``
-    and a libuv timer each): every interval, each connection pings or, if nothing
-    came since its last ping, is dropped."""
+    and a libuv timer each). Every interval each connection is pinged; half an
+    interval later, one that has sent nothing since is dropped."""
     while True:
-        await asyncio.sleep(interval)
-        for connection in list(connections):
-            connection.heartbeat()
+        for ping in (True, False):
+            await asyncio.sleep(interval / 2)
+            for connection in list(connections):
+                connection.heartbeat(ping)
 
 
 async def _close_connections(app: web.Application) -> None:

@@ -160,9 +160,10 @@ class Connection(Outbox):
         self.take_raw()
         self._send_close(code, reason)
 
-    def heartbeat(self) -> None:
-        """Called once per ping interval by the app's sweep (``server/app.py``).
-        Nothing here: a driver with keep-alive of its own overrides it."""
+    def heartbeat(self, ping: bool) -> None:
+        """Called by the app's sweep (``server/app.py``) every half ping interval:
+        send a ping (``ping``), or drop the connection if nothing came since the
+        last one. Nothing here: a driver without keep-alive of its own overrides it."""
 
     def _send_close(self, code: int, reason: str) -> None:
         raise NotImplementedError

@@ -374,17 +374,16 @@ class NativeConnection(Connection, asyncio.Protocol):
         if self._deadline is None and not self._lost:
             self._deadline = self._shared.loop.call_later(CLOSE_TIMEOUT, self._transport.abort)
 
-    def heartbeat(self) -> None:
-        """Ping, or drop the connection if nothing came since the last ping."""
+    def heartbeat(self, ping: bool) -> None:
         if self.closing or self._ws.state is not State.OPEN:
             return
-        if not self._heard:
+        if ping:
+            self._heard = False  # any frame from now on proves the client is there
+            self._transport.write(PING)
+        elif not self._heard:
             self.closing = True
-            self.closed_with = (ws.ABNORMAL_CLOSURE, "no pong within the ping interval")
+            self.closed_with = (ws.ABNORMAL_CLOSURE, "no pong within half the ping interval")
             self._transport.abort()
-            return
-        self._heard = False
-        self._transport.write(PING)
 
     async def wait_closed(self) -> None:
         if self._closed:
