@@ -1,6 +1,7 @@
-"""HTTP publish throughput: wrk POSTs publishes to a topic with one subscriber, per target.
+"""HTTP publish throughput: wrk POSTs publishes to topics with one subscriber each, per target.
 
     python bench/publish.py --targets node,naive,wsrelay --batch 100 --repeat 3 --pin
+    python bench/publish.py --targets node,wsrelay --batch 500 --subscribers 4 --pin
 
 For each target a fresh server starts on a free port and one subscriber (the raw client of
 bench/clients.py, in its own process) registers on topic ``t0`` and connects with
@@ -10,9 +11,17 @@ for ``--duration`` seconds. With ``--batch K`` wsrelay runs once more, POSTing
 ``/publish/batch`` with K messages per request. Targets take turns within each repetition, and
 the table shows medians and ratios to node's single publishes.
 
+``--subscribers N`` (default 1) spreads the publishes over N topics ``t0`` .. ``t{N-1}``, each
+with one subscriber in its own worker process, for when one subscriber gets disconnected as a
+slow consumer (close code 4008: more than the server's outbox limit waited for it; large batches
+over many connections reach that in bursts, see bench/README.md). Single publishes then cycle
+over the N topics (each wrk thread sends the N bodies in turn), and every batch carries its K
+messages round-robin over the N topics (message j goes to ``t{j % N}``), so a request still
+publishes K messages.
+
 Throughput only counts if the messages arrived: after wrk stops, the bench waits until the
-subscriber has received (requests answered) x (messages per request) deliveries, and reports
-what is missing as lost. Requests still in flight when wrk stops may have been published
+subscribers together have received (requests answered) x (messages per request) deliveries, and
+reports what is missing as lost. Requests still in flight when wrk stops may have been published
 without wrk counting them, so up to ``--connections`` x K extra deliveries are normal.
 """
 
@@ -40,7 +49,10 @@ from runner import cpu_times
 from servers import REPO_ROOT, Server, resolve_target
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-TOPIC = "t0"
+
+
+def topic(i: int) -> str:
+    return f"t{i}"
 
 
 @dataclass(frozen=True)
@@ -50,46 +62,67 @@ class Mode:
     batch: int  # 0: POST /publish; K: POST /publish/batch with K messages
 
 
-def body(mode: Mode, size: int) -> bytes:
+def bodies(mode: Mode, size: int, topics: int) -> list[bytes]:
+    """The request bodies wrk sends in turn: one per topic, or one batch over all topics."""
     # "<seq>:<ns>:" is the payload format the raw client counts as a measured delivery; the
-    # embedded time is 0 here (wrk sends one fixed body), so its latencies mean nothing.
+    # embedded time is 0 here (wrk sends fixed bodies), so its latencies mean nothing.
     text = "0:0:" + "x" * max(0, size - 4)
-    one = {"topic": TOPIC, "message": text, "user_id": None}
+    ones = [{"topic": topic(i), "message": text, "user_id": None} for i in range(topics)]
     if not mode.batch:
-        return json.dumps(one).encode()
-    return json.dumps({"messages": [one] * mode.batch}).encode()
+        return [json.dumps(one).encode() for one in ones]
+    batch = [ones[j % topics] for j in range(mode.batch)]
+    return [json.dumps({"messages": batch}).encode()]
 
 
-class Subscriber:
-    """One raw WebSocket subscriber on TOPIC in a worker process; counts deliveries."""
+class Subscribers:
+    """Raw WebSocket subscribers on topics t0..t{N-1}, one per worker process; counts them all."""
 
-    def __init__(self, base_url: str, cpus: frozenset[int] | None, run_index: int) -> None:
+    def __init__(self, base_url: str, cpus: frozenset[int] | None, run_index: int, n: int) -> None:
         ctx = mp.get_context("spawn")
-        self.counters: Any = ctx.Array("q", NCOUNTERS, lock=False)
-        self.pipe, child = ctx.Pipe()
-        cfg = WorkerConfig(
-            index=0,
-            base_url=base_url,
-            user_ids=[0],
-            topics=[TOPIC],
-            source_host=f"127.0.0.{2 + run_index % 250}",
-            expected_each=[0],
-            warmup=False,
-            cpus=cpus,
-        )
-        self.process = ctx.Process(target=worker_main, args=(cfg, child, self.counters))
-        self.process.daemon = True
-        self.process.start()
-        if not self.pipe.poll(60):
-            raise RuntimeError("the subscriber did not connect within 60 s")
-        msg = self.pipe.recv()
-        if msg.get("kind") == "error" or msg.get("connected") != 1:
-            raise RuntimeError(f"the subscriber could not connect: {msg}")
-        self.ps = psutil.Process(self.process.pid)
+        # One row of counters per worker (WorkerConfig.index); RECEIVED is summed over them.
+        self.n = n
+        self.counters: Any = ctx.Array("q", NCOUNTERS * n, lock=False)
+        self.pipes: list[Any] = []
+        self.processes: list[Any] = []
+        self.closed = 0  # connections the server closed (a slow consumer gets 4008)
+        for i in range(n):
+            pipe, child = ctx.Pipe()
+            cfg = WorkerConfig(
+                index=i,
+                base_url=base_url,
+                user_ids=[i],
+                topics=[topic(i)],
+                source_host=f"127.0.0.{2 + run_index % 250}",
+                expected_each=[0],
+                warmup=False,
+                cpus=cpus,
+            )
+            process = ctx.Process(target=worker_main, args=(cfg, child, self.counters))
+            process.daemon = True
+            process.start()
+            self.pipes.append(pipe)
+            self.processes.append(process)
+        try:
+            for i, pipe in enumerate(self.pipes):  # all start at once; then each must connect
+                if not pipe.poll(60):
+                    raise RuntimeError(f"subscriber {i} did not connect within 60 s")
+                try:
+                    msg = pipe.recv()
+                except EOFError:
+                    raise RuntimeError(f"subscriber {i} exited before connecting") from None
+                if msg.get("kind") == "error" or msg.get("connected") != 1:
+                    raise RuntimeError(f"subscriber {i} could not connect: {msg}")
+        except BaseException:
+            for process in self.processes:
+                process.kill()
+                process.join()
+            raise
+        self.ps = [psutil.Process(p.pid) for p in self.processes]
 
     @property
     def received(self) -> int:
-        return int(self.counters[RECEIVED])
+        c = self.counters
+        return sum(int(c[i * NCOUNTERS + RECEIVED]) for i in range(self.n))
 
     def settle(self, quiet: float = 0.5, timeout: float = 30.0) -> int:
         """Wait until no delivery arrived for ``quiet`` seconds; the count then."""
@@ -113,17 +146,24 @@ class Subscriber:
         return self.settle()
 
     def stop(self) -> None:
-        if self.process.is_alive():
-            self.pipe.send("stop")
-            if self.pipe.poll(30):
-                msg = self.pipe.recv()
-                assert isinstance(msg, WorkerResult) or msg.get("kind") == "error"
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        if self.counters[FAILED]:
-            raise RuntimeError("the subscriber failed")
+        for process, pipe in zip(self.processes, self.pipes, strict=True):
+            if process.is_alive():
+                pipe.send("stop")
+        for process, pipe in zip(self.processes, self.pipes, strict=True):
+            if process.is_alive():
+                if pipe.poll(30):
+                    msg = pipe.recv()
+                    if isinstance(msg, WorkerResult):
+                        self.closed += msg.closed
+                    else:
+                        assert msg.get("kind") == "error"
+                process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        failed = [i for i in range(self.n) if self.counters[i * NCOUNTERS + FAILED]]
+        if failed:
+            raise RuntimeError(f"subscriber(s) {failed} failed")
 
 
 def children_cpu() -> float:
@@ -153,34 +193,43 @@ def run_wrk(url: str, body_file: str, args: argparse.Namespace, seconds: int) ->
 def run_once(mode: Mode, args: argparse.Namespace, run_index: int) -> dict[str, float | None]:
     server = Server(resolve_target(mode.target))
     server.start(cpus=set(args.server_cpus or ()))
-    sub: Subscriber | None = None
+    sub: Subscribers | None = None
     fd, body_file = tempfile.mkstemp(prefix="bench-publish-", suffix=".json")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(body(mode, args.size))
-        sub = Subscriber(server.base_url, args.client_cpus, run_index)
+            # One body per line (json.dumps leaves no newline inside); publish.lua cycles them.
+            f.write(b"\n".join(bodies(mode, args.size, args.subscribers)))
+        sub = Subscribers(server.base_url, args.client_cpus, run_index, args.subscribers)
         path = "/publish/batch" if mode.batch else "/publish"
         url = server.base_url + path
         if args.warmup:  # JIT, caches, connection set-up; its deliveries are not counted
             run_wrk(url, body_file, args, args.warmup)
         base = sub.settle()
         sproc = [psutil.Process(pid) for pid in server.pids]
+        sub_each0 = [cpu_times(p) for p in sub.ps]
         s0, sub0, wrk0 = cpu_times(sproc), cpu_times(sub.ps), children_cpu()
         t0 = time.monotonic()
         w = run_wrk(url, body_file, args, args.duration)
         wall = time.monotonic() - t0
         s1, sub1, wrk1 = cpu_times(sproc), cpu_times(sub.ps), children_cpu()
+        sub_each = [cpu_times(p) for p in sub.ps]
         per_request = mode.batch or 1
         expected = w["requests"] * per_request
         received = sub.wait_for(base + expected, args.drain_timeout) - base
     finally:
         os.unlink(body_file)
-        if sub is not None:
-            sub.stop()
-        server.stop()
+        try:
+            if sub is not None:
+                sub.stop()
+        finally:
+            server.stop()
     seconds = w["duration_us"] / 1e6
     server_cpu = s1[0] + s1[1] - s0[0] - s0[1] if s0 and s1 else None
     sub_cpu = sub1[0] + sub1[1] - sub0[0] - sub0[1] if sub0 and sub1 else None
+    busiest = max(
+        (b[0] + b[1] - a[0] - a[1] for a, b in zip(sub_each0, sub_each, strict=True) if a and b),
+        default=None,
+    )
     messages = expected or None
     return {
         "requests_per_s": w["requests"] / seconds,
@@ -198,7 +247,9 @@ def run_once(mode: Mode, args: argparse.Namespace, run_index: int) -> dict[str, 
         "received": float(received),
         "lost": float(max(0, expected - received)),
         "in_flight_extra": float(max(0, received - expected)),
+        "subscribers_closed": float(sub.closed),
         "subscriber_cpu_util": sub_cpu / wall if sub_cpu is not None else None,
+        "busiest_subscriber_cpu_util": busiest / wall if busiest is not None else None,
         "wrk_cpu_util": (wrk1 - wrk0) / wall,
     }
 
@@ -218,7 +269,9 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("received", "deliveries received", ",.0f", False),
     ("lost", "deliveries lost", ",.0f", False),
     ("in_flight_extra", "extra (in flight at stop)", ",.0f", False),
-    ("subscriber_cpu_util", "subscriber CPU busy", "%", False),
+    ("subscribers_closed", "subscribers closed by server", ",.0f", False),
+    ("subscriber_cpu_util", "subscriber CPU busy (all)", "%", False),
+    ("busiest_subscriber_cpu_util", "busiest subscriber CPU busy", "%", False),
     ("wrk_cpu_util", "wrk CPU busy", "%", False),
 ]
 
@@ -267,10 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="whole seconds of unmeasured wrk first")
     p.add_argument("--size", type=int, default=100, help="message text size in bytes")
     p.add_argument("--repeat", type=int, default=1, help="runs per target, alternating; medians")
-    p.add_argument("--pin", action="store_true", help="server on CPU 0, wrk + subscriber others")
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=1,
+        help="topics t0..t{N-1}, one subscriber process each; publishes spread over them",
+    )
+    p.add_argument("--pin", action="store_true", help="server on CPU 0, wrk + subscribers others")
     p.add_argument("--drain-timeout", type=float, default=10.0)
     p.add_argument("--json", action="store_true", help="print every run's metrics as JSON")
     args = p.parse_args(argv)
+    if args.subscribers < 1:
+        p.error("--subscribers must be at least 1")
     if shutil.which("wrk") is None:
         p.error("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
     args.server_cpus = args.client_cpus = None
@@ -285,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         modes.append(Mode(f"wsrelay batch {args.batch}", "wsrelay", args.batch))
     print(
         f"bench: {args.connections} connections POST one {args.size} B message "
-        f"(/publish/batch: {args.batch} per request) for {args.duration} s; "
+        f"(/publish/batch: {args.batch} per request) for {args.duration} s to "
+        f"{args.subscribers} topic(s), one subscriber each; "
         f"{', '.join(m.label for m in modes)}; {args.repeat} run(s) each; repo {REPO_ROOT}",
         file=sys.stderr,
     )
@@ -302,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(
                     f"{label} {m['requests_per_s']:,.0f} requests/s, {m['messages_per_s']:,.0f} "
-                    f"messages/s, lost {m['lost']:,.0f}, non-2xx {m['status_errors']:,.0f}",
+                    f"messages/s, lost {m['lost']:,.0f}, non-2xx {m['status_errors']:,.0f}, "
+                    f"subscribers closed by server {m['subscribers_closed']:,.0f}",
                     file=sys.stderr,
                 )
             runs[mode.label].append(m)
