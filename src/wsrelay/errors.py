@@ -19,7 +19,8 @@ The hierarchy::
     │   ├── RequestTimeout          408 request_timeout (body not sent in time)
     │   ├── PayloadTooLarge         413 payload_too_large
     │   ├── UpgradeRequired         426 upgrade_required
-    │   └── TooManyRegistrations    429 too_many_registrations (the user's limit)
+    │   ├── TooManyRegistrations    429 too_many_registrations (the user's limit)
+    │   └── HeadersTooLarge         431 headers_too_large (request line and headers)
     └── ServerError                 ours (5xx / close 1011)
         ├── BrokerUnavailable       503 broker_unavailable
         └── ServiceUnavailable      503 too_many_connections
@@ -133,6 +134,11 @@ class PayloadTooLarge(ClientError):
     code = "payload_too_large"
     http_status = 413
     close_code = codes.MESSAGE_TOO_BIG
+
+
+class HeadersTooLarge(ClientError):
+    code = "headers_too_large"
+    http_status = 431
 
 
 class UpgradeRequired(ClientError):

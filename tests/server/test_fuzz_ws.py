@@ -32,7 +32,7 @@ from tests.server.rawws import (
     encode_frame,
 )
 from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber
-from wsrelay.config import WEBSOCKET_STACKS
+from wsrelay.config import STACKS
 
 MAX_MESSAGE = 1024
 TOPIC = "fuzz"
@@ -42,10 +42,10 @@ legitimately leave the connection open (say, half a fragmented message) before i
 hangs up itself."""
 
 
-@pytest.fixture(scope="module", params=WEBSOCKET_STACKS)
+@pytest.fixture(scope="module", params=STACKS)
 def fuzz_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     process = ServerProcess(
-        ["--max-message-size", str(MAX_MESSAGE), "--websocket-stack", request.param]
+        ["--max-message-size", str(MAX_MESSAGE), "--stack", request.param]
     ).start()
     yield process
     assert process.stop() == 0

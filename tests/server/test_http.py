@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 
-from tests.utils import TIMEOUT, Api
+from tests.utils import TIMEOUT, Api, ServerProcess, stop_and_check
+from wsrelay.config import STACKS
 from wsrelay.server.app import create_app
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Every test here that uses the shared server runs once per stack (the native
+    one serves a connection whose first request is a publish)."""
+    process = ServerProcess(["--stack", request.param]).start()
+    yield process
+    stop_and_check(process)
 
 
 async def test_health_answers_200_with_status(api: Api) -> None:

@@ -13,13 +13,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber, stop_and_check
 from wsrelay import codes
-from wsrelay.config import WEBSOCKET_STACKS
+from wsrelay.config import STACKS
 
 
-@pytest.fixture(scope="module", params=WEBSOCKET_STACKS)
+@pytest.fixture(scope="module", params=STACKS)
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """Every test here that uses the shared server runs once per WebSocket stack."""
-    process = ServerProcess(["--websocket-stack", request.param]).start()
+    process = ServerProcess(["--stack", request.param]).start()
     yield process
     stop_and_check(process)
 

@@ -136,8 +136,14 @@ async def serve(
     )
     await runner.setup()
     try:
-        # Fresh WebSocket upgrades go to the native driver, all else to aiohttp.
-        site = RelaySite(runner, Shared(app), settings.host, settings.port, reuse_port=reuse_port)
+        site: web.BaseSite
+        if settings.stack == "native":
+            # New WebSockets and publishers go to the native drivers, all else to aiohttp.
+            site = RelaySite(
+                runner, Shared(app), settings.host, settings.port, reuse_port=reuse_port
+            )
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
         await site.start()
         # Everything alive now (modules, the app, the relay) lives as long as the process:
         # keep it out of the cyclic collector, so that full collections, which pause

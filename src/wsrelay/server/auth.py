@@ -77,9 +77,15 @@ def api_keys(settings: Settings) -> tuple[bytes, ...]:
 def check_api_key(request: web.Request) -> None:
     """Raises Unauthorized unless the request carries one of the configured keys."""
     keys: tuple[bytes, ...] = request.app[API_KEYS]
+    if keys:
+        check_authorization(request.headers.get("Authorization", ""), keys)
+
+
+def check_authorization(header: str, keys: tuple[bytes, ...]) -> None:
+    """Raises Unauthorized unless ``header`` (an ``Authorization`` value) is
+    ``Bearer <key>`` with one of ``keys``."""
     if not keys:
         return
-    header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise Unauthorized("this endpoint needs 'Authorization: Bearer <API key>'")

@@ -1,17 +1,22 @@
-"""The listening socket of ``wsrelay serve``: HTTP to aiohttp, WebSockets to the native driver.
+"""The listening socket of ``wsrelay serve``: each new connection to the driver that serves it best.
 
 Every accepted connection starts with a :class:`FrontDoor`, which reads only
-the first request line. A fresh connection whose first request is
-``GET /ws...`` (HTTP/1.1) is handed to
-:class:`~wsrelay.server.native.NativeConnection`, which parses the handshake
-with the ``websockets`` library; anything else goes, bytes and all, to the
-protocol aiohttp would have used (its ``web.Server`` is the protocol factory
-aiohttp passes to ``loop.create_server`` itself). After the hand-over the front
-door is gone: an HTTP request costs one extra call on its connection's first
-packet, nothing after.
+the first request line and hands the connection, bytes and all, to:
 
-An upgrade sent as a later request on a kept-alive HTTP connection reaches
-aiohttp's own WebSocket route (:mod:`wsrelay.server.ws`), with the same rules.
+* :class:`~wsrelay.server.native.NativeConnection` if it is ``GET /ws...``
+  (HTTP/1.1): a WebSocket, held in a third of aiohttp's memory
+  (docs/decisions/0004);
+* :class:`~wsrelay.server.native_http.PublishConnection` if it is
+  ``POST /publish`` or ``POST /publish/batch`` (HTTP/1.1): a publisher, served
+  at twice aiohttp's speed (docs/decisions/0005), which passes the connection
+  on to aiohttp at the first request that is not a publish;
+* aiohttp's own protocol otherwise (its ``web.Server`` is the protocol factory
+  aiohttp passes to ``loop.create_server`` itself).
+
+After the hand-over the front door is gone: it costs one call on a
+connection's first packet. An upgrade sent as a later request on a kept-alive
+HTTP connection reaches aiohttp's WebSocket route (:mod:`wsrelay.server.ws`),
+with the same rules. ``--stack aiohttp`` leaves everything to aiohttp.
 """
 
 from __future__ import annotations
@@ -20,15 +25,22 @@ import asyncio
 import re
 import socket
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
 from wsrelay.server.native import Shared
+from wsrelay.server.native_http import HttpShared
+
+ProtocolFor = Callable[[asyncio.Transport], asyncio.Protocol]
 
 WEBSOCKET_REQUEST_LINE = re.compile(rb"GET /ws(?:[/?][^ \r\n]*)? HTTP/1\.1\r?\n")
-"""The request lines the native driver takes."""
+"""The first request lines the native WebSocket driver takes."""
 
-_PREFIX = b"GET /ws"
+PUBLISH_REQUEST_LINE = re.compile(rb"POST /publish(?:/batch)?(?:\?[^ \r\n]*)? HTTP/1\.1\r?\n")
+"""The first request lines the native HTTP driver takes."""
+
+_PREFIXES = (b"GET /ws", b"POST /publish")
 
 MAX_PEEK = 8192
 """Bytes read while looking for the end of the first request line; a longer line
@@ -38,46 +50,65 @@ goes to aiohttp, which refuses it (414)."""
 class FrontDoor(asyncio.Protocol):
     """The first protocol of an accepted connection; see the module docstring."""
 
-    __slots__ = ("_buffer", "_http", "_native", "_timeout", "_timer", "_transport")
+    __slots__ = (
+        "_buffer",
+        "_http",
+        "_publish",
+        "_timeout",
+        "_timer",
+        "_transport",
+        "_waiting",
+        "_websocket",
+    )
 
     def __init__(
         self,
         http: Callable[[], asyncio.Protocol],
-        native: Callable[[asyncio.Transport], asyncio.Protocol],
+        websocket: ProtocolFor,
+        publish: ProtocolFor,
         timeout: float,
+        waiting: set[FrontDoor],
     ) -> None:
+        self._waiting = waiting  # the site's doors still reading a first line
         self._http = http
-        self._native = native
+        self._websocket = websocket
+        self._publish = publish
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # a stream transport
+        stream = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport = stream
+        self._waiting.add(self)
         # A client that connects and says nothing is closed after the request timeout,
         # as aiohttp does with a request whose headers never end.
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, transport.abort)  # type: ignore[attr-defined]
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, stream.abort)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
         line_end = buffer.find(b"\n")
-        if line_end < 0 and len(buffer) < MAX_PEEK and _PREFIX.startswith(buffer[: len(_PREFIX)]):
-            self._buffer = buffer  # might still be a WebSocket request: wait for the line
+        if line_end < 0 and len(buffer) < MAX_PEEK and _may_be_routed(buffer):
+            self._buffer = buffer  # wait for the whole first line
             return
-        native = line_end >= 0 and WEBSOCKET_REQUEST_LINE.match(buffer, 0, line_end + 1)
-        self._hand_over(self._native if native else None, buffer)
+        driver: ProtocolFor | None = None
+        if line_end >= 0:
+            if WEBSOCKET_REQUEST_LINE.match(buffer, 0, line_end + 1):
+                driver = self._websocket
+            elif PUBLISH_REQUEST_LINE.match(buffer, 0, line_end + 1):
+                driver = self._publish
+        self._hand_over(driver, buffer)
 
-    def _hand_over(
-        self, native: Callable[[asyncio.Transport], asyncio.Protocol] | None, buffer: bytes
-    ) -> None:
+    def _hand_over(self, driver: ProtocolFor | None, buffer: bytes) -> None:
         transport = self._transport
         assert transport is not None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._buffer = b""
-        protocol = native(transport) if native is not None else self._http()
+        self._waiting.discard(self)
+        protocol = driver(transport) if driver is not None else self._http()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(buffer)
@@ -86,9 +117,19 @@ class FrontDoor(asyncio.Protocol):
         return None  # nothing complete arrived: close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._waiting.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _may_be_routed(start: bytes) -> bool:
+    """Whether ``start``, the beginning of a first line, could still be a routed one."""
+    return any(prefix.startswith(start[: len(prefix)]) for prefix in _PREFIXES)
 
 
 class RelaySite(web.BaseSite):
@@ -98,7 +139,7 @@ class RelaySite(web.BaseSite):
     runner stops it and reports its addresses like any other site.
     """
 
-    __slots__ = ("_host", "_port", "_reuse_port", "_shared")
+    __slots__ = ("_host", "_port", "_publishers", "_reuse_port", "_shared", "_waiting")
 
     def __init__(
         self,
@@ -114,6 +155,8 @@ class RelaySite(web.BaseSite):
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
+        self._waiting: set[FrontDoor] = set()
+        self._publishers: HttpShared | None = None
 
     @property
     def name(self) -> str:
@@ -123,11 +166,14 @@ class RelaySite(web.BaseSite):
         await super().start()
         http = self._runner.server
         assert http is not None
-        native = self._shared.connection
+        websocket = self._shared.connection
+        self._publishers = HttpShared(self._shared.app, http)
+        publish = self._publishers.connection
         timeout = self._shared.settings.request_timeout
+        waiting = self._waiting
 
         def front_door() -> FrontDoor:
-            return FrontDoor(http, native, timeout)
+            return FrontDoor(http, websocket, publish, timeout, waiting)
 
         self._server = await asyncio.get_running_loop().create_server(
             front_door,
@@ -137,3 +183,12 @@ class RelaySite(web.BaseSite):
             reuse_port=self._reuse_port or None,
             family=socket.AF_UNSPEC,
         )
+
+    async def stop(self) -> None:
+        """Stop listening; close what the native HTTP side holds (aiohttp closes its
+        own connections, the app's shutdown the WebSockets)."""
+        await super().stop()
+        for door in list(self._waiting):
+            door.abort()
+        if self._publishers is not None:
+            self._publishers.close_all()

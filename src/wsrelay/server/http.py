@@ -52,6 +52,11 @@ async def read_json(request: web.Request, into: type[T]) -> T:
         RequestTimeout: the body did not arrive within ``request_timeout``.
         InvalidJSON, InvalidField: the body is not valid JSON of that shape.
     """
+    return decode(await read_body(request), into)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, within the size and time limits (see :func:`read_json`)."""
     settings = request.app[SETTINGS]
     limit = settings.max_body_size
     if request.content_length is not None and request.content_length > limit:
@@ -62,7 +67,7 @@ async def read_json(request: web.Request, into: type[T]) -> T:
     if request.content.is_eof():
         # The whole body came with the headers (the usual case for a small JSON body):
         # reading cannot wait, so there is nothing to time (a timer per request is not free).
-        return decode(await request.read(), into)
+        return await request.read()
     try:
         async with asyncio.timeout(settings.request_timeout):
             body = await request.read()
@@ -74,7 +79,7 @@ async def read_json(request: web.Request, into: type[T]) -> T:
         raise BadRequest(
             "the connection closed before the whole body arrived", code="incomplete_body"
         ) from None
-    return decode(body, into)
+    return body
 
 
 async def _count_registrations(relay: Relay) -> int | None:
@@ -119,22 +124,35 @@ async def unregister(request: web.Request) -> web.Response:
 
 
 async def publish(request: web.Request) -> web.Response:
-    body = await read_json(request, PublishRequest)
-    recipients = await request.app[RELAY].publish(body.topic, body.message, body.user_id)
-    metrics = request.app[METRICS]
-    metrics.publishes.inc()
-    metrics.deliveries.inc(recipients)
-    return json_response(PublishResponse(recipients=recipients))
+    return json_response(await publish_one(request.app, await read_body(request)))
 
 
 async def publish_batch(request: web.Request) -> web.Response:
-    body = await read_json(request, BatchPublishRequest)
-    items = [(m.topic, m.message, m.user_id) for m in body.messages]
-    recipients = await request.app[RELAY].publish_many(items)
-    metrics = request.app[METRICS]
+    return json_response(await publish_many(request.app, await read_body(request)))
+
+
+# The publish endpoints' work, shared with the native HTTP driver (server/native_http.py).
+
+
+async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
+    """``POST /publish`` once its body has arrived."""
+    request = decode(body, PublishRequest)
+    recipients = await app[RELAY].publish(request.topic, request.message, request.user_id)
+    metrics = app[METRICS]
+    metrics.publishes.inc()
+    metrics.deliveries.inc(recipients)
+    return PublishResponse(recipients=recipients)
+
+
+async def publish_many(app: web.Application, body: bytes) -> BatchPublishResponse:
+    """``POST /publish/batch`` once its body has arrived."""
+    request = decode(body, BatchPublishRequest)
+    items = [(m.topic, m.message, m.user_id) for m in request.messages]
+    recipients = await app[RELAY].publish_many(items)
+    metrics = app[METRICS]
     metrics.publishes.inc(len(recipients))
     metrics.deliveries.inc(sum(recipients))
-    return json_response(BatchPublishResponse(recipients=recipients))
+    return BatchPublishResponse(recipients=recipients)
 
 
 async def stats(request: web.Request) -> web.Response:

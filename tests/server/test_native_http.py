@@ -1,0 +1,266 @@
+"""The native publish driver (server/native_http.py) over raw sockets: what a
+publisher's connection gets, and when it is handed to aiohttp.
+
+The native driver answers with ``Server: wsrelay``; aiohttp names itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from dataclasses import dataclass
+
+from tests.server.rawws import TEXT, RawWebSocket, host_port
+from tests.utils import TIMEOUT, Api, Subscriber
+
+
+@dataclass
+class Answer:
+    status: int
+    head: bytes
+    body: bytes
+
+    @property
+    def native(self) -> bool:
+        return re.search(rb"(?im)^server: wsrelay\r$", self.head) is not None
+
+    def json(self) -> dict[str, object]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+def post(path: str, body: bytes, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def publish(topic: str, message: str, *headers: str) -> bytes:
+    body = json.dumps({"topic": topic, "message": message}).encode()
+    return post("/publish", body, *headers)
+
+
+GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: relay\r\n\r\n"
+
+
+async def answer(reader: asyncio.StreamReader) -> Answer:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert length is not None, head
+    body = await asyncio.wait_for(reader.readexactly(int(length.group(1))), TIMEOUT)
+    return Answer(int(head.split(b" ", 2)[1]), head, body)
+
+
+async def done(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def open_to(base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(*host_port(base))
+
+
+async def messages(sub: Subscriber, count: int) -> list[str]:
+    return [(await sub.message())[1] for _ in range(count)]
+
+
+async def test_a_publisher_connection_is_served_natively(api: Api, topic: str) -> None:
+    sub = await api.connect(1, [topic])
+    reader, writer = await open_to(api.base)
+    for text in ("one", "two"):
+        writer.write(publish(topic, text))
+        reply = await answer(reader)
+        assert reply.native and reply.status == 200 and reply.json() == {"recipients": 1}
+        assert re.search(rb"(?im)^content-type: application/json\r$", reply.head)
+    assert await messages(sub, 2) == ["one", "two"]
+    await done(writer)
+    await sub.close()
+
+
+async def test_pipelined_publishes_are_answered_in_order(api: Api, topic: str) -> None:
+    sub = await api.connect(1, [topic])
+    reader, writer = await open_to(api.base)
+    texts = [f"m{i}" for i in range(40)]  # past MAX_QUEUED: reading pauses and resumes
+    writer.write(b"".join(publish(topic, t) for t in texts))
+    replies = [await answer(reader) for _ in texts]
+    assert all(r.native and r.json() == {"recipients": 1} for r in replies)
+    assert await messages(sub, len(texts)) == texts
+    await done(writer)
+    await sub.close()
+
+
+async def test_a_later_request_for_another_route_goes_to_aiohttp(api: Api, topic: str) -> None:
+    reader, writer = await open_to(api.base)
+    writer.write(publish(topic, "first"))
+    assert (await answer(reader)).native
+    writer.write(GET_HEALTH)
+    health = await answer(reader)
+    assert health.status == 200 and not health.native and health.json()["status"] == "ok"
+    writer.write(publish(topic, "then aiohttp"))  # the connection stays aiohttp's
+    later = await answer(reader)
+    assert later.status == 200 and not later.native
+    await done(writer)
+
+
+async def test_a_pipelined_request_for_another_route_keeps_its_place(api: Api, topic: str) -> None:
+    """The foreign request starts in the middle of a read: it is found by replaying."""
+    sub = await api.connect(1, [topic])
+    reader, writer = await open_to(api.base)
+    writer.write(publish(topic, "a") + publish(topic, "b") + GET_HEALTH + publish(topic, "c"))
+    replies = [await answer(reader) for _ in range(4)]
+    assert [r.native for r in replies] == [True, True, False, False]
+    assert [r.status for r in replies] == [200, 200, 200, 200]
+    assert replies[2].json()["status"] == "ok"
+    assert await messages(sub, 3) == ["a", "b", "c"]
+    await done(writer)
+    await sub.close()
+
+
+async def test_a_websocket_upgrade_after_a_publish_is_served(api: Api, topic: str) -> None:
+    reg = await api.register(1, [topic])
+    reader, writer = await open_to(api.base)
+    writer.write(publish(topic, "nobody yet"))
+    assert (await answer(reader)).native
+    socket = await RawWebSocket.connect(reg["url"], streams=(reader, writer))
+    assert await api.publish(topic, "upgraded") == 1
+    frame = await socket.frame()
+    while frame is not None and frame.opcode != TEXT:
+        frame = await socket.frame()
+    assert frame is not None and json.loads(frame.payload)["message"] == "upgraded"
+    socket.abort()
+
+
+async def test_a_chunked_body_is_read(api: Api, topic: str) -> None:
+    sub = await api.connect(1, [topic])
+    reader, writer = await open_to(api.base)
+    body = json.dumps({"topic": topic, "message": "in pieces"}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:10], body[10:])) + b"0\r\n\r\n"
+    writer.write(
+        b"POST /publish HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    reply = await answer(reader)
+    assert reply.native and reply.json() == {"recipients": 1}
+    assert await messages(sub, 1) == ["in pieces"]
+    await done(writer)
+    await sub.close()
+
+
+async def test_expect_100_continue_is_answered(api: Api, topic: str) -> None:
+    reader, writer = await open_to(api.base)
+    body = json.dumps({"topic": topic, "message": "expected"}).encode()
+    request = post("/publish", body, "Expect: 100-continue")
+    head, _ = request.split(b"\r\n\r\n", 1)
+    writer.write(head + b"\r\n\r\n")
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    writer.write(body)
+    reply = await answer(reader)
+    assert reply.status == 200 and reply.json() == {"recipients": 0}
+    await done(writer)
+
+
+async def test_connection_close_is_honoured(api: Api, topic: str) -> None:
+    reader, writer = await open_to(api.base)
+    writer.write(publish(topic, "last", "Connection: close"))
+    reply = await answer(reader)
+    assert reply.native and reply.status == 200
+    assert re.search(rb"(?im)^connection: close\r$", reply.head)
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    await done(writer)
+
+
+async def test_bad_input_gets_json_errors(api: Api, topic: str) -> None:
+    reader, writer = await open_to(api.base)
+    writer.write(post("/publish", b"{not json"))
+    invalid = await answer(reader)
+    assert invalid.native and invalid.status == 400
+    assert invalid.json()["error"]["code"] == "invalid_json"  # type: ignore[index]
+    writer.write(post("/publish/batch", b'{"messages": "no"}'))
+    wrong = await answer(reader)
+    assert wrong.native and wrong.status == 400
+    assert wrong.json()["error"]["code"] == "invalid_field"  # type: ignore[index]
+    writer.write(b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
+    malformed = await answer(reader)
+    assert malformed.status == 400 and malformed.json()["error"]["code"] == "bad_http"  # type: ignore[index]
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # and closed
+    await done(writer)
+
+
+async def test_a_declared_body_over_the_limit_is_refused_unread(start_server, topic: str) -> None:
+    server = start_server("--max-body-size", "1024")
+    reader, writer = await open_to(server.url)
+    writer.write(publish(topic, "fits"))
+    assert (await answer(reader)).status == 200
+    writer.write(b"POST /publish HTTP/1.1\r\nHost: relay\r\nContent-Length: 5000\r\n\r\n")
+    refused = await answer(reader)
+    assert refused.native and refused.status == 413
+    assert refused.json()["error"]["code"] == "payload_too_large"  # type: ignore[index]
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    await done(writer)
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(start_server, topic: str) -> None:
+    server = start_server("--max-body-size", "1024")
+    reader, writer = await open_to(server.url)
+    writer.write(publish(topic, "fits"))
+    assert (await answer(reader)).status == 200
+    chunk = b"x" * 800
+    writer.write(
+        b"POST /publish HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 2
+    )
+    refused = await answer(reader)
+    assert refused.native and refused.status == 413
+    await done(writer)
+
+
+async def test_a_body_that_never_arrives_gets_408(start_server, topic: str) -> None:
+    server = start_server("--request-timeout", "0.5")
+    reader, writer = await open_to(server.url)
+    writer.write(publish(topic, "whole"))
+    assert (await answer(reader)).status == 200
+    writer.write(b"POST /publish HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{")
+    late = await answer(reader)
+    assert late.native and late.status == 408
+    assert late.json()["error"]["code"] == "request_timeout"  # type: ignore[index]
+    await done(writer)
+
+
+async def test_an_idle_publisher_connection_is_closed(start_server, topic: str) -> None:
+    server = start_server("--request-timeout", "0.5")
+    reader, writer = await open_to(server.url)
+    writer.write(publish(topic, "then silence"))
+    assert (await answer(reader)).native
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    await done(writer)
+
+
+async def test_the_api_key_is_required(start_server, topic: str) -> None:
+    server = start_server(env={"WSRELAY_API_KEY": "k1"})
+    reader, writer = await open_to(server.url)
+    writer.write(publish(topic, "no key"))
+    refused = await answer(reader)
+    assert refused.native and refused.status == 401
+    assert re.search(rb"(?im)^www-authenticate: Bearer", refused.head)
+    writer.write(publish(topic, "with key", "Authorization: Bearer k1"))
+    accepted = await answer(reader)
+    assert accepted.native and accepted.status == 200
+    await done(writer)
+
+
+async def test_headers_that_never_end_are_refused(api: Api, topic: str) -> None:
+    reader, writer = await open_to(api.base)
+    writer.write(publish(topic, "first"))
+    assert (await answer(reader)).native
+    writer.write(b"POST /publish HTTP/1.1\r\nHost: relay\r\nX-Long: ")
+    for _ in range(20):  # 80 KiB of one header value, over several reads
+        writer.write(b"x" * 4096)
+        await writer.drain()
+    refused = await answer(reader)
+    assert refused.native and refused.status == 431
+    assert refused.json()["error"]["code"] == "headers_too_large"  # type: ignore[index]
+    await done(writer)
