@@ -203,6 +203,19 @@ async def test_a_declared_body_over_the_limit_is_refused_unread(start_server, to
     await done(writer)
 
 
+async def test_the_body_limit_is_not_applied_to_a_request_for_aiohttp(start_server) -> None:
+    """A foreign request is aiohttp's to judge, even if it declares a large body."""
+    server = start_server("--max-body-size", "1024")
+    reader, writer = await open_to(server.url)
+    writer.write(publish("t", "mine"))
+    assert (await answer(reader)).native
+    writer.write(b"GET /health HTTP/1.1\r\nHost: relay\r\nContent-Length: 2000\r\n\r\n")
+    writer.write(b"x" * 2000)
+    health = await answer(reader)
+    assert not health.native and health.status == 200
+    await done(writer)
+
+
 async def test_a_chunked_body_over_the_limit_is_refused(start_server, topic: str) -> None:
     server = start_server("--max-body-size", "1024")
     reader, writer = await open_to(server.url)

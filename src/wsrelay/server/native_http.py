@@ -89,7 +89,9 @@ class _Request:
         "authorization",
         "body",
         "close",
+        "declared",
         "error",
+        "expect",
         "head_size",
         "publisher",
         "route",
@@ -105,6 +107,8 @@ class _Request:
         self.authorization = ""
         self.body: list[bytes] = []
         self.close = False
+        self.declared = 0  # Content-Length
+        self.expect = False
         self.error: RelayError | None = None
         self.head_size = 0  # bytes of request line and headers, counted per read
 
@@ -239,13 +243,9 @@ class PublishConnection(asyncio.Protocol):
         if lowered == b"authorization":
             current.authorization = value.decode("latin-1")
         elif lowered == b"expect":
-            raise _Foreign  # aiohttp answers 100-continue
+            current.expect = True  # aiohttp answers 100-continue
         elif lowered == b"content-length" and value.isdigit():
-            limit = self._shared.settings.max_body_size
-            if int(value) > limit:
-                raise _Refused(
-                    PayloadTooLarge(f"request body is {int(value)} bytes; the limit is {limit}")
-                )
+            current.declared = int(value)  # llhttp refuses any other form, or two of them
 
     def on_headers_complete(self) -> None:
         current, parser = self._current, self._parser
@@ -253,12 +253,17 @@ class PublishConnection(asyncio.Protocol):
         target = ROUTES.get(current.target.partition("?")[0].encode("latin-1"))
         if (
             target is None
+            or current.expect
             or parser.get_method() != b"POST"
             or parser.get_http_version() != "1.1"
             or parser.should_upgrade()
         ):
             raise _Foreign
         current.route, current.publisher = target
+        limit = self._shared.settings.max_body_size
+        if current.declared > limit:  # refused before the body is read, as by aiohttp
+            too_large = f"request body is {current.declared} bytes; the limit is {limit}"
+            raise _Refused(PayloadTooLarge(too_large))
         self._touch()  # the body has request_timeout to arrive
 
     def on_body(self, body: bytes) -> None:
