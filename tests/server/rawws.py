@@ -8,6 +8,7 @@ import base64
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from tests.utils import TIMEOUT
@@ -61,23 +62,15 @@ class RawWebSocket:
 
     @classmethod
     async def connect(
-        cls,
-        url: str,
-        headers: dict[str, str] | None = None,
-        *,
-        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
-        trickle: int = 0,
-        then: bytes = b"",
+        cls, url: str, headers: dict[str, str] | None = None, **options: Any
     ) -> RawWebSocket:
-        """Open ``url`` (ws://host:port/path), or use ``streams`` already open, and
-        complete the upgrade. The first ``trickle`` bytes of the request go one
-        write (and one event-loop pass) at a time; ``then`` follows the request
-        in the same write, before the answer.
+        """Open ``url`` (ws://host:port/path) and complete the upgrade; ``options``
+        as for :meth:`handshake`.
 
         Raises:
             AssertionError: the server did not answer 101.
         """
-        socket = await cls.handshake(url, headers, streams=streams, trickle=trickle, then=then)
+        socket = await cls.handshake(url, headers, **options)
         assert socket.head.startswith(b"HTTP/1.1 101"), socket.head
         return socket
 
@@ -92,7 +85,11 @@ class RawWebSocket:
         then: bytes = b"",
         upgrade: bool = True,
     ) -> RawWebSocket:
-        """Like :meth:`connect`, whatever the answer; its head is in ``.head``."""
+        """Send an opening handshake for ``url`` and read the answer's head into
+        ``.head``, whatever it is. ``streams``: a connection already open to use.
+        ``trickle``: the first bytes of the request go one write (and one event-loop
+        pass) at a time. ``then``: bytes that follow the request in the same write,
+        before the answer. ``upgrade``: False leaves out the upgrade headers."""
         host, port = host_port(url)
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")

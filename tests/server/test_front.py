@@ -11,6 +11,8 @@ import asyncio
 import json
 import re
 
+import pytest
+
 from tests.server.rawws import TEXT, RawWebSocket, encode_frame, host_port
 from tests.utils import TIMEOUT, Api
 
@@ -102,24 +104,19 @@ async def test_native_handshake_errors_are_json(api: Api) -> None:
     deep.writer.close()
 
 
-async def test_a_connection_that_says_nothing_is_closed(start_server) -> None:
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",
+        b"GET /ws/0123",
+        b"POST /publi",
+        b"GET /ws/0123 HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n",
+    ],
+    ids=["nothing", "half a WebSocket line", "half a publish line", "half a handshake"],
+)
+async def test_a_connection_that_stops_early_is_closed(start_server, sent: bytes) -> None:
     server = start_server("--request-timeout", "0.5")
     reader, writer = await asyncio.open_connection(*host_port(server.url))
-    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
-    writer.close()
-
-
-async def test_a_websocket_request_line_that_never_ends_is_closed(start_server) -> None:
-    server = start_server("--request-timeout", "0.5")
-    reader, writer = await asyncio.open_connection(*host_port(server.url))
-    writer.write(b"GET /ws/0123")
-    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
-    writer.close()
-
-
-async def test_a_websocket_handshake_whose_headers_never_end_is_closed(start_server) -> None:
-    server = start_server("--request-timeout", "0.5")
-    reader, writer = await asyncio.open_connection(*host_port(server.url))
-    writer.write(b"GET /ws/0123 HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n")
+    writer.write(sent)
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
     writer.close()

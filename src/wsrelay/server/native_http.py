@@ -65,12 +65,22 @@ ROUTES: dict[bytes, tuple[str, Publisher]] = {
 
 MAX_HEAD_BYTES = 65536
 """Bytes a request line and headers may take (aiohttp: 8190 per line, 128 lines);
-llhttp sets no limit of its own. Past it: 431, and the connection is closed."""
+llhttp sets no limit of its own. Past it: 431, and the connection is closed. It is
+counted per read from the read after the one the request began in (where the
+request starts in that read is not known), so a head can take one read (at most
+256 KiB with uvloop) more before it is refused: a bound on memory, not an exact
+size."""
 
 MAX_QUEUED = 16
 """Requests parsed but not yet answered (pipelining) before reading pauses."""
 
 REPLAY_BLOCK = 4096
+
+LINGER_SECONDS = 2.0
+"""After refusing a request whose rest is still arriving, how long what the client
+sends is read and dropped before the connection closes: closing a socket with
+unread data sends a reset, which can destroy the answer before the client reads it
+(aiohttp lingers the same way)."""
 
 
 class _Foreign(Exception):
@@ -299,7 +309,10 @@ class PublishConnection(asyncio.Protocol):
                 return
             transport.write(response)
             if request.close:
-                transport.close()
+                if request.error is not None:
+                    self._linger()
+                else:
+                    transport.close()
                 return
         self._task = None
         if self._stopping:
@@ -335,6 +348,14 @@ class PublishConnection(asyncio.Protocol):
             time.perf_counter() - request.started
         )
         return _head(status, len(body), extra, request.close) + body
+
+    def _linger(self) -> None:
+        """Close after telling the client, reading and dropping what it still sends."""
+        transport = self._transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()  # data_received drops it: _handover is set
+        self._shared.loop.call_later(LINGER_SECONDS, transport.close)
 
     def close_when_answered(self) -> None:
         self._stopping = True
