@@ -273,3 +273,18 @@ async def test_headers_that_never_end_are_refused(api: Api) -> None:
     assert refused.native and refused.status == 431
     assert refused.json()["error"]["code"] == "headers_too_large"  # type: ignore[index]
     await done(writer)
+
+
+async def test_a_publisher_that_does_not_read_its_answers_is_paused_not_dropped(
+    api: Api, topic: str
+) -> None:
+    """20,000 pipelined publishes whose answers (3 MB) are not read for a while: the
+    server stops reading that connection instead of buffering without end, serves
+    others meanwhile, and answers every request once the client reads."""
+    reader, writer = await native_connection(api.base)
+    count = 20_000
+    writer.write(b"".join(publish(topic, str(i)) for i in range(count)))
+    assert await api.publish(f"{topic}.other", "meanwhile") == 0
+    replies = [await answer(reader) for _ in range(count)]
+    assert all(r.status == 200 and r.json() == {"recipients": 0} for r in replies)
+    await done(writer)

@@ -165,6 +165,7 @@ class PublishConnection(asyncio.Protocol):
         "_stopping",
         "_task",
         "_transport",
+        "_writing_paused",
     )
 
     def __init__(self, shared: HttpShared, transport: asyncio.Transport) -> None:
@@ -183,6 +184,7 @@ class PublishConnection(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_at = 0.0
         self._stopping = False
+        self._writing_paused = False
         shared.live.add(self)
         self._touch()  # the first request's headers and body, as aiohttp times them
 
@@ -201,14 +203,13 @@ class PublishConnection(asyncio.Protocol):
             self._anchor_size += len(data)
             if self._anchor_size > self._shared.settings.max_body_size + 65536:
                 self._anchor = None  # one request this large cannot be followed by a foreign one
-        current = self._current
-        in_head = current is not None and current.publisher is None
+        # The request whose head was incomplete when this read came, if any.
+        in_head = self._current if self._current and not self._current.publisher else None
         try:
             self._parser.feed_data(data)
-            current = self._current
-            if in_head and current is not None and current.publisher is None:
-                current.head_size += len(data)  # the head is still not complete
-                if current.head_size > MAX_HEAD_BYTES:
+            if in_head is not None and in_head is self._current and not in_head.publisher:
+                in_head.head_size += len(data)  # the same head, still not complete
+                if in_head.head_size > MAX_HEAD_BYTES:
                     too_long = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
                     self._refuse(HeadersTooLarge(too_long))
         except httptools.HttpParserCallbackError as exc:
@@ -217,8 +218,9 @@ class PublishConnection(asyncio.Protocol):
                 self._found_foreign()
             elif isinstance(reason, _Refused):
                 self._refuse(reason.error)
-            else:
-                raise
+            else:  # a fault of ours: this client gets a 500, the server goes on
+                log.error("unexpected error parsing a publish", exc_info=reason)
+                self._refuse(ServerError("internal error; see the server log"))
         except httptools.HttpParserUpgrade:
             self._found_foreign()  # on_headers_complete sends upgrades away; kept for safety
         except httptools.HttpParserError as exc:
@@ -226,6 +228,17 @@ class PublishConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None
+
+    def pause_writing(self) -> None:
+        # A publisher that does not read its answers is not read either, so what
+        # waits for it stays bounded (the transport's high-water mark).
+        self._writing_paused = True
+        self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if not self._paused and self._handover is None and not self._stopping:
+            self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A request being answered finishes (its publish is not cut in half), as with
@@ -306,10 +319,12 @@ class PublishConnection(asyncio.Protocol):
             request = queue.popleft()
             response = await self._answer(request)
             if transport.is_closing():
+                self._task = None
                 return
             transport.write(response)
             if request.close:
-                if request.error is not None:
+                self._task = None
+                if request.error is not None and not self._stopping:
                     self._linger()
                 else:
                     transport.close()
@@ -323,7 +338,8 @@ class PublishConnection(asyncio.Protocol):
             return
         if self._paused:
             self._paused = False
-            transport.resume_reading()
+            if not self._writing_paused:
+                transport.resume_reading()
         self._touch()  # idle: the next request has request_timeout to arrive
 
     async def _answer(self, request: _Request) -> bytes:
