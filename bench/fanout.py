@@ -10,6 +10,7 @@ and publications go over keep-alive HTTP. See bench/README.md for what every num
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -146,6 +147,10 @@ async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, lis
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Say so now, not after minutes of measuring.
+        print("bench: --plot needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     scenario = build_scenario(
         args.scenario,
         clients=args.clients,

@@ -34,6 +34,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         426: "Not a WebSocket upgrade request.",
         429: "The user already holds max_registrations_per_user registrations "
         "(code too_many_registrations); delete one first.",
+        431: "The request line and headers are too long (code headers_too_large; on a "
+        "publisher's connection served by the native driver).",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
         "unreachable (broker_unavailable); retry later.",
     }
@@ -172,7 +174,7 @@ def document(settings: Settings) -> dict[str, Any]:
                             "description": "Handed to `recipients` connections on this node.",
                             "content": _json("PublishResponse"),
                         },
-                        **_errors(400, *unauthorized, 408, 413, 503),
+                        **_errors(400, *unauthorized, 408, 413, 431, 503),
                     },
                 }
             },
@@ -189,7 +191,7 @@ def document(settings: Settings) -> dict[str, Any]:
                             "description": "Each message's recipient count on this node.",
                             "content": _json("BatchPublishResponse"),
                         },
-                        **_errors(400, *unauthorized, 408, 413, 503),
+                        **_errors(400, *unauthorized, 408, 413, 431, 503),
                     },
                 }
             },
