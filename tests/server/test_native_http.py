@@ -7,8 +7,10 @@ The native driver answers with ``Server: wsrelay``; aiohttp names itself.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -136,6 +138,32 @@ async def test_a_websocket_upgrade_after_a_publish_is_served(api: Api, topic: st
     while frame is not None and frame.opcode != TEXT:
         frame = await socket.frame()
     assert frame is not None and json.loads(frame.payload)["message"] == "upgraded"
+    socket.abort()
+
+
+async def test_a_websocket_upgrade_pipelined_behind_a_publish_is_served(
+    api: Api, topic: str
+) -> None:
+    """Both requests in one write: the upgrade starts in the middle of a read, after a
+    publish, and is found by replaying that read (aiohttp then answers it)."""
+    reg = await api.register(1, [topic])
+    reader, writer = await native_connection(api.base)
+    key = base64.b64encode(os.urandom(16)).decode()
+    upgrade = (
+        f"GET /ws/{reg['id']} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    writer.write(publish(topic, "before the upgrade") + upgrade.encode())
+    first = await answer(reader)
+    assert first.native and first.json() == {"recipients": 0}
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    socket = RawWebSocket(reader, writer)
+    assert await api.publish(topic, "after") == 1
+    frame = await socket.frame()
+    while frame is not None and frame.opcode != TEXT:
+        frame = await socket.frame()
+    assert frame is not None and json.loads(frame.payload)["message"] == "after"
     socket.abort()
 
 

@@ -507,14 +507,20 @@ def message_start(data: bytes, index: int) -> int | None:
     counter = _Begins()
     parser = httptools.HttpRequestParser(counter)
     position = 0
-    try:
-        while position < len(data):
+    while position < len(data):
+        try:
             parser.feed_data(data[position : position + REPLAY_BLOCK])
-            if counter.count > index:
-                break
-            position += REPLAY_BLOCK
-        else:
-            return None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # What follows the request may be an upgrade or anything else: only
+            # whether the request began in this block matters here.
+            if counter.count <= index:
+                return None
+        if counter.count > index:
+            break
+        position += REPLAY_BLOCK
+    else:
+        return None
+    try:
         counter = _Begins()
         parser = httptools.HttpRequestParser(counter)
         if position:
