@@ -101,6 +101,41 @@ async def test_a_client_that_answers_pings_stays(start_server, session, topic) -
     raw.abort()
 
 
+async def test_pings_go_out_a_slice_at_a_time_and_still_reach_everyone(
+    start_server, session
+) -> None:
+    """With a 2 s interval the sweep has two steps per half interval: every silent
+    connection is still pinged and dropped, and one that answers stays."""
+    server = start_server("--ping-interval", "2")
+    api = Api(session, server.url)
+    silent = [await RawWebSocket.connect((await api.register(i))["url"]) for i in range(8)]
+    talker = await RawWebSocket.connect((await api.register(99))["url"])
+
+    async def answer_pings() -> int:
+        pings = 0
+        while (frame := await talker.frame()) is not None:
+            if frame.opcode == PING:
+                pings += 1
+                talker.send(encode_frame(PONG, frame.payload))
+                if pings == 2:
+                    return pings
+        return pings
+
+    async def pinged_then_dropped(raw: RawWebSocket) -> bool:
+        opcodes = []
+        while (frame := await raw.frame()) is not None:
+            opcodes.append(frame.opcode)
+        return PING in opcodes
+
+    # frame() waits TIMEOUT per frame; two intervals of 2 s fit in it
+    results = await asyncio.gather(answer_pings(), *(pinged_then_dropped(r) for r in silent))
+    assert results[0] == 2, "the answering client was dropped before its second ping"
+    assert all(results[1:]), "a silent client was dropped without a ping"
+    await until_connections(api, 1)
+    for raw in (*silent, talker):
+        raw.abort()
+
+
 # -- slow and stalled clients -------------------------------------------------------------------
 
 

@@ -89,15 +89,31 @@ async def _start(app: web.Application) -> None:
         app[HEARTBEAT] = asyncio.create_task(_heartbeat(app[CONNECTIONS], interval))
 
 
+HEARTBEAT_SLICES_PER_SECOND = 2
+"""The sweep's steps per second: connections are pinged a slice at a time, so that
+15,000 pings (and their pongs) are not one stall of the event loop."""
+
+
 async def _heartbeat(connections: set[Connection], interval: float) -> None:
     """One timer for the whole app rather than one per connection (a ``TimerHandle``
     and a libuv timer each). Every interval each connection is pinged; half an
-    interval later, one that has sent nothing since is dropped."""
+    interval later, one that has sent nothing since is dropped.
+
+    Each half interval is cut into steps, and a connection belongs to the step its
+    hash gives, in the ping half and in the check half alike: it is checked exactly
+    half an interval after its ping. One that opened between the two was never
+    pinged and has not been silent, so it is not dropped."""
+    slices = max(1, int(interval / 2 * HEARTBEAT_SLICES_PER_SECOND))
+    step = interval / 2 / slices
     while True:
         for ping in (True, False):
-            await asyncio.sleep(interval / 2)
+            buckets: list[list[Connection]] = [[] for _ in range(slices)]
             for connection in list(connections):
-                connection.heartbeat(ping)
+                buckets[hash(connection) % slices].append(connection)
+            for bucket in buckets:
+                await asyncio.sleep(step)
+                for connection in bucket:
+                    connection.heartbeat(ping)
 
 
 async def _close_connections(app: web.Application) -> None:
