@@ -23,8 +23,15 @@ NORMAL: Final = 1000
 GOING_AWAY: Final = 1001
 """The server is shutting down. Reconnect, possibly to another node."""
 
+PROTOCOL_ERROR: Final = 1002
+"""The client broke the WebSocket protocol (an unmasked or malformed frame, a bad
+fragment sequence); sent by the WebSocket library, both stacks."""
+
 UNSUPPORTED_DATA: Final = 1003
 """Raw-mode client sent a binary frame (JSON-mode clients get an error frame instead)."""
+
+INVALID_PAYLOAD: Final = 1007
+"""The client sent a text message that is not valid UTF-8."""
 
 POLICY_VIOLATION: Final = 1008
 """Raw-mode client sent an invalid command; the close reason names the problem."""
@@ -52,5 +59,7 @@ def should_reconnect(code: int) -> bool:
     return code not in TERMINAL_RANGE and code not in _FIX_THE_CLIENT
 
 
-_FIX_THE_CLIENT: Final = frozenset({NORMAL, UNSUPPORTED_DATA, POLICY_VIOLATION, MESSAGE_TOO_BIG})
+_FIX_THE_CLIENT: Final = frozenset(
+    {NORMAL, PROTOCOL_ERROR, UNSUPPORTED_DATA, INVALID_PAYLOAD, POLICY_VIOLATION, MESSAGE_TOO_BIG}
+)
 """Closes that the same client would provoke again by reconnecting (README: close codes)."""

@@ -22,6 +22,7 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
 from tests.utils import TIMEOUT, Api, ServerProcess, free_port
+from wsrelay import codes
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -280,7 +281,9 @@ async () => {
   const message = await received;
   const unregistered = nextClose(second);
   await fetch(new URL(url).pathname.replace("/ws/", "/register/"), { method: "DELETE" });
-  const codes = [1000, 1001, 1003, 1006, 1008, 1009, 1011, 4000, 4008, 4499, 4500, 4999];
+  const codes = [
+    1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4000, 4008, 4499, 4500, 4999,
+  ];
   return {
     replaced: await replaced,
     firstState: first.state,
@@ -320,18 +323,9 @@ async def test_wsrelay_js_subscribes_receives_and_stops_on_terminal_codes(
     assert result["unregistered"]["code"] == 1000
     assert result["unregistered"]["reconnect"] is False
     assert result["secondState"] == "closed"
-    stop, again = "stop", "reconnect"
+    # the same advice as the server's codes.should_reconnect (and so the README's table)
     assert result["actions"] == {
-        "1000": stop,
-        "1001": again,
-        "1003": stop,
-        "1006": again,
-        "1008": stop,
-        "1009": stop,
-        "1011": again,
-        "4000": again,
-        "4008": again,
-        "4499": again,
-        "4500": stop,
-        "4999": stop,
+        code: "reconnect" if codes.should_reconnect(int(code)) else "stop"
+        for code in result["actions"]
     }
+    assert len(result["actions"]) == 14

@@ -311,8 +311,8 @@ class NativeConnection(Connection, asyncio.Protocol):
             text = bytes(data).decode() if not isinstance(data, bytes) else data.decode()
         except UnicodeDecodeError as exc:
             # RFC 6455 8.1: invalid UTF-8 in a text message fails the connection.
-            self._ws.fail(1007, f"invalid UTF-8 at position {exc.start}")
-            self.closed_with = (1007, "invalid UTF-8 in a text message")
+            self._ws.fail(codes.INVALID_PAYLOAD, f"invalid UTF-8 at position {exc.start}")
+            self.closed_with = (codes.INVALID_PAYLOAD, "invalid UTF-8 in a text message")
             return
         task = self._task
         if task is not None:  # a command is still running: this one waits its turn

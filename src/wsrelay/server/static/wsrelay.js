@@ -17,8 +17,8 @@
  * await relay.connect();
  * await relay.subscribe("cats", "dogs");
  *
- * Close codes (see the server's README): 1000 (registration deleted), 1003, 1008,
- * 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
+ * Close codes (see the server's README): 1000 (registration deleted), 1002, 1003, 1007,
+ * 1008, 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
  * else (1001 going away, 1006 dropped, 1011 server error, 4000-4499) reconnects.
  * @module wsrelay
  */
@@ -46,7 +46,7 @@ export const States = Object.freeze({
  * @returns {"reconnect" | "stop"}
  */
 export function closeAction(code) {
-  if (code === 1000 || code === 1003 || code === 1008 || code === 1009) return "stop";
+  if ([1000, 1002, 1003, 1007, 1008, 1009].includes(code)) return "stop";
   if (code >= 4500 && code <= 4999) return "stop";
   return "reconnect";
 }
