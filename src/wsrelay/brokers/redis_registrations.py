@@ -39,6 +39,14 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Score the id in its user's set by when its key (whose TTL was just set) expires, and
+-- keep the set alive as long as its longest-lived member.
+local function score_in_user_set(set, id, ttl)
+  redis.call('ZADD', set, now_ms() + ttl * 1000 + 1, id)
+  if redis.call('PTTL', set) < ttl * 1000 + 1 then
+    redis.call('PEXPIRE', set, ttl * 1000 + 1)
+  end
+end
 """
 # A score is read from the clock *after* the key's TTL was set, plus 1 ms, so it is never
 # earlier than the moment the key expires: a pruned id is always a dead registration.
@@ -58,10 +66,7 @@ if KEYS[2] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 if KEYS[2] then
-  redis.call('ZADD', KEYS[2], now_ms() + ttl * 1000 + 1, ARGV[4])
-  if redis.call('PTTL', KEYS[2]) < ttl * 1000 + 1 then
-    redis.call('PEXPIRE', KEYS[2], ttl * 1000 + 1)
-  end
+  score_in_user_set(KEYS[2], ARGV[4], ttl)
 end
 return 1
 """
@@ -80,10 +85,7 @@ if redis.call('EXPIRE', KEYS[1], ttl) == 0 then
   return 0
 end
 if KEYS[2] then
-  redis.call('ZADD', KEYS[2], now_ms() + ttl * 1000 + 1, ARGV[2])
-  if redis.call('PTTL', KEYS[2]) < ttl * 1000 + 1 then
-    redis.call('PEXPIRE', KEYS[2], ttl * 1000 + 1)
-  end
+  score_in_user_set(KEYS[2], ARGV[2], ttl)
 end
 return 1
 """
