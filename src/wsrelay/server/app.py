@@ -78,42 +78,9 @@ def create_app(
     return app
 
 
-HEARTBEAT = web.AppKey("heartbeat", asyncio.Task[None])
-
-
 async def _start(app: web.Application) -> None:
     app[FLUSHER] = Flusher(asyncio.get_running_loop())
     await app[RELAY].start()
-    interval = app[SETTINGS].ping_interval
-    if interval:
-        app[HEARTBEAT] = asyncio.create_task(_heartbeat(app[CONNECTIONS], interval))
-
-
-HEARTBEAT_SLICES_PER_SECOND = 2
-"""The sweep's steps per second: connections are pinged a slice at a time, so that
-15,000 pings (and their pongs) are not one stall of the event loop."""
-
-
-async def _heartbeat(connections: set[Connection], interval: float) -> None:
-    """One timer for the whole app rather than one per connection (a ``TimerHandle``
-    and a libuv timer each). Every interval each connection is pinged; half an
-    interval later, one that has sent nothing since is dropped.
-
-    Each half interval is cut into steps, and a connection belongs to the step its
-    hash gives, in the ping half and in the check half alike: it is checked exactly
-    half an interval after its ping. One that opened between the two was never
-    pinged and has not been silent, so it is not dropped."""
-    slices = max(1, int(interval / 2 * HEARTBEAT_SLICES_PER_SECOND))
-    step = interval / 2 / slices
-    while True:
-        for ping in (True, False):
-            buckets: list[list[Connection]] = [[] for _ in range(slices)]
-            for connection in list(connections):
-                buckets[hash(connection) % slices].append(connection)
-            for bucket in buckets:
-                await asyncio.sleep(step)
-                for connection in bucket:
-                    connection.heartbeat(ping)
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -126,9 +93,6 @@ async def _close_connections(app: web.Application) -> None:
 
 
 async def _stop(app: web.Application) -> None:
-    heartbeat = app.get(HEARTBEAT)
-    if heartbeat is not None:
-        heartbeat.cancel()
     await app[RELAY].stop()
 
 

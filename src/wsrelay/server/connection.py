@@ -170,7 +170,7 @@ class Connection(Outbox):
         self._send_close(code, reason)
 
     def heartbeat(self, ping: bool) -> None:
-        """Called by the app's sweep (``server/app.py``) every half ping interval:
+        """Called by the keep-alive sweep (``native.keep_alive``) every half ping interval:
         send a ping (``ping``), or drop the connection if nothing came since the
         last one. Nothing here: a driver without keep-alive of its own overrides it."""
 

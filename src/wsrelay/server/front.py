@@ -29,7 +29,7 @@ from typing import cast
 
 from aiohttp import web
 
-from wsrelay.server.native import Shared
+from wsrelay.server.native import Shared, keep_alive
 from wsrelay.server.native_http import HttpShared
 
 ProtocolFor = Callable[[asyncio.Transport], asyncio.Protocol]
@@ -139,7 +139,15 @@ class RelaySite(web.BaseSite):
     runner stops it and reports its addresses like any other site.
     """
 
-    __slots__ = ("_host", "_port", "_publishers", "_reuse_port", "_shared", "_waiting")
+    __slots__ = (
+        "_host",
+        "_keep_alive",
+        "_port",
+        "_publishers",
+        "_reuse_port",
+        "_shared",
+        "_waiting",
+    )
 
     def __init__(
         self,
@@ -157,6 +165,7 @@ class RelaySite(web.BaseSite):
         self._reuse_port = reuse_port
         self._waiting: set[FrontDoor] = set()
         self._publishers: HttpShared | None = None
+        self._keep_alive: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -175,6 +184,9 @@ class RelaySite(web.BaseSite):
         def front_door() -> FrontDoor:
             return FrontDoor(http, websocket, publish, timeout, waiting)
 
+        interval = self._shared.settings.ping_interval
+        if interval:
+            self._keep_alive = asyncio.create_task(keep_alive(self._shared.connections, interval))
         self._server = await asyncio.get_running_loop().create_server(
             front_door,
             self._host,
@@ -188,6 +200,8 @@ class RelaySite(web.BaseSite):
         """Stop listening; close what the native HTTP side holds (aiohttp closes its
         own connections, the app's shutdown the WebSockets)."""
         await super().stop()
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
         for door in list(self._waiting):
             door.abort()
         if self._publishers is not None:

@@ -448,3 +448,32 @@ def _target(path: str) -> tuple[str | None, dict[str, str], str]:
     if not client_id or "/" in client_id:
         raise NotFound(f"no route for GET {redact(parts.path)[:200]}")
     return client_id, query, ROUTE_BY_ID
+
+
+HEARTBEAT_SLICES_PER_SECOND = 2
+"""The sweep's steps per second: connections are pinged a slice at a time, so that
+15,000 pings (and their pongs) are not one stall of the event loop."""
+
+
+async def keep_alive(connections: set[Connection], interval: float) -> None:
+    """The native connections' pings: one timer for the whole app rather than one per
+    connection (a ``TimerHandle`` and a libuv timer each; aiohttp's connections keep
+    their own, and their :meth:`~Connection.heartbeat` does nothing). Every interval
+    each connection is pinged; half an interval later, one that has sent nothing since
+    is dropped. :class:`~wsrelay.server.front.RelaySite` runs it while it listens.
+
+    Each half interval is cut into steps, and a connection belongs to the step its
+    hash gives, in the ping half and in the check half alike: it is checked exactly
+    half an interval after its ping. One that opened between the two was never
+    pinged and has not been silent, so it is not dropped."""
+    slices = max(1, int(interval / 2 * HEARTBEAT_SLICES_PER_SECOND))
+    step = interval / 2 / slices
+    while True:
+        for ping in (True, False):
+            buckets: list[list[Connection]] = [[] for _ in range(slices)]
+            for connection in list(connections):
+                buckets[hash(connection) % slices].append(connection)
+            for bucket in buckets:
+                await asyncio.sleep(step)
+                for connection in bucket:
+                    connection.heartbeat(ping)
