@@ -67,6 +67,38 @@ def test_invalid_setting_is_a_one_line_error() -> None:
     assert result.stderr.strip().count("\n") == 0 and "log_level" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--host", "0.0.0.0", "--api-key", "k3y"), {}),
+        (("--host", "::"), {"WSRELAY_API_KEY": "a-key-long-enough-to-pass,fifteen-chars!!"}),
+        (("--host", "relay.example"), {"WSRELAY_API_KEY": "x"}),
+    ],
+)
+def test_serve_refuses_a_public_address_with_a_short_api_key(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    """A key shorter than 16 characters can be guessed over the network; on loopback
+    (where tests use short keys) it is allowed."""
+    result = run("serve", "--port", "0", *args, env=env)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "16 characters" in result.stderr and "WSRELAY_API_KEY" in result.stderr
+    for key in ("k3y", "fifteen-chars!!", "a-key-long-enough-to-pass"):
+        assert key not in result.stderr  # the message never shows a key
+
+
+def test_short_api_keys_are_allowed_on_loopback_and_with_insecure() -> None:
+    from wsrelay.server.auth import startup_problem
+
+    assert startup_problem(Settings(host="127.0.0.1", api_key=("k",))) is None
+    assert startup_problem(Settings(host="::1", api_key=("k",))) is None
+    assert startup_problem(Settings(host="localhost", api_key=("k",))) is None
+    assert startup_problem(Settings(host="0.0.0.0", api_key=("k",), insecure=True)) is None
+    assert startup_problem(Settings(host="0.0.0.0", api_key=("x" * 16,))) is None
+    assert startup_problem(Settings(host="0.0.0.0", api_key=("x" * 15,))) is not None
+
+
 async def test_environment_configures_the_server_and_flags_win(start_server, session) -> None:
     server = start_server(
         env={"WSRELAY_PUBLIC_URL": "wss://from-env.example", "WSRELAY_MAX_BODY_SIZE": "64"}

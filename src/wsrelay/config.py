@@ -99,14 +99,15 @@ class Settings:
         "API keys that POST /register, DELETE /register/<id>, POST /publish[/batch], GET "
         "/stats, /topics and /metrics require as 'Authorization: Bearer <key>'; several "
         "(repeat the flag, or separate with commas) allow rotation, none asks for no key. "
-        "Prefer the variable: flags are visible to other local users.",
+        "On a non-loopback --host each key must be 16 characters or more. Prefer the "
+        "variable: flags are visible to other local users.",
         metavar="KEY",
         secret=True,
     )
     insecure: bool = _setting(
         False,
-        "Allow listening on a non-loopback address without --api-key (for example behind "
-        "a proxy that authenticates).",
+        "Allow listening on a non-loopback address without --api-key, or with a key "
+        "shorter than 16 characters (for example behind a proxy that authenticates).",
     )
     allowed_origin: tuple[str, ...] = _setting(
         (),
@@ -131,6 +132,12 @@ class Settings:
         "PEM file holding the RSA public key that verifies RS256 connection tokens "
         "(GET /ws?token=...). Default: none.",
         metavar="PATH",
+    )
+    max_token_lifetime: int = _setting(
+        86400,
+        "Seconds ahead of now a connection token's exp may lie; a token meant to live "
+        "longer is refused with 401 invalid_token. 0: no limit.",
+        metavar="SECONDS",
     )
     ping_interval: float = _setting(
         25.0,
@@ -172,6 +179,8 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         if self.max_registrations_per_user < 0:
             problems.append("max_registrations_per_user must be 0 (no limit) or more")
+        if self.max_token_lifetime < 0:
+            problems.append("max_token_lifetime must be 0 (no limit) or more")
         if self.ping_interval < 0:
             problems.append("ping_interval must be 0 (off) or more")
         if self.request_timeout <= 0:

@@ -233,13 +233,56 @@ async def test_bad_tokens_are_refused_before_the_upgrade(start_server) -> None:
     for tok in cases:
         status, body = await token_status(server, tok)
         assert status == 401 and body["error"]["code"] == "invalid_token", (tok, body)
-    status, body = await token_status(server, token({"sub": "1", "topics": ["bad topic"]}))
-    assert status == 400 and body["error"]["code"] == "invalid_topic"
     # The expired token is reported as such only because its signature is good.
     forged_expired = jwt.encode(
         {"sub": "1", "exp": int(time.time()) - 10}, "x" * 40, algorithm="HS256"
     )
     assert (await token_status(server, forged_expired))[1]["error"]["code"] == "invalid_token"
+
+
+async def test_a_token_with_unusable_topics_is_an_invalid_token(start_server) -> None:
+    """The backend signed the topics: the client cannot change them, so a topic the relay
+    refuses makes the whole token invalid (401, do not retry), not a bad request (400)."""
+    server = start_server("--max-topics-per-client", "2", env={"WSRELAY_JWT_SECRET": SECRET})
+    for topics, problem in [
+        (["ok", "bad topic"], "outside"),
+        (["x" * 129], "limit is 128"),
+        ([""], "must not be empty"),
+        (["a", "b", "c"], "at most 2"),
+    ]:
+        status, body = await token_status(server, token({"sub": "1", "topics": topics}))
+        assert status == 401 and body["error"]["code"] == "invalid_token", (topics, body)
+        assert "topics claim" in body["error"]["message"], body
+        assert problem in body["error"]["message"], body
+    await (
+        await websockets.connect(
+            server.ws_url + "/ws?token=" + token({"sub": "1", "topics": ["a", "b"]})
+        )
+    ).close()
+
+
+async def test_a_token_living_longer_than_max_token_lifetime_is_refused(start_server) -> None:
+    """exp may lie at most --max-token-lifetime (default one day) ahead: a token minted to
+    last for ever is refused, not honoured until a leak is noticed."""
+    server = start_server(env={"WSRELAY_JWT_SECRET": SECRET})
+    now = int(time.time())
+    for exp in (10**20, now + 86400 + 120):
+        tok = jwt.encode({"sub": "1", "exp": exp}, SECRET, algorithm="HS256")
+        status, body = await token_status(server, tok)
+        assert status == 401 and body["error"]["code"] == "invalid_token", (exp, body)
+        assert "max_token_lifetime" in body["error"]["message"], body
+        assert "86400" in body["error"]["message"], body
+    ok = jwt.encode({"sub": "1", "exp": now + 86400 - 120}, SECRET, algorithm="HS256")
+    await (await websockets.connect(server.ws_url + "/ws?token=" + ok)).close()
+
+    short = start_server("--max-token-lifetime", "60", env={"WSRELAY_JWT_SECRET": SECRET})
+    status, body = await token_status(short, token({"sub": "1", "exp": now + 600}))
+    assert status == 401 and "60" in body["error"]["message"], body
+    await (await websockets.connect(short.ws_url + "/ws?token=" + token({"sub": "1"}))).close()
+
+    unlimited = start_server(env={"WSRELAY_JWT_SECRET": SECRET, "WSRELAY_MAX_TOKEN_LIFETIME": "0"})
+    far = jwt.encode({"sub": "1", "exp": now + 10 * 365 * 86400}, SECRET, algorithm="HS256")
+    await (await websockets.connect(unlimited.ws_url + "/ws?token=" + far)).close()
 
 
 async def test_tokens_are_404_when_not_configured(api: Api) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -31,11 +32,22 @@ import jwt
 from aiohttp import web
 
 from wsrelay.config import Settings
-from wsrelay.errors import Forbidden, InvalidToken, TokenExpired, Unauthorized
+from wsrelay.core.topics import validate_topics
+from wsrelay.errors import (
+    Forbidden,
+    InvalidToken,
+    InvalidTopic,
+    TokenExpired,
+    TooManyTopics,
+    Unauthorized,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API_KEYS: web.AppKey[tuple[bytes, ...]] = web.AppKey("api_keys")
+
+MIN_PUBLIC_KEY_LENGTH = 16
+"""Shortest API key ``serve`` accepts on an address other machines can reach."""
 
 
 # -- startup ----------------------------------------------------------------------------------
@@ -48,6 +60,18 @@ def startup_problem(settings: Settings) -> str | None:
             f"refusing to listen on {settings.host} without an API key: anyone who can reach "
             "it could register and publish. Set WSRELAY_API_KEY (or --api-key), or pass "
             "--insecure if something in front of the relay authenticates"
+        )
+    short = [
+        str(i) for i, key in enumerate(settings.api_key, 1) if len(key) < MIN_PUBLIC_KEY_LENGTH
+    ]
+    if short and not settings.insecure and not is_loopback(settings.host):
+        return (
+            f"refusing to listen on {settings.host} with an API key shorter than "
+            f"{MIN_PUBLIC_KEY_LENGTH} characters (key {', '.join(short)} of "
+            f"{len(settings.api_key)}): it could be guessed over the network. Set "
+            "WSRELAY_API_KEY to longer keys, e.g. from python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))', or pass --insecure if something in front "
+            "of the relay authenticates"
         )
     if settings.jwt_public_key_file is not None:
         try:
@@ -134,6 +158,9 @@ class TokenClaims:
     topics: tuple[str, ...]
 
 
+_DEFAULTS = Settings()
+
+
 def load_public_key(path: str) -> Any:
     """The RSA public key in PEM file ``path``.
 
@@ -155,10 +182,24 @@ class TokenVerifier:
 
     The key is chosen by the token's ``alg`` among those configured, and only
     those: an RS256 public key is never tried as an HS256 secret (the classic
-    algorithm-confusion forgery), and ``none`` is never accepted.
+    algorithm-confusion forgery), and ``none`` is never accepted. A token whose
+    ``exp`` lies more than ``max_lifetime`` seconds ahead (0: no limit), or whose
+    topics the relay would refuse, is invalid: the backend signed it, so the
+    client cannot fix it.
     """
 
-    def __init__(self, secret: str | None, public_key: Any) -> None:
+    def __init__(
+        self,
+        secret: str | None,
+        public_key: Any,
+        *,
+        max_lifetime: int = _DEFAULTS.max_token_lifetime,
+        max_topic_length: int = _DEFAULTS.max_topic_length,
+        max_topics: int = _DEFAULTS.max_topics_per_client,
+    ) -> None:
+        self._max_lifetime = max_lifetime
+        self._max_topic_length = max_topic_length
+        self._max_topics = max_topics
         self._keys: dict[str, Any] = {}
         if secret is not None:
             self._keys["HS256"] = secret
@@ -172,7 +213,13 @@ class TokenVerifier:
         public_key = None
         if settings.jwt_public_key_file is not None:
             public_key = load_public_key(settings.jwt_public_key_file)
-        return cls(settings.jwt_secret, public_key)
+        return cls(
+            settings.jwt_secret,
+            public_key,
+            max_lifetime=settings.max_token_lifetime,
+            max_topic_length=settings.max_topic_length,
+            max_topics=settings.max_topics_per_client,
+        )
 
     def verify(self, token: str) -> TokenClaims:
         """The claims of ``token``.
@@ -193,9 +240,19 @@ class TokenVerifier:
             raise TokenExpired("the token has expired; get a new one and reconnect") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"the token is not valid: {exc}") from None
+        # PyJWT has checked that int(exp) works and that it has not passed.
+        if self._max_lifetime and int(claims["exp"]) - time.time() > self._max_lifetime:
+            raise InvalidToken(
+                f"the token's exp lies more than {self._max_lifetime} seconds ahead, the "
+                "limit (max_token_lifetime); mint tokens that expire sooner"
+            )
         topics = claims.get("topics", [])
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise InvalidToken("the token's topics claim must be a list of strings")
+        try:
+            validate_topics(topics, self._max_topic_length, self._max_topics)
+        except (InvalidTopic, TooManyTopics) as exc:
+            raise InvalidToken(f"the token's topics claim is not usable: {exc.message}") from None
         return TokenClaims(user=claims["sub"], topics=tuple(topics))
 
 
