@@ -34,13 +34,18 @@ INVALID_PAYLOAD: Final = 1007
 """The client sent a text message that is not valid UTF-8."""
 
 POLICY_VIOLATION: Final = 1008
-"""Raw-mode client sent an invalid command; the close reason names the problem."""
+"""Raw-mode client sent an invalid command, or any client sent pings or pongs faster
+than the server allows (a flood); the close reason names the problem."""
 
 MESSAGE_TOO_BIG: Final = 1009
 """The client sent a message larger than ``max_message_size``."""
 
 INTERNAL_ERROR: Final = 1011
 """Unexpected server failure. Reconnect with backoff."""
+
+TRY_AGAIN_LATER: Final = 1013
+"""The connection was accepted but the broker failed while attaching it (Redis
+unreachable). Reconnect with backoff."""
 
 SLOW_CONSUMER: Final = 4008
 """The client did not read fast enough and its outbox passed ``outbox_limit``

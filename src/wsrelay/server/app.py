@@ -20,14 +20,14 @@ from wsrelay import codes
 from wsrelay.brokers import Backend, from_url
 from wsrelay.config import Settings
 from wsrelay.relay import Relay
-from wsrelay.server import console, http, metrics, ws
+from wsrelay.server import console, http, metrics, routes, ws
 from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, protected
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
 from wsrelay.server.front import RelaySite
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
 from wsrelay.server.limits import SLOTS, ConnectionSlots
-from wsrelay.server.native import Shared
+from wsrelay.server.native import SHARED, Shared, keep_alive
 
 log = logging.getLogger("wsrelay")
 
@@ -57,18 +57,18 @@ def create_app(
     app[RELAY] = Relay(settings, frame_text, backend)
     connections: set[Connection] = set()
     app[CONNECTIONS] = connections
-    app.router.add_get("/health", http.health)
-    app.router.add_get("/ready", http.ready)
-    app.router.add_post("/register", protected(http.register))
-    app.router.add_delete("/register/{client_id}", protected(http.unregister))
-    app.router.add_post("/publish", protected(http.publish))
-    app.router.add_post("/publish/batch", protected(http.publish_batch))
-    app.router.add_get("/stats", protected(http.stats))
-    app.router.add_get("/topics", protected(http.topics))
-    app.router.add_get("/ws/{client_id}", ws.websocket)
-    app.router.add_get("/ws", ws.token_websocket)
-    app.router.add_get("/metrics", protected(metrics.metrics))
-    app.router.add_get("/openapi.json", http.openapi)
+    app.router.add_get(routes.HEALTH, http.health)
+    app.router.add_get(routes.READY, http.ready)
+    app.router.add_post(routes.REGISTER, protected(http.register))
+    app.router.add_delete(routes.UNREGISTER, protected(http.unregister))
+    app.router.add_post(routes.PUBLISH, protected(http.publish))
+    app.router.add_post(routes.PUBLISH_BATCH, protected(http.publish_batch))
+    app.router.add_get(routes.STATS, protected(http.stats))
+    app.router.add_get(routes.TOPICS, protected(http.topics))
+    app.router.add_get(routes.WEBSOCKET_BY_ID, ws.websocket)
+    app.router.add_get(routes.WEBSOCKET_BY_TOKEN, ws.token_websocket)
+    app.router.add_get(routes.METRICS, protected(metrics.metrics))
+    app.router.add_get(routes.OPENAPI, http.openapi)
     app.router.add_get("/console", console.page)
     app.router.add_get("/console/{asset}", console.asset)
     app.router.add_get("/client/wsrelay.js", console.client_script)
@@ -78,8 +78,15 @@ def create_app(
     return app
 
 
+_KEEP_ALIVE = web.AppKey("keep_alive", asyncio.Task[None])
+
+
 async def _start(app: web.Application) -> None:
     app[FLUSHER] = Flusher(asyncio.get_running_loop())
+    app[SHARED] = Shared(app)
+    interval = app[SETTINGS].ping_interval
+    if interval:
+        app[_KEEP_ALIVE] = asyncio.create_task(keep_alive(app[CONNECTIONS], interval))
     await app[RELAY].start()
 
 
@@ -93,6 +100,9 @@ async def _close_connections(app: web.Application) -> None:
 
 
 async def _stop(app: web.Application) -> None:
+    sweep = app.get(_KEEP_ALIVE)
+    if sweep is not None:
+        sweep.cancel()
     await app[RELAY].stop()
 
 
@@ -120,7 +130,7 @@ async def serve(
         if settings.stack == "native":
             # New WebSockets and publishers go to the native drivers, all else to aiohttp.
             site = RelaySite(
-                runner, Shared(app), settings.host, settings.port, reuse_port=reuse_port
+                runner, app[SHARED], settings.host, settings.port, reuse_port=reuse_port
             )
         else:
             site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)

@@ -1,9 +1,8 @@
 """One WebSocket connection as a :class:`~wsrelay.core.registry.Sink`, and the flusher.
 
-:class:`Connection` is what both WebSocket drivers share: the outbox, the
-flush and the close. :class:`AiohttpConnection` closes through aiohttp's
-``WebSocketResponse``; :class:`wsrelay.server.native.NativeConnection` through
-its own protocol.
+:class:`Connection` is the fan-out's side of a connection: the outbox, the
+flush and the start of the close. :class:`wsrelay.server.native.NativeConnection`,
+the driver every WebSocket runs on, says how a close is sent.
 
 Fan-out only appends frames to outboxes. Once per event-loop pass the
 :class:`Flusher` writes each dirty connection's frames with one transport call,
@@ -17,10 +16,8 @@ whole frames too (pongs, pings, the close frame), so frames never interleave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from aiohttp import web
 from websockets.frames import Frame, Opcode
 
 from wsrelay import codes
@@ -37,9 +34,6 @@ the event-loop pass. One pass can queue a lot for one client (32 batch publishes
 1000 messages landing together is 3 MB); written as it is made, most of it goes to
 the kernel, and the outbox limit measures what the client has not read rather than
 what one pass produced. 64 KiB per write keeps the system calls as few as ever."""
-
-MAX_CLOSE_REASON = 123
-"""RFC 6455 5.5: a control frame's payload is at most 125 bytes, 2 of them the code."""
 
 
 def frame_text(payload: bytes) -> bytes:
@@ -93,7 +87,7 @@ class Connection(Outbox):
     close is sent (:meth:`_send_close`) and when it is over (:meth:`wait_closed`).
     """
 
-    __slots__ = ("_flusher", "_stats", "_transport", "closed_with", "closing", "raw")
+    __slots__ = ("_flusher", "_stats", "_transport", "closing", "raw")
 
     def __init__(
         self,
@@ -107,8 +101,6 @@ class Connection(Outbox):
         super().__init__(outbox_limit)
         self.raw = raw
         self.closing = False
-        self.closed_with: tuple[int, str] | None = None
-        """The code and reason this side closed with, once it did."""
         self._transport = transport
         self._flusher = flusher
         self._stats = stats if stats is not None else ConnectionStats()
@@ -165,7 +157,6 @@ class Connection(Outbox):
         if flush:
             self.flush()
         self.closing = True
-        self.closed_with = (code, reason)
         self.take_raw()
         self._send_close(code, reason)
 
@@ -175,48 +166,9 @@ class Connection(Outbox):
         last one. Nothing here: a driver without keep-alive of its own overrides it."""
 
     def _send_close(self, code: int, reason: str) -> None:
+        """Send the close frame (``reason`` may need cutting to fit) and see it through."""
         raise NotImplementedError
 
     async def wait_closed(self) -> None:
         """Return once the connection has closed (after :meth:`close`)."""
         raise NotImplementedError
-
-
-class AiohttpConnection(Connection):
-    """A connection that aiohttp's ``WebSocketResponse`` reads and closes."""
-
-    __slots__ = ("_closer", "_ws")
-
-    def __init__(
-        self,
-        ws: web.WebSocketResponse,
-        transport: asyncio.Transport,
-        *,
-        raw: bool,
-        outbox_limit: int,
-        flusher: Flusher,
-        stats: ConnectionStats | None = None,
-    ) -> None:
-        super().__init__(
-            transport, raw=raw, outbox_limit=outbox_limit, flusher=flusher, stats=stats
-        )
-        self._ws = ws
-        self._closer: asyncio.Task[None] | None = None
-
-    def _send_close(self, code: int, reason: str) -> None:
-        self._closer = asyncio.ensure_future(self._close(code, reason))
-
-    async def wait_closed(self) -> None:
-        if self._closer is not None:
-            await self._closer
-
-    async def _close(self, code: int, reason: str) -> None:
-        # A peer that never reads (a slow consumer) would keep the transport open
-        # forever, waiting to flush; past the deadline it is dropped. abort() on a
-        # transport that already closed cleanly does nothing.
-        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
-        message = reason.encode()[:MAX_CLOSE_REASON]
-        with contextlib.suppress(ConnectionError):
-            # No drain: the close frame is queued behind whatever the peer has not
-            # read yet, and aiohttp waits at most CLOSE_TIMEOUT for its answer.
-            await self._ws.close(code=code, message=message, drain=False)

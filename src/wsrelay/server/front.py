@@ -8,7 +8,7 @@ the first request line and hands the connection, bytes and all, to:
   (docs/decisions/0004);
 * :class:`~wsrelay.server.native_http.PublishConnection` if it is
   ``POST /publish`` or ``POST /publish/batch`` (HTTP/1.1): a publisher, served
-  at twice aiohttp's speed (docs/decisions/0005), which passes the connection
+  at about 2.9 times aiohttp's requests/s (docs/decisions/0005), which passes the connection
   on to aiohttp at the first request that is not a publish;
 * aiohttp's own protocol otherwise (its ``web.Server`` is the protocol factory
   aiohttp passes to ``loop.create_server`` itself).
@@ -22,25 +22,17 @@ with the same rules. ``--stack aiohttp`` leaves everything to aiohttp.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 from collections.abc import Callable
 from typing import cast
 
 from aiohttp import web
 
-from wsrelay.server.native import Shared, keep_alive
+from wsrelay.server.native import Shared
 from wsrelay.server.native_http import HttpShared
+from wsrelay.server.routes import NATIVE_PREFIXES, PUBLISH_REQUEST_LINE, WEBSOCKET_REQUEST_LINE
 
 ProtocolFor = Callable[[asyncio.Transport], asyncio.Protocol]
-
-WEBSOCKET_REQUEST_LINE = re.compile(rb"GET /ws(?:[/?][^ \r\n]*)? HTTP/1\.1\r?\n")
-"""The first request lines the native WebSocket driver takes."""
-
-PUBLISH_REQUEST_LINE = re.compile(rb"POST /publish(?:/batch)?(?:\?[^ \r\n]*)? HTTP/1\.1\r?\n")
-"""The first request lines the native HTTP driver takes."""
-
-_PREFIXES = (b"GET /ws", b"POST /publish")
 
 MAX_PEEK = 8192
 """Bytes read while looking for the end of the first request line; a longer line
@@ -129,7 +121,7 @@ class FrontDoor(asyncio.Protocol):
 
 def _may_be_routed(start: bytes) -> bool:
     """Whether ``start``, the beginning of a first line, could still be a routed one."""
-    return any(prefix.startswith(start[: len(prefix)]) for prefix in _PREFIXES)
+    return any(prefix.startswith(start[: len(prefix)]) for prefix in NATIVE_PREFIXES)
 
 
 class RelaySite(web.BaseSite):
@@ -141,7 +133,6 @@ class RelaySite(web.BaseSite):
 
     __slots__ = (
         "_host",
-        "_keep_alive",
         "_port",
         "_publishers",
         "_reuse_port",
@@ -165,7 +156,6 @@ class RelaySite(web.BaseSite):
         self._reuse_port = reuse_port
         self._waiting: set[FrontDoor] = set()
         self._publishers: HttpShared | None = None
-        self._keep_alive: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -184,9 +174,6 @@ class RelaySite(web.BaseSite):
         def front_door() -> FrontDoor:
             return FrontDoor(http, websocket, publish, timeout, waiting)
 
-        interval = self._shared.settings.ping_interval
-        if interval:
-            self._keep_alive = asyncio.create_task(keep_alive(self._shared.connections, interval))
         self._server = await asyncio.get_running_loop().create_server(
             front_door,
             self._host,
@@ -200,8 +187,6 @@ class RelaySite(web.BaseSite):
         """Stop listening; close what the native HTTP side holds (aiohttp closes its
         own connections, the app's shutdown the WebSockets)."""
         await super().stop()
-        if self._keep_alive is not None:
-            self._keep_alive.cancel()
         for door in list(self._waiting):
             door.abort()
         if self._publishers is not None:

@@ -18,9 +18,16 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from wsrelay.core.registry import Client
+    from wsrelay.core.session import Closed
+    from wsrelay.server.metrics import Metrics
+
+conn_log = logging.getLogger("wsrelay.connections")
 
 SHOWN_ID_CHARS = 8
 """Characters of a client id that logs show (32 of its 128 bits)."""
@@ -48,6 +55,37 @@ def route_of(request: web.Request) -> str:
 def redact(text: str) -> str:
     """``text`` with every run of 16 or more hex digits shortened like an id."""
     return _HEX_RUN.sub(lambda m: short_id(m.group()), text)
+
+
+def log_opened(metrics: Metrics, client: Client, raw: bool, peer: str | None) -> None:
+    """Count and log one opened WebSocket."""
+    metrics.connections_opened.inc()
+    conn_log.info(
+        "connection opened",
+        extra={
+            "event": "ws_open",
+            "client": short_id(client.id),
+            "user": client.user,
+            "format": "raw" if raw else "json",
+            "peer": peer,
+        },
+    )
+
+
+def log_closed(metrics: Metrics, client: Client, closed: Closed) -> None:
+    """Count and log one closed WebSocket: who closed it, with what code and why."""
+    metrics.connections_closed.labels(str(closed.code)).inc()
+    conn_log.info(
+        "connection closed",
+        extra={
+            "event": "ws_close",
+            "client": short_id(client.id),
+            "code": closed.code,
+            "reason": closed.reason,
+            "by": closed.by,
+            "seconds": round(closed.seconds, 3),
+        },
+    )
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -1,30 +1,41 @@
-"""The WebSocket driver for connections that ``wsrelay serve`` accepts itself.
+"""The WebSocket driver: a pump between a socket and a :class:`~wsrelay.core.session.Session`.
 
-Why it exists: with aiohttp serving a WebSocket, every idle connection keeps
-aiohttp's whole HTTP request alive (the request handler, the parsed request,
-two tasks and the coroutine frames of the middleware chain), about 15 KiB per
-connection before the relay adds anything (docs/decisions/0003). Here a
-connection is one :class:`NativeConnection`: an ``asyncio.Protocol`` that is
-also its outbox, plus the ``websockets`` library's sans-I/O
-:class:`~websockets.server.ServerProtocol`, which parses the handshake and every
-frame, answers pings and runs the closing handshake. No task or coroutine lives
-as long as the connection; the transport calls back, and a task exists only
-while a handshake or a command waits for the relay (docs/decisions/0004).
+Every WebSocket the relay serves, on either stack, is one
+:class:`NativeConnection`: an ``asyncio.Protocol`` that is also its outbox, plus
+the ``websockets`` library's sans-I/O :class:`~websockets.server.ServerProtocol`,
+which parses the handshake and every frame, checks masking and UTF-8, and runs
+the closing handshake. What a frame means (a command, a refusal, a flood) is
+the session's to decide; this module only carries bytes and actions.
 
-:mod:`wsrelay.server.front` decides which connections come here: fresh ones
-whose first request line is ``GET /ws...``. The rules (who may connect, what a
-command does) are shared with the aiohttp driver in :mod:`wsrelay.server.ws`.
+It takes a connection in one of two ways:
+
+* fresh, from :class:`~wsrelay.server.front.FrontDoor` (``wsrelay serve``'s own
+  listening socket), handshake included: an idle connection then costs a third
+  of aiohttp's memory (docs/decisions/0004);
+* adopted from aiohttp (:mod:`wsrelay.server.ws`) right after aiohttp answered
+  the upgrade: an upgrade on a kept-alive connection, ``--stack aiohttp``, or an
+  app mounted in another aiohttp application.
+
+No task or coroutine lives as long as the connection; the transport calls back,
+and a task exists only while a handshake or commands wait for the relay.
+
+Flow control, so that one client cannot cost the others: input is parsed a
+slice (:data:`READ_SLICE`) at a time, and reading stops while commands wait
+for the relay (commands keep their order; a flood waits in the kernel) and
+while more than the outbox limit waits to be written to the client (pongs and
+acknowledgements included). Of the pings one slice brings, only the last is
+answered (RFC 6455 5.5.3 allows it), and the session closes a client that
+keeps sending control frames (:data:`wsrelay.core.session.CONTROL_FRAME_RATE`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, cast
 
 from aiohttp import web
 from websockets.datastructures import Headers
@@ -33,29 +44,31 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from wsrelay import codes
 from wsrelay.core.schema import encode
-from wsrelay.errors import (
-    BadRequest,
-    ClientError,
-    NotFound,
-    RelayError,
-    ServerError,
-    UnsupportedFrame,
-    UpgradeRequired,
+from wsrelay.core.session import (
+    ABNORMAL_CLOSURE,
+    Action,
+    Close,
+    Gate,
+    Send,
+    Session,
+    admit,
+    close_reason,
 )
-from wsrelay.server import ws
+from wsrelay.errors import BadRequest, RelayError, ServerError, UpgradeRequired
+from wsrelay.server import routes
+from wsrelay.server.auth import TOKENS, check_origin
 from wsrelay.server.connection import (
     CLOSE_TIMEOUT,
-    MAX_CLOSE_REASON,
     Connection,
     ConnectionStats,
     Flusher,
+    frame_text,
 )
 from wsrelay.server.errors import error_headers, log_refused
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
 from wsrelay.server.limits import SLOTS
-from wsrelay.server.logs import redact
+from wsrelay.server.logs import log_closed, log_opened
 from wsrelay.server.metrics import METRICS
 
 log = logging.getLogger("wsrelay.server")
@@ -68,8 +81,10 @@ _protocol_log.setLevel(logging.WARNING)
 PING = Frame(Opcode.PING, b"").serialize(mask=False)
 """The keep-alive ping, built once for every connection."""
 
-ROUTE_BY_ID = "/ws/{client_id}"
-ROUTE_BY_TOKEN = "/ws"
+READ_SLICE = 8 * 1024
+"""Bytes handed to the frame parser at a time. Between slices the driver checks
+whether to go on: a 256 KiB read of 6-byte pings is 43,690 frames, and parsing them
+in one go held the event loop for every other client."""
 
 Data = bytes | bytearray | memoryview
 """What websockets hands over as a frame's payload."""
@@ -78,50 +93,154 @@ _BINARY: list[Data] = []
 """Stands for a binary message arriving in pieces: refused once it is whole, never kept."""
 
 
-class Shared:
-    """What every native connection of one app uses: one reference each."""
+class _BinaryMessage:
+    """Queued in place of a binary message: the session refuses it in its turn."""
 
-    __slots__ = ("app", "connections", "flusher", "loop", "metrics", "relay", "settings", "stats")
+
+_BINARY_MESSAGE = _BinaryMessage()
+
+_Queued = bytes | _BinaryMessage
+
+
+class WebSocketProtocol(ServerProtocol):
+    """websockets' server protocol, answering only the last ping of a slice.
+
+    ``ServerProtocol`` queues a pong for every ping as it parses it; a client
+    sending thousands at once would get thousands of writes. RFC 6455 5.5.3: an
+    endpoint "MAY elect to send a Pong frame for only the most recently processed
+    Ping frame", which :meth:`pong` does after each slice.
+    """
+
+    pong_due: bytes | None = None
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.PING and self.state is State.OPEN:
+            self.pong_due = bytes(frame.data)
+            self.events.append(frame)
+            return
+        super().recv_frame(frame)
+
+    def pong(self) -> None:
+        """Answer the last ping received, if one is unanswered."""
+        data = self.pong_due
+        if data is not None:
+            self.pong_due = None
+            if self.state is State.OPEN:
+                self.send_pong(data)
+
+
+class Shared:
+    """What every WebSocket of one app uses: one reference each."""
+
+    __slots__ = (
+        "app",
+        "connections",
+        "flusher",
+        "gate",
+        "loop",
+        "metrics",
+        "relay",
+        "settings",
+        "stats",
+    )
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.relay = app[RELAY]
-        self.settings = app[SETTINGS]
+        self.settings = settings = app[SETTINGS]
         self.metrics = app[METRICS]
         self.stats: ConnectionStats = self.metrics.stats
         self.flusher: Flusher = app[FLUSHER]
         self.connections: set[Connection] = app[CONNECTIONS]
         self.loop = asyncio.get_running_loop()
+        verifier = app[TOKENS]
+        origins = settings.allowed_origin
+
+        def origin_allowed(origin: str | None) -> None:
+            check_origin(origin, origins)
+
+        self.gate = Gate(
+            relay=self.relay,
+            check_origin=origin_allowed,
+            verify_token=verifier.verify if verifier is not None else None,
+            slots=app[SLOTS],
+        )
+
+    def protocol(self, state: State = State.CONNECTING) -> WebSocketProtocol:
+        return WebSocketProtocol(
+            state=state, max_size=self.settings.max_message_size, logger=_protocol_log
+        )
 
     def connection(self, transport: asyncio.Transport) -> NativeConnection:
+        """A fresh connection whose handshake has not been read yet."""
         return NativeConnection(self, transport)
 
 
-class NativeConnection(Connection, asyncio.Protocol):
-    """One WebSocket, from its handshake to its close.
+SHARED = web.AppKey("websocket_shared", Shared)
 
-    Phases: the handshake (a task runs :func:`wsrelay.server.ws.admit`, reading
-    paused), open (frames arrive through :meth:`data_received`; a command that
-    waits on the relay runs in a task, reading paused until it is done, so
-    commands keep their order and a flood waits in the kernel), and closed
-    (:meth:`connection_lost` starts the task that detaches the client).
+
+async def handshake(
+    gate: Gate,
+    wsp: ServerProtocol,
+    request: Request,
+    client_id: str | None,
+    query: Mapping[str, str],
+) -> tuple[Session, Response]:
+    """Decide a handshake on either stack: :func:`~wsrelay.core.session.admit`, with
+    websockets checking the upgrade headers. Returns the session and the 101 answer.
+
+    Raises:
+        RelayError: the handshake is refused (the error knows its status).
+    """
+    accepted: list[Response] = []
+
+    def check_upgrade() -> None:
+        response = wsp.accept(request)
+        if response.status_code == HTTPStatus.UPGRADE_REQUIRED:
+            raise UpgradeRequired("this endpoint only speaks WebSocket; send an Upgrade request")
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            raise BadRequest(f"invalid WebSocket handshake: {wsp.handshake_exc}")
+        accepted.append(response)
+
+    # Lower-cased names, the first of repeated headers.
+    headers = {k.lower(): v for k, v in reversed(list(request.headers.raw_items()))}
+    session = await admit(gate, client_id, query, headers, check_upgrade)
+    return session, accepted[0]
+
+
+class NativeConnection(Connection, asyncio.Protocol):
+    """One WebSocket, from its handshake (or its adoption) to its close.
+
+    Phases: the handshake (a task runs :func:`handshake`, reading paused), open
+    (frames arrive through :meth:`data_received`; commands queue for one task,
+    reading paused until they are done), and closed (:meth:`connection_lost`
+    starts the task that detaches the client, or the running task does).
     """
 
     __slots__ = (
-        "_admission",
         "_closed",
+        "_commands",
         "_deadline",
+        "_early",
         "_fragments",
         "_heard",
         "_lost",
-        "_opened",
+        "_previous",
         "_shared",
         "_task",
+        "_unread",
         "_waiter",
+        "_write_paused",
         "_ws",
+        "session",
     )
 
-    def __init__(self, shared: Shared, transport: asyncio.Transport) -> None:
+    def __init__(
+        self,
+        shared: Shared,
+        transport: asyncio.Transport,
+        wsp: WebSocketProtocol | None = None,
+    ) -> None:
         super().__init__(
             transport,
             raw=False,
@@ -130,19 +249,25 @@ class NativeConnection(Connection, asyncio.Protocol):
             stats=shared.stats,
         )
         self._shared = shared
-        self._ws = ServerProtocol(max_size=shared.settings.max_message_size, logger=_protocol_log)
-        self._admission: ws.Admission | None = None
+        self._ws = wsp if wsp is not None else shared.protocol()
+        self.session: Session | None = None
         self._task: asyncio.Task[None] | None = None
+        self._commands: list[_Queued] | None = None  # text (or a binary marker) awaiting its turn
+        self._unread: bytes | None = None  # received, not parsed yet: a task runs
+        self._early: list[Frame] | None = None  # frames that came with the handshake
         self._fragments: list[Data] | None = None  # a text message arriving in pieces
         self._heard = True  # anything received since the last ping
         self._lost = False
         self._closed = False  # everything after the connection ended is done
+        self._write_paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._opened = 0.0
+        self._previous: asyncio.BaseProtocol | None = None  # aiohttp's, for an adopted one
         # Until the handshake is answered, the request timeout applies, as on HTTP.
-        self._deadline: asyncio.TimerHandle | None = shared.loop.call_later(
-            shared.settings.request_timeout, transport.abort
-        )
+        self._deadline: asyncio.TimerHandle | None = None
+        if wsp is None:
+            self._deadline = shared.loop.call_later(
+                shared.settings.request_timeout, transport.abort
+            )
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -151,59 +276,170 @@ class NativeConnection(Connection, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._heard = True
-        wsp = self._ws
-        wsp.receive_data(data)
-        events = wsp.events_received()
-        if self._admission is None and self._task is None:
-            for index, event in enumerate(events):
-                if isinstance(event, Request):
-                    # Frames may not precede the answer (RFC 6455 4.1), but keep any.
-                    later = cast(list[Frame], events[index + 1 :])
-                    self._transport.pause_reading()
-                    self._task = self._shared.loop.create_task(self._handshake(event, later))
-                    return
-        elif events:
-            self._on_frames(cast(list[Frame], events))
-        self._write_pending()
+        if self._unread is not None:  # a task runs; what came before must be parsed first
+            self._unread += data
+            self._transport.pause_reading()
+            return
+        self._receive(data)
 
     def eof_received(self) -> bool | None:
-        self._ws.receive_eof()
-        self._write_pending()
+        if self._unread is None:
+            self._ws.receive_eof()
+            self._write_pending()
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._lost = True
+        self._unread = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        previous, self._previous = self._previous, None
+        if previous is not None:  # aiohttp's request handler ends its side too
+            previous.connection_lost(exc)
         if self._task is None:  # else the running task ends the connection
             self._task = self._shared.loop.create_task(self._end())
 
-    # -- the handshake ------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        # More than the outbox limit waits for this client: read nothing more from it
+        # (a client that sends pings and never reads would otherwise grow our memory).
+        self._write_paused = True
+        self._transport.pause_reading()
 
-    async def _handshake(self, request: Request, later: list[Frame]) -> None:
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._task is None and not self._lost:
+            self._transport.resume_reading()
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; keep the rest unparsed once a task runs."""
+        wsp = self._ws
+        size = len(data)
+        offset = 0
+        while offset < size:
+            chunk = data if size <= READ_SLICE else data[offset : offset + READ_SLICE]
+            offset += READ_SLICE
+            wsp.receive_data(chunk)
+            events = wsp.events_received()
+            if events:
+                self._on_events(cast(list[Frame | Request], events))
+            wsp.pong()
+            self._write_pending()
+            if wsp.eof_sent:  # closed: the rest is discarded
+                break
+            if self._task is not None and offset < size:
+                self._unread = data[offset:]
+                break
+        if self._task is not None or self._write_paused:
+            self._transport.pause_reading()
+
+    def _on_events(self, events: Sequence[Frame | Request]) -> None:
+        if self.session is None:
+            if self._task is None:
+                for index, event in enumerate(events):
+                    if isinstance(event, Request):
+                        # Frames may not precede the answer (RFC 6455 4.1), but keep any.
+                        self._early = cast(list[Frame], list(events[index + 1 :]))
+                        self._task = self._shared.loop.create_task(self._handshake(event))
+                        return
+            elif self._early is not None:
+                self._early.extend(cast(list[Frame], events))
+            return
+        self._on_frames(cast(Sequence[Frame], events))
+
+    def _on_frames(self, frames: Sequence[Frame]) -> None:
+        control = 0
+        for frame in frames:
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT:
+                if frame.fin:
+                    self._queue(frame.data)
+                else:
+                    self._fragments = [frame.data]
+            elif opcode is Opcode.CONT:  # websockets checked that a message is open
+                fragments = self._fragments
+                if fragments is _BINARY:
+                    if frame.fin:
+                        self._fragments = None
+                        self._queue(_BINARY_MESSAGE)
+                elif fragments is not None:
+                    fragments.append(frame.data)
+                    if frame.fin:
+                        self._fragments = None
+                        self._queue(b"".join(fragments))
+            elif opcode is Opcode.BINARY:
+                if frame.fin:
+                    self._queue(_BINARY_MESSAGE)
+                else:
+                    self._fragments = _BINARY
+            elif opcode is Opcode.PING or opcode is Opcode.PONG:
+                control += 1
+            # CLOSE: websockets answered it.
+        if control and self.session is not None and not self.closing:
+            flood = self.session.on_control_frames(control, self._shared.loop.time())
+            if flood is not None:
+                self._apply(flood)
+
+    def _queue(self, data: Data | _BinaryMessage) -> None:
+        """A whole message: carried out in order, after those before it."""
+        if self.closing:
+            return
+        item: _Queued = data if isinstance(data, bytes | _BinaryMessage) else bytes(data)
+        if self._commands is None:
+            self._commands = [item]
+        else:
+            self._commands.append(item)
+        if self._task is None:
+            self._task = self._shared.loop.create_task(self._run_commands())
+
+    async def _run_commands(self) -> None:
+        session = self.session
+        assert session is not None
+        commands = self._commands
+        while commands and not self.closing:
+            item = commands.pop(0)
+            if isinstance(item, _BinaryMessage):
+                action: Action | None = session.on_binary()
+            else:
+                action = await session.on_text(item)
+            if action is not None:
+                self._apply(action)
+        self._commands = None
+        await self._idle()
+
+    async def _idle(self) -> None:
+        """The running task is done: end the connection if it is gone, else read on."""
+        self._task = None
+        if self._lost:
+            await self._end()
+            return
+        unread, self._unread = self._unread, None
+        if unread:
+            self._receive(unread)
+        elif not self._write_paused:
+            # Also when closing: the client's answer to our close must be read.
+            self._transport.resume_reading()
+
+    def _apply(self, action: Action) -> None:
+        if isinstance(action, Send):
+            self.send(frame_text(action.payload))
+        elif action.fail:
+            self._fail(action)
+        else:
+            self.close(action.code, action.reason)
+
+    # -- the handshake --------------------------------------------------------------------------
+
+    async def _handshake(self, request: Request) -> None:
         shared = self._shared
         started = time.perf_counter()
-        wsp = self._ws
-        route = ROUTE_BY_ID
-        accepted: list[Response] = []
+        route = routes.WEBSOCKET_BY_ID
         try:
-            client_id, query, route = _target(request.path)
-
-            def check_upgrade() -> None:
-                response = wsp.accept(request)
-                if response.status_code == HTTPStatus.UPGRADE_REQUIRED:
-                    raise UpgradeRequired(
-                        "this endpoint only speaks WebSocket; send an Upgrade request"
-                    )
-                if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
-                    raise BadRequest(f"invalid WebSocket handshake: {wsp.handshake_exc}")
-                accepted.append(response)
-
-            # Lower-cased names, the first of repeated headers, as ws.admit expects.
-            headers = {k.lower(): v for k, v in reversed(list(request.headers.raw_items()))}
-            admission = await ws.admit(shared.app, client_id, query, headers, check_upgrade)
+            client_id, query, route = routes.websocket_target(request.path)
+            session, response = await handshake(shared.gate, self._ws, request, client_id, query)
         except RelayError as exc:
             self._refuse(exc, route, started)
             return
@@ -211,17 +447,16 @@ class NativeConnection(Connection, asyncio.Protocol):
             log.exception("unexpected error in GET %s", route)
             self._refuse(ServerError("internal error; see the server log"), route, started)
             return
-        try:
-            shared.app[SLOTS].acquire()  # 503 past --max-connections
-        except RelayError as exc:
-            self._refuse(exc, route, started)
-            await ws.release(shared.relay, admission)
-            return
-        self._admission = admission
+        self.session = session
         if self._lost:  # the peer left while we were deciding
             await self._end()
             return
-        await self._open(accepted[0], later)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._ws.send_response(response)
+        self._write_pending()
+        await self._start(session)
 
     def _refuse(self, error: RelayError, route: str, started: float) -> None:
         """Answer the handshake with ``error`` as JSON, as every HTTP error is."""
@@ -236,11 +471,11 @@ class NativeConnection(Connection, asyncio.Protocol):
             }
         )
         status = HTTPStatus(error.http_status)
-        peer = self._peer()
-        log_refused("GET", route, error, peer)
+        log_refused("GET", route, error, self._peer())
         shared.metrics.request_latency("GET", route, error.http_status).observe(
             time.perf_counter() - started
         )
+        self._early = None
         if not self._lost:
             self._ws.send_response(Response(status.value, status.phrase, headers, body))
             self._write_pending()
@@ -248,104 +483,42 @@ class NativeConnection(Connection, asyncio.Protocol):
         if self._lost:
             self._task = shared.loop.create_task(self._end())
 
-    async def _open(self, response: Response, later: list[Frame]) -> None:
-        shared, admission = self._shared, self._admission
-        assert admission is not None
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self.raw = admission.raw
-        self._ws.send_response(response)
-        self._write_pending()
-        self._opened = time.monotonic()
-        ws.log_opened(shared.metrics, admission.client, admission.raw, self._peer())
+    def adopt(self, session: Session, previous: Any) -> None:
+        """Take over a connection whose upgrade aiohttp answered: from now on this
+        protocol reads and writes it. ``previous`` is aiohttp's request handler,
+        which hands over the bytes it read past the handshake and hears of the end."""
+        tail: list[bytes] = []
+        previous.set_parser(_Tail(tail))  # aiohttp feeds what it holds, then nothing more
+        previous.keep_alive(False)
+        self._transport.set_protocol(self)
+        self._previous = previous
+        self.session = session
+        self._unread = b"".join(tail) if tail else None
+        self._transport.pause_reading()
+        self._task = self._shared.loop.create_task(self._start(session))
+
+    async def _start(self, session: Session) -> None:
+        shared = self._shared
+        self.raw = session.raw
+        session.open(time.monotonic())
+        self._transport.set_write_buffer_limits(high=self.limit)
+        log_opened(shared.metrics, session.client, session.raw, self._peer())
         shared.connections.add(self)
         try:
-            await shared.relay.attach(admission.client, self)
-        except ClientError as exc:  # unregistered while the handshake ran
-            self.close(exc.close_code if admission.raw else codes.NORMAL, "unregistered")
-        except Exception:
-            log.exception("could not attach a connection")
-            self.close(codes.INTERNAL_ERROR, "internal error")
-        if later and not self.closing:
-            self._on_frames(later)
+            await shared.relay.attach(session.client, self)
+        except Exception as exc:
+            self._apply(session.on_attach_failed(exc))
+        early, self._early = self._early, None
+        if early and not self.closing:
+            self._on_frames(early)
+            self._ws.pong()
             self._write_pending()
-        await self._commands_done()
-
-    # -- frames -------------------------------------------------------------------------------
-
-    def _on_frames(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            opcode = frame.opcode
-            if opcode is Opcode.TEXT:
-                if frame.fin:
-                    self._on_text(frame.data)
-                else:
-                    self._fragments = [frame.data]
-            elif opcode is Opcode.CONT:  # websockets checked that a message is open
-                fragments = self._fragments
-                if fragments is _BINARY:
-                    if frame.fin:
-                        self._fragments = None
-                        self._refuse_binary()
-                elif fragments is not None:
-                    fragments.append(frame.data)
-                    if frame.fin:
-                        self._fragments = None
-                        self._on_text(b"".join(fragments))
-            elif opcode is Opcode.BINARY:
-                if frame.fin:
-                    self._refuse_binary()
-                else:
-                    self._fragments = _BINARY
-            # PING: websockets queued the pong. PONG: _heard is set. CLOSE: answered.
-
-    def _refuse_binary(self) -> None:
-        if not self.closing and self._admission is not None:
-            ws.report(self, UnsupportedFrame(ws.BINARY_REFUSED))
-
-    def _on_text(self, data: Data) -> None:
-        if self.closing or self._admission is None:
+        if self._commands:  # the early frames brought commands: run them now
+            await self._run_commands()
             return
-        try:
-            text = bytes(data).decode() if not isinstance(data, bytes) else data.decode()
-        except UnicodeDecodeError as exc:
-            # RFC 6455 8.1: invalid UTF-8 in a text message fails the connection.
-            self._ws.fail(codes.INVALID_PAYLOAD, f"invalid UTF-8 at position {exc.start}")
-            self.closed_with = (codes.INVALID_PAYLOAD, "invalid UTF-8 in a text message")
-            return
-        task = self._task
-        if task is not None:  # a command is still running: this one waits its turn
-            self._task = self._shared.loop.create_task(self._after(task, text))
-            return
-        self._transport.pause_reading()
-        self._task = self._shared.loop.create_task(self._command(text))
+        await self._idle()
 
-    async def _command(self, text: str) -> None:
-        admission = self._admission
-        assert admission is not None
-        try:
-            await ws.on_text(self._shared.relay, admission.client, self, text)
-        except ServerError as exc:  # the broker went away: this command failed, not the server
-            ws.report(self, ClientError(exc.message, code=exc.code))
-        except Exception:
-            log.exception("unexpected error in a WebSocket command")
-            self.close(codes.INTERNAL_ERROR, "internal error")
-        await self._commands_done()
-
-    async def _after(self, previous: asyncio.Task[None], text: str) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(previous)
-        await self._command(text)
-
-    async def _commands_done(self) -> None:
-        if asyncio.current_task() is not self._task:
-            return  # another command was queued behind this one; it finishes up
-        self._task = None
-        if self._lost:
-            await self._end()
-        else:  # also when closing: the client's answer to our close must be read
-            self._transport.resume_reading()
+    # -- output ---------------------------------------------------------------------------------
 
     def _write_pending(self) -> None:
         transport = self._transport
@@ -359,13 +532,31 @@ class NativeConnection(Connection, asyncio.Protocol):
             self.closing = True
             self._drop_later()
 
-    # -- closing ------------------------------------------------------------------------------
+    # -- closing --------------------------------------------------------------------------------
 
     def _send_close(self, code: int, reason: str) -> None:
+        if self.session is not None:
+            action = self.session.closing(code, reason)
+        else:
+            action = Close(code, close_reason(reason))
+        code, reason = action.code, action.reason
         wsp = self._ws
         if wsp.state is State.OPEN:
-            wsp.send_close(code, reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore"))
+            wsp.send_close(code, reason)
             self._write_pending()
+        self._drop_later()
+
+    def _fail(self, action: Close) -> None:
+        """Fail the connection (RFC 6455 7.1.7): the close frame, then the end of the
+        TCP connection without waiting for the client's answer; nothing more is read."""
+        if self.closing:
+            return
+        self.closing = True
+        self.take_raw()
+        self._unread = None
+        self._commands = None
+        self._ws.fail(action.code, action.reason)
+        self._write_pending()
         self._drop_later()
 
     def _drop_later(self) -> None:
@@ -380,9 +571,11 @@ class NativeConnection(Connection, asyncio.Protocol):
         if ping:
             self._heard = False  # any frame from now on proves the client is there
             self._transport.write(PING)
-        elif not self._heard:
+        elif not self._heard and self._task is None and not self._write_paused:
+            # (Not while we stopped reading: then the silence is ours.)
             self.closing = True
-            self.closed_with = (ws.ABNORMAL_CLOSURE, "no pong within half the ping interval")
+            if self.session is not None:
+                self.session.closing(ABNORMAL_CLOSURE, "no pong within half the ping interval")
             self._transport.abort()
 
     async def wait_closed(self) -> None:
@@ -394,20 +587,19 @@ class NativeConnection(Connection, asyncio.Protocol):
 
     async def _end(self) -> None:
         """After the connection is gone: detach the client and account for it."""
-        shared, admission = self._shared, self._admission
+        shared, session = self._shared, self.session
         try:
-            if admission is not None:
-                client = admission.client
+            if session is not None:
                 try:
-                    if self._opened:
+                    if session.opened_at:
                         shared.connections.discard(self)
-                        await shared.relay.detach(client, self)
-                        code, reason, by = self._close_record()
-                        seconds = time.monotonic() - self._opened
-                        ws.log_closed(shared.metrics, client, code, reason, by, seconds)
+                        await shared.relay.detach(session.client, self)
+                        record = session.ended(
+                            time.monotonic(), received=self._received(), failed=self._failed()
+                        )
+                        log_closed(shared.metrics, session.client, record)
                 finally:
-                    shared.app[SLOTS].release()
-                    await ws.release(shared.relay, admission)
+                    await session.release()
         except Exception:
             log.exception("could not detach a closed connection")
         finally:
@@ -416,38 +608,38 @@ class NativeConnection(Connection, asyncio.Protocol):
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
 
-    def _close_record(self) -> tuple[int, str, str]:
-        """Close code, reason, and who closed: for the log line and the metric."""
-        if self.closed_with is not None:
-            return (*self.closed_with, "server")
+    def _received(self) -> tuple[int, str] | None:
+        """The client's close frame, if the client closed first."""
         wsp = self._ws
         if wsp.close_rcvd is not None and wsp.close_rcvd_then_sent is not False:
-            return wsp.close_rcvd.code, wsp.close_rcvd.reason, "client"
-        if wsp.close_sent is not None:  # websockets failed the connection
-            return wsp.close_sent.code, wsp.close_sent.reason, "server"
-        return ws.ABNORMAL_CLOSURE, "", "client"
+            return wsp.close_rcvd.code, wsp.close_rcvd.reason
+        return None
+
+    def _failed(self) -> tuple[int, str] | None:
+        """The close websockets sent on a protocol error, if it did."""
+        sent = self._ws.close_sent
+        return (sent.code, sent.reason) if sent is not None else None
 
     def _peer(self) -> str | None:
         peer = self._transport.get_extra_info("peername")
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
-def _target(path: str) -> tuple[str | None, dict[str, str], str]:
-    """``(client_id or None, query, route)`` of a handshake's request target.
+class _Tail:
+    """Stands in for aiohttp's WebSocket parser for a moment: keeps the bytes aiohttp
+    read past the handshake, which :meth:`NativeConnection.adopt` then parses."""
 
-    Raises:
-        NotFound: the path is neither ``/ws`` nor ``/ws/<id>``.
-    """
-    parts = urlsplit(path)
-    query: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        query.setdefault(key, value)  # the first one counts, as in aiohttp
-    if parts.path == ROUTE_BY_TOKEN:
-        return None, query, ROUTE_BY_TOKEN
-    client_id = unquote(parts.path[len("/ws/") :]) if parts.path.startswith("/ws/") else ""
-    if not client_id or "/" in client_id:
-        raise NotFound(f"no route for GET {redact(parts.path)[:200]}")
-    return client_id, query, ROUTE_BY_ID
+    __slots__ = ("_tail",)
+
+    def __init__(self, tail: list[bytes]) -> None:
+        self._tail = tail
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._tail.append(bytes(data))
+        return False, b""
+
+    def feed_eof(self) -> None:
+        """aiohttp's handler saw the end; the connection's protocol hears it itself."""
 
 
 HEARTBEAT_SLICES_PER_SECOND = 2
@@ -456,11 +648,10 @@ HEARTBEAT_SLICES_PER_SECOND = 2
 
 
 async def keep_alive(connections: set[Connection], interval: float) -> None:
-    """The native connections' pings: one timer for the whole app rather than one per
-    connection (a ``TimerHandle`` and a libuv timer each; aiohttp's connections keep
-    their own, and their :meth:`~Connection.heartbeat` does nothing). Every interval
-    each connection is pinged; half an interval later, one that has sent nothing since
-    is dropped. :class:`~wsrelay.server.front.RelaySite` runs it while it listens.
+    """Every WebSocket's pings: one timer for the whole app rather than one per
+    connection (a ``TimerHandle`` and a libuv timer each). Every interval each
+    connection is pinged; half an interval later, one that has sent nothing since
+    is dropped. The app runs it from startup to cleanup.
 
     Each half interval is cut into steps, and a connection belongs to the step its
     hash gives, in the ping half and in the check half alike: it is checked exactly

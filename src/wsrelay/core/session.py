@@ -1,0 +1,367 @@
+"""The rules of one WebSocket connection, without I/O: events in, actions out.
+
+Every transport that carries a client (the native driver and aiohttp's
+handshake, both pumping :mod:`websockets`' frames through
+:class:`wsrelay.server.native.NativeConnection`; later SSE) asks a
+:class:`Session` what to do, so a rule is written once:
+
+* :func:`admit` decides a handshake (origin, registration or token, format,
+  upgrade, a connection slot) and returns the session, or raises the
+  :class:`~wsrelay.errors.ClientError` to answer with;
+* :meth:`Session.on_text` carries out one command through the :class:`Relay`
+  and answers it: an acknowledgement, an error frame, or (raw mode) a close; a
+  broker failure is an error frame like any other, on every transport;
+* :meth:`Session.on_binary`, :meth:`Session.on_control_frames` and
+  :meth:`Session.on_attach_failed` answer the other inputs;
+* :meth:`Session.closing` and :meth:`Session.ended` keep the close
+  bookkeeping: who closed, with which code and why, and a close reason that is
+  always valid UTF-8 within the 123 bytes a close frame allows.
+
+A session performs no I/O itself. The relay calls it makes are awaited, which
+is why :meth:`Session.on_text` is a coroutine; what reaches the client is
+returned as a :class:`Send` or :class:`Close` for the driver to carry out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from wsrelay import codes
+from wsrelay.core.registry import Client
+from wsrelay.core.schema import ClientCommand, ErrorDetail, ErrorFrame, SubscribedFrame, decode
+from wsrelay.core.schema import encode as encode_json
+from wsrelay.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    ClientError,
+    InvalidField,
+    InvalidToken,
+    NotFound,
+    RelayError,
+    ServerError,
+    UnsupportedFrame,
+)
+
+log = logging.getLogger("wsrelay.server")
+
+MAX_CLOSE_REASON: Final = 123
+"""RFC 6455 5.5: a control frame's payload is at most 125 bytes, 2 of them the code."""
+
+ABNORMAL_CLOSURE: Final = 1006
+"""RFC 6455: no close frame was exchanged (never sent on the wire; for logs and metrics)."""
+
+CONTROL_FRAME_BURST: Final = 100
+"""Pings and pongs a client may send at once before the rate below applies."""
+
+CONTROL_FRAME_RATE: Final = 20.0
+"""Pings and pongs per second a client may keep sending. A client's keep-alive needs
+one every few seconds; past this the client is flooding, and each control frame costs
+the server a parse (and a ping, a pong), so it is closed with
+:data:`wsrelay.codes.POLICY_VIOLATION`."""
+
+FORMATS: Final = ("json", "raw")
+
+BINARY_REFUSED: Final = "binary frames are not supported; send JSON text"
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to at most :data:`MAX_CLOSE_REASON` bytes of UTF-8, never inside a
+    character (a cut character would make the client fail the connection with 1007)."""
+    encoded = reason.encode()
+    if len(encoded) <= MAX_CLOSE_REASON:
+        return reason
+    return encoded[:MAX_CLOSE_REASON].decode(errors="ignore")
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``payload`` to the client as one text message (after what is queued)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection with ``code``; ``reason`` is already valid for a close frame."""
+
+    code: int
+    reason: str
+    fail: bool = False
+    """Fail the connection (RFC 6455 7.1.7): end it once the close frame is written,
+    without reading anything more (a flood, invalid UTF-8)."""
+
+
+Action = Send | Close
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """How a connection ended, for its log line and the close-code metric."""
+
+    code: int
+    reason: str
+    by: str
+    """``server`` or ``client``: who closed (or failed) the connection."""
+    seconds: float
+
+
+class Claims(Protocol):
+    """What a verified connection token grants."""
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def topics(self) -> tuple[str, ...]: ...
+
+
+class Slots(Protocol):
+    """The connection limit: taken by :func:`admit`, given back by :meth:`Session.release`."""
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class RelayLike(Protocol):
+    """The part of :class:`wsrelay.relay.Relay` a session uses."""
+
+    async def lookup(self, client_id: str) -> Client: ...
+    async def register(self, user_id: int | str | None, topics: Iterable[str] = ()) -> Client: ...
+    async def unregister(self, client_id: str) -> None: ...
+    async def set_topics(self, client: Client, topics: Iterable[str]) -> None: ...
+    async def subscribe(self, client: Client, topics: Iterable[str]) -> None: ...
+    async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """What admission needs, as plain values (no web framework's application)."""
+
+    relay: RelayLike
+    check_origin: Callable[[str | None], None]
+    """Raises :class:`~wsrelay.errors.Forbidden` for an origin that is not allowed."""
+    verify_token: Callable[[str], Claims] | None
+    """Verifies a connection token, or None if tokens are not enabled."""
+    slots: Slots
+
+
+async def admit(
+    gate: Gate,
+    client_id: str | None,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    check_upgrade: Callable[[], None],
+) -> Session:
+    """Decide a handshake for ``/ws/<client_id>`` (or, if ``client_id`` is None,
+    ``/ws?token=...``), in the order a client can act on: origin (403), the
+    registration or token (404/401), the format (400), the upgrade itself (426,
+    ``check_upgrade``), a connection slot (503), and only then any registration
+    made from a token. ``headers`` is read with lower-case names.
+
+    Raises:
+        ClientError: the handshake is refused; the error knows its status.
+        ServerError: the registration store is unreachable or the node is full (503).
+    """
+    gate.check_origin(headers.get("origin"))  # 403 before anything
+    relay = gate.relay
+    if client_id is not None:
+        client = await relay.lookup(client_id)  # 404
+        raw = _is_raw(query)
+        check_upgrade()
+        gate.slots.acquire()
+        return Session(gate, client, raw, temporary=False)
+    if gate.verify_token is None:
+        raise NotFound(
+            "connection tokens are not enabled on this server (--jwt-secret or "
+            "--jwt-public-key-file); register with POST /register and use /ws/<id>"
+        )
+    token = query.get("token")
+    if not token:
+        raise InvalidToken("pass the connection token as /ws?token=<token>")
+    claims = gate.verify_token(token)  # 401 token_expired / invalid_token
+    raw = _is_raw(query)  # refuse a doomed request before registering anything
+    check_upgrade()
+    gate.slots.acquire()
+    try:
+        client = await relay.register(claims.user, claims.topics)
+    except BaseException:
+        gate.slots.release()
+        raise
+    return Session(gate, client, raw, temporary=True)
+
+
+def _is_raw(query: Mapping[str, str]) -> bool:
+    fmt = query.get("format", "json")
+    if fmt not in FORMATS:
+        raise BadRequest(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return fmt == "raw"
+
+
+_COMMANDS: Final = ("topics", "subscribe", "unsubscribe")
+
+
+class Session:
+    """One admitted connection's state and rules; see the module docstring.
+
+    Lifecycle: :func:`admit` makes it; the driver calls :meth:`open` once the
+    upgrade is answered, feeds it inputs, calls :meth:`ended` once the
+    connection is gone and :meth:`release` last.
+    """
+
+    __slots__ = (
+        "_allowance",
+        "_checked",
+        "client",
+        "closed_with",
+        "gate",
+        "opened_at",
+        "raw",
+        "temporary",
+    )
+
+    def __init__(self, gate: Gate, client: Client, raw: bool, *, temporary: bool) -> None:
+        self.gate = gate
+        self.client = client
+        self.raw = raw
+        """Raw mode: publications are the bare message; errors close the connection."""
+        self.temporary = temporary
+        """Registered from a connection token: unregistered when the connection ends."""
+        self.opened_at = 0.0
+        self.closed_with: tuple[int, str] | None = None
+        """The code and reason this side closed with, once it did."""
+        self._allowance = float(CONTROL_FRAME_BURST)
+        self._checked = 0.0
+
+    def open(self, now: float) -> None:
+        """The upgrade was answered at ``now`` (monotonic seconds)."""
+        self.opened_at = now
+        self._checked = now
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    async def on_text(self, data: bytes | str) -> Action | None:
+        """Carry out one text message, a command, and return its answer: the
+        acknowledgement (JSON mode; none in raw mode), an error frame (JSON mode),
+        or a close naming the problem (raw mode, where a frame would read as a
+        message). Never raises: an unexpected failure closes with 1011."""
+        if isinstance(data, bytes | bytearray | memoryview):
+            try:
+                data = bytes(data).decode()
+            except UnicodeDecodeError as exc:
+                # RFC 6455 8.1: invalid UTF-8 in a text message fails the connection.
+                return self.closing(
+                    codes.INVALID_PAYLOAD,
+                    f"invalid UTF-8 in a text message at byte {exc.start}",
+                    fail=True,
+                )
+        try:
+            name, topics = _decode_command(data)
+            relay, client = self.gate.relay, self.client
+            if name == "topics":
+                await relay.set_topics(client, topics)
+            elif name == "subscribe":
+                await relay.subscribe(client, topics)
+            else:
+                await relay.unsubscribe(client, topics)
+        except ClientError as exc:
+            return self.report(exc)
+        except ServerError as exc:  # the broker went away: this command failed, not the client
+            return self.report(ClientError(exc.message, code=exc.code))
+        except Exception:
+            log.exception("unexpected error in a WebSocket command")
+            return self.closing(codes.INTERNAL_ERROR, "internal error")
+        if self.raw:
+            return None
+        return Send(encode_json(SubscribedFrame(sorted(self.client.topics))))
+
+    def on_binary(self) -> Action:
+        """A binary message arrived (whole): refused."""
+        return self.report(UnsupportedFrame(BINARY_REFUSED))
+
+    def on_control_frames(self, count: int, now: float) -> Close | None:
+        """``count`` pings or pongs arrived at ``now``: a close if the client floods
+        (a token bucket of :data:`CONTROL_FRAME_BURST` refilled at
+        :data:`CONTROL_FRAME_RATE` per second)."""
+        allowance = self._allowance + (now - self._checked) * CONTROL_FRAME_RATE
+        self._checked = now
+        allowance = min(allowance, float(CONTROL_FRAME_BURST)) - count
+        self._allowance = allowance
+        if allowance >= 0:
+            return None
+        return self.closing(
+            codes.POLICY_VIOLATION,
+            f"too many pings and pongs: at most {CONTROL_FRAME_BURST} at once and "
+            f"{CONTROL_FRAME_RATE:g} per second",
+            fail=True,
+        )
+
+    def on_attach_failed(self, error: Exception) -> Close:
+        """The relay would not attach the connection after the upgrade."""
+        if isinstance(error, ClientError):  # unregistered while the handshake ran
+            return self.closing(error.close_code if self.raw else codes.NORMAL, "unregistered")
+        if isinstance(error, ServerError):
+            return self.closing(codes.TRY_AGAIN_LATER, error.message)
+        log.error("could not attach a connection", exc_info=error)
+        return self.closing(codes.INTERNAL_ERROR, "internal error")
+
+    def report(self, error: RelayError) -> Action:
+        """An error frame in JSON mode; in raw mode a close whose reason names it."""
+        if self.raw:
+            return self.closing(error.close_code, error.message)
+        return Send(encode_json(ErrorFrame(ErrorDetail(code=error.code, message=error.message))))
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def closing(self, code: int, reason: str, *, fail: bool = False) -> Close:
+        """This side closes with ``code``: recorded (the first close counts) and
+        returned with a reason fit for a close frame."""
+        action = Close(code, close_reason(reason), fail)
+        if self.closed_with is None:
+            self.closed_with = (action.code, action.reason)
+        return action
+
+    def ended(
+        self,
+        now: float,
+        *,
+        received: tuple[int, str] | None = None,
+        failed: tuple[int, str] | None = None,
+    ) -> Closed:
+        """The connection is gone: how it ended. ``received``: the client's close
+        frame, if it closed first; ``failed``: the close the WebSocket library sent
+        on a protocol error (1002, 1007, 1009)."""
+        seconds = now - self.opened_at
+        if self.closed_with is not None:
+            return Closed(*self.closed_with, "server", seconds)
+        if received is not None:
+            return Closed(*received, "client", seconds)
+        if failed is not None:
+            return Closed(*failed, "server", seconds)
+        return Closed(ABNORMAL_CLOSURE, "", "client", seconds)
+
+    async def release(self) -> None:
+        """Give back what :func:`admit` took: the slot, and a registration made from
+        a token. Call once, after the connection has ended."""
+        self.gate.slots.release()
+        if self.temporary:
+            with contextlib.suppress(NotFound, BrokerUnavailable):  # deleted, or the store is down
+                await self.gate.relay.unregister(self.client.id)
+
+
+def _decode_command(text: str) -> tuple[str, list[str]]:
+    command = decode(text, ClientCommand)
+    present = [
+        (name, topics)
+        for name, topics in zip(
+            _COMMANDS, (command.topics, command.subscribe, command.unsubscribe), strict=True
+        )
+        if topics is not None
+    ]
+    if len(present) != 1:
+        raise InvalidField('send exactly one of "topics", "subscribe" or "unsubscribe"')
+    return present[0]
