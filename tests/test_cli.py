@@ -131,7 +131,7 @@ def test_pub_and_sub_round_trip(server: ServerProcess, topic: str) -> None:
         env = {"WSRELAY_URL": server.url}
         assert (
             run("pub", topic, "hello from pub", env=env).stdout.strip()
-            == "delivered to 1 connection(s)"
+            == "delivered to 1 connection(s) on this node"
         )
         assert "delivered to 0" in run("pub", topic, "not for 9", "--user-id", "10", env=env).stdout
         assert "delivered to 1" in run("pub", topic, "for 9", "--user-id", "9", env=env).stdout
@@ -232,7 +232,9 @@ def test_pub_stdin_publishes_every_line_in_order_and_sub_json_prints_them(
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("published 3000 message(s) in ")
-        assert result.stdout.rstrip().endswith("delivered to 3000 connection(s) in total")
+        assert result.stdout.rstrip().endswith(
+            "delivered to 3000 connection(s) on this node in total"
+        )
         received = [json.loads(out.next()) for _ in messages]
     assert received == [{"type": "message", "topic": topic, "message": m} for m in messages]
 

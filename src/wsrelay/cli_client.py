@@ -68,9 +68,10 @@ def _add_pub(commands: Any) -> None:
         commands,
         "pub",
         help="publish a message, or one per line of stdin",
-        description="Publish MESSAGE to TOPIC and print how many connections it reached; "
-        "with --stdin, publish each line of the standard input as one message, in order, "
-        "in batches of up to 1000.",
+        description="Publish MESSAGE to TOPIC and print how many connections it reached on "
+        "the node that answered (with a Redis broker, other nodes deliver it too); with "
+        "--stdin, publish each line of the standard input as one message, in order, in "
+        "batches of up to 1000.",
         epilog='example: wsrelay pub cats "are these cats?" --user-id 42\n'
         "         seq 10000 | wsrelay pub cats --stdin",
     )
@@ -188,7 +189,7 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
         return _fail("pub", "give either MESSAGE or --stdin", status=2)
     if not args.stdin:
         recipients = await relay.publish(args.topic, args.message, user_id=user_id)
-        print(f"delivered to {recipients} connection(s)")
+        print(f"delivered to {recipients} connection(s) on this node")
         return 0
     published = delivered = batches = 0
     async for lines in _stdin_batches():
@@ -198,7 +199,7 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
         batches += 1
     print(
         f"published {published} message(s) in {batches} batch(es); "
-        f"delivered to {delivered} connection(s) in total"
+        f"delivered to {delivered} connection(s) on this node in total"
     )
     return 0
 
