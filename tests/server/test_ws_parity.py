@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from tests.redis_server import RedisServer
@@ -73,7 +73,7 @@ class Case:
 
 
 def text(payload: bytes, **kw: bool) -> bytes:
-    return encode_frame(TEXT, payload, **kw)  # type: ignore[arg-type]
+    return encode_frame(TEXT, payload, **kw)
 
 
 CASES = [
