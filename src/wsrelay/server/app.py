@@ -26,7 +26,13 @@ from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
 from wsrelay.server.front import RelaySite
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
-from wsrelay.server.limits import SLOTS, ConnectionSlots
+from wsrelay.server.limits import (
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    MAX_URL_SIZE,
+    SLOTS,
+    ConnectionSlots,
+)
 from wsrelay.server.native import SHARED, Shared, keep_alive
 
 log = logging.getLogger("wsrelay")
@@ -123,6 +129,10 @@ async def serve(
         # Also the header timeout: aiohttp closes a connection that has not sent a
         # whole request this long after connecting (or after its previous request).
         keepalive_timeout=settings.request_timeout,
+        # The same limits as the native publish driver's (server/limits.py).
+        max_line_size=MAX_URL_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        max_headers=MAX_HEADERS,
     )
     await runner.setup()
     try:

@@ -22,7 +22,7 @@ import fnmatch
 import hmac
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -34,6 +34,7 @@ from aiohttp import web
 from wsrelay.config import Settings
 from wsrelay.core.topics import validate_topics
 from wsrelay.errors import (
+    BadRequest,
     Forbidden,
     InvalidToken,
     InvalidTopic,
@@ -99,18 +100,30 @@ def api_keys(settings: Settings) -> tuple[bytes, ...]:
 
 
 def check_api_key(request: web.Request) -> None:
-    """Raises Unauthorized unless the request carries one of the configured keys."""
+    """Raises Unauthorized unless the request carries one of the configured keys
+    (BadRequest if it carries several ``Authorization`` headers)."""
     keys: tuple[bytes, ...] = request.app[API_KEYS]
     if keys:
-        check_authorization(request.headers.get("Authorization", ""), keys)
+        check_authorization(request.headers.getall("Authorization", ()), keys)
 
 
-def check_authorization(header: str, keys: tuple[bytes, ...]) -> None:
-    """Raises Unauthorized unless ``header`` (an ``Authorization`` value) is
-    ``Bearer <key>`` with one of ``keys``."""
+def check_authorization(values: Sequence[str], keys: tuple[bytes, ...]) -> None:
+    """Raises unless ``values``, the request's ``Authorization`` header values in
+    order, are one ``Bearer <key>`` with one of ``keys`` (nothing is checked without
+    ``keys``).
+
+    Raises:
+        BadRequest: there are several ``Authorization`` headers. Which one would count
+            depends on the parser (aiohttp's ``headers.get`` gives the first, a callback
+            parser such as httptools' the last) and on every proxy on the way, so none
+            does.
+        Unauthorized: there is none, or its key is not one of ``keys``.
+    """
     if not keys:
         return
-    scheme, _, given = header.partition(" ")
+    if len(values) > 1:
+        raise BadRequest(f"the request has {len(values)} Authorization headers; send exactly one")
+    scheme, _, given = (values[0] if values else "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise Unauthorized("this endpoint needs 'Authorization: Bearer <API key>'")
     candidate = given.strip().encode()

@@ -1,10 +1,50 @@
-"""Capacity limits that the HTTP adapter enforces before any work is done."""
+"""Capacity limits that the HTTP adapter enforces before any work is done.
+
+The limits on an HTTP request's head are written once, here, and read by both
+stacks: aiohttp's runner (:func:`wsrelay.server.app.serve`) and the native
+publish driver (:mod:`wsrelay.server.native_http`). Past any of them both
+answer 400 and close the connection: aiohttp's parser with its own plain-text
+body, the native driver with JSON (code ``bad_http``). The time a head may take
+is ``--request-timeout`` (``Settings.request_timeout``), counted from the
+connection's start or the previous answer, never restarted by a read.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from wsrelay.errors import ServiceUnavailable
+
+# -- HTTP request heads: the same on both stacks --------------------------------------------------
+
+MAX_URL_SIZE = 8190
+"""Bytes of a request's target (path and query): aiohttp's ``max_line_size``, which
+its parser applies to the target alone (8190 is its default)."""
+
+MAX_FIELD_SIZE = 8190
+"""Bytes of a header field's name, and separately of its value: aiohttp's
+``max_field_size`` (default 8190). The native driver measures each alone. aiohttp's
+C parser (the one in use, 3.14) adds the previous field's name to a name, and the
+first field's name to its value, so it can be stricter there, never laxer."""
+
+MAX_HEADERS = 128
+"""Header fields in one request: aiohttp's ``max_headers`` (default 128)."""
+
+MAX_HEAD_SIZE = (
+    len("OPTIONS  HTTP/1.1\r\n") + MAX_URL_SIZE + MAX_HEADERS * (2 * MAX_FIELD_SIZE + 4) + 2
+)
+"""The request line and headers together: the most the three limits above let
+through (about 2 MiB). aiohttp has no total of its own, so this is the total on
+both stacks; it follows from the others and is not a setting of its own."""
+
+HEAD_BUFFER_SIZE = 65536
+"""Native publish driver only: bytes of an unfinished head (request line and
+headers) it holds before judging it by its size. ``httptools`` reports a header
+field only once the next one starts, so a field that never ends cannot be measured;
+an unfinished head larger than this, and larger than any head within the limits
+could be with the fields received so far, gets 431 ``headers_too_large``. Counted
+from the second read of the request on, so one read more (at most 256 KiB) can
+arrive first."""
 
 
 class ConnectionSlots:

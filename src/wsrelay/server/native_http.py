@@ -18,8 +18,9 @@ parser was between requests at the start of a read (the *anchor*; usually just
 the current read) and, if the request did not start there, replays them into a
 fresh parser (:func:`message_start`).
 
-Same rules as through aiohttp: API key, body size (413 from the declared length,
-before reading), body and keep-alive time (408 / close), JSON errors, the
+Same rules as through aiohttp: API key, the limits on a request's target and
+headers (:mod:`wsrelay.server.limits`, 400), body size (413 from the declared
+length, before reading), body and keep-alive time (408 / close), JSON errors, the
 request-latency histogram and the refused-request log line.
 """
 
@@ -51,6 +52,13 @@ from wsrelay.server import http
 from wsrelay.server.auth import API_KEYS, check_authorization
 from wsrelay.server.errors import error_headers, log_refused
 from wsrelay.server.keys import SETTINGS
+from wsrelay.server.limits import (
+    HEAD_BUFFER_SIZE,
+    MAX_FIELD_SIZE,
+    MAX_HEAD_SIZE,
+    MAX_HEADERS,
+    MAX_URL_SIZE,
+)
 from wsrelay.server.metrics import METRICS
 
 log = logging.getLogger("wsrelay.server")
@@ -62,14 +70,6 @@ ROUTES: dict[bytes, tuple[str, Publisher]] = {
     b"/publish/batch": ("/publish/batch", http.publish_many),
 }
 """Paths served here: the route label (metrics, logs) and the work."""
-
-MAX_HEAD_BYTES = 65536
-"""Bytes a request line and headers may take (aiohttp: 8190 per line, 128 lines);
-llhttp sets no limit of its own. Past it: 431, and the connection is closed. It is
-counted per read from the read after the one the request began in (where the
-request starts in that read is not known), so a head can take one read (at most
-256 KiB with uvloop) more before it is refused: a bound on memory, not an exact
-size."""
 
 MAX_QUEUED = 16
 """Requests parsed but not yet answered (pipelining) before reading pauses."""
@@ -102,6 +102,7 @@ class _Request:
         "declared",
         "error",
         "expect",
+        "fields",
         "head_size",
         "publisher",
         "route",
@@ -114,12 +115,13 @@ class _Request:
         self.target = ""  # the request target, path and query
         self.route = "/publish"  # the route label, once known
         self.publisher: Publisher | None = None
-        self.authorization = ""
+        self.authorization: tuple[str, ...] = ()  # every Authorization header's value
         self.body: list[bytes] = []
         self.close = False
         self.declared = 0  # Content-Length
         self.expect = False
         self.error: RelayError | None = None
+        self.fields = 0  # header fields reported so far
         self.head_size = 0  # bytes of request line and headers, counted per read
 
 
@@ -201,7 +203,7 @@ class PublishConnection(asyncio.Protocol):
         elif self._anchor is not None:
             self._anchor.append(data)
             self._anchor_size += len(data)
-            if self._anchor_size > self._shared.settings.max_body_size + 65536:
+            if self._anchor_size > self._shared.settings.max_body_size + HEAD_BUFFER_SIZE:
                 self._anchor = None  # one request this large cannot be followed by a foreign one
         # The request whose head was incomplete when this read came, if any.
         in_head = self._current if self._current and not self._current.publisher else None
@@ -209,8 +211,11 @@ class PublishConnection(asyncio.Protocol):
             self._parser.feed_data(data)
             if in_head is not None and in_head is self._current and not in_head.publisher:
                 in_head.head_size += len(data)  # the same head, still not complete
-                if in_head.head_size > MAX_HEAD_BYTES:
-                    too_long = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
+                if in_head.head_size > _head_allowance(in_head.fields):
+                    too_long = (
+                        f"the request line and headers are over {in_head.head_size} bytes and "
+                        f"unfinished: a header field or value is over {MAX_FIELD_SIZE} bytes"
+                    )
                     self._refuse(HeadersTooLarge(too_long))
         except httptools.HttpParserCallbackError as exc:
             reason = exc.__context__
@@ -256,15 +261,29 @@ class PublishConnection(asyncio.Protocol):
         self._begun += 1
 
     def on_url(self, url: bytes) -> None:
-        assert self._current is not None
-        self._current.target += url.decode("latin-1")  # it may come in pieces
-
-    def on_header(self, name: bytes, value: bytes) -> None:
         current = self._current
         assert current is not None
+        current.target += url.decode("latin-1")  # it may come in pieces
+        if len(current.target) > MAX_URL_SIZE:  # as aiohttp's max_line_size
+            too_long = f"the request target is over {MAX_URL_SIZE} bytes"
+            raise _Refused(BadRequest(too_long, code="bad_http"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Called once a field has ended (when the next one starts), trailers included.
+        current = self._current
+        assert current is not None
+        current.fields += 1
+        if current.fields > MAX_HEADERS:  # as aiohttp's max_headers
+            too_many = f"the request has more than {MAX_HEADERS} header fields"
+            raise _Refused(BadRequest(too_many, code="bad_http"))
+        if len(value) > MAX_FIELD_SIZE or len(name) > MAX_FIELD_SIZE:  # as aiohttp's
+            field = name[:64].decode("latin-1")
+            too_long = f"the header field {field!r} or its value is over {MAX_FIELD_SIZE} bytes"
+            raise _Refused(BadRequest(too_long, code="bad_http"))
         lowered = name.lower()
         if lowered == b"authorization":
-            current.authorization = value.decode("latin-1")
+            if current.publisher is None:  # in the head, not a trailer
+                current.authorization += (value.decode("latin-1"),)
         elif lowered == b"expect":
             current.expect = True  # aiohttp answers 100-continue
         elif lowered == b"content-length" and value.isdigit():
@@ -458,6 +477,16 @@ class PublishConnection(asyncio.Protocol):
     def _peer(self) -> str | None:
         peer = self._transport.get_extra_info("peername")
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def _head_allowance(fields: int) -> int:
+    """Bytes an unfinished head with ``fields`` header fields reported may have received
+    and still be within the limits: its request line, those fields, one ended but not
+    yet reported (httptools reports a field when the next one starts) and the one
+    arriving. Never less than :data:`HEAD_BUFFER_SIZE`, never more than the largest
+    head, :data:`MAX_HEAD_SIZE`."""
+    within = MAX_HEAD_SIZE - (MAX_HEADERS - fields - 2) * (2 * MAX_FIELD_SIZE + 4)
+    return max(HEAD_BUFFER_SIZE, min(within, MAX_HEAD_SIZE))
 
 
 def _head(status: int, length: int, extra: bytes, close: bool) -> bytes:
