@@ -271,21 +271,7 @@ async def test_trickled_headers_are_cut_at_the_timeout_from_the_first_byte(
     assert_cut_in_time(*await trickle(server.url, first_line_pieces=1))
 
 
-@pytest.mark.parametrize(
-    "stack",
-    [
-        pytest.param(
-            "native",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="server/front.py: FrontDoor hands the connection to the publish "
-                "driver without its accept time, so the driver's clock starts when the first "
-                "line is complete; fixing it needs FrontDoor to pass that time on",
-            ),
-        ),
-        "aiohttp",
-    ],
-)
+@pytest.mark.parametrize("stack", STACKS)
 async def test_a_trickled_first_line_counts_toward_the_header_timeout(
     start_server: Callable[..., ServerProcess], stack: str
 ) -> None:

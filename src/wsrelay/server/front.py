@@ -32,11 +32,13 @@ from wsrelay.server.native import Shared
 from wsrelay.server.native_http import HttpShared
 from wsrelay.server.routes import NATIVE_PREFIXES, PUBLISH_REQUEST_LINE, WEBSOCKET_REQUEST_LINE
 
-ProtocolFor = Callable[[asyncio.Transport], asyncio.Protocol]
+ProtocolFor = Callable[[asyncio.Transport, float], asyncio.Protocol]
+"""A native driver's factory: the transport, and when it was accepted (loop time), from
+which the driver counts the header timeout."""
 
 MAX_PEEK = 8192
 """Bytes read while looking for the end of the first request line; a longer line
-goes to aiohttp, which refuses it (414)."""
+goes to aiohttp, which refuses it (400)."""
 
 
 class FrontDoor(asyncio.Protocol):
@@ -46,6 +48,7 @@ class FrontDoor(asyncio.Protocol):
         "_buffer",
         "_http",
         "_publish",
+        "_since",
         "_timeout",
         "_timer",
         "_transport",
@@ -68,6 +71,7 @@ class FrontDoor(asyncio.Protocol):
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._since = 0.0
         self._timeout = timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,7 +80,9 @@ class FrontDoor(asyncio.Protocol):
         self._waiting.add(self)
         # A client that connects and says nothing is closed after the request timeout,
         # as aiohttp does with a request whose headers never end.
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, stream.abort)
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        self._timer = loop.call_at(self._since + self._timeout, stream.abort)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
@@ -100,7 +106,9 @@ class FrontDoor(asyncio.Protocol):
             self._timer = None
         self._buffer = b""
         self._waiting.discard(self)
-        protocol = driver(transport) if driver is not None else self._http()
+        # A native driver counts its header timeout from the accept; aiohttp starts its
+        # own, which only a first line that looked native yet was not can lengthen.
+        protocol = driver(transport, self._since) if driver is not None else self._http()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(buffer)

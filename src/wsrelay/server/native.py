@@ -171,9 +171,9 @@ class Shared:
             state=state, max_size=self.settings.max_message_size, logger=_protocol_log
         )
 
-    def connection(self, transport: asyncio.Transport) -> NativeConnection:
-        """A fresh connection whose handshake has not been read yet."""
-        return NativeConnection(self, transport)
+    def connection(self, transport: asyncio.Transport, since: float) -> NativeConnection:
+        """A fresh connection accepted at ``since`` (loop time), its handshake unread."""
+        return NativeConnection(self, transport, since=since)
 
 
 SHARED = web.AppKey("websocket_shared", Shared)
@@ -240,6 +240,8 @@ class NativeConnection(Connection, asyncio.Protocol):
         shared: Shared,
         transport: asyncio.Transport,
         wsp: WebSocketProtocol | None = None,
+        *,
+        since: float | None = None,
     ) -> None:
         super().__init__(
             transport,
@@ -262,11 +264,13 @@ class NativeConnection(Connection, asyncio.Protocol):
         self._write_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._previous: asyncio.BaseProtocol | None = None  # aiohttp's, for an adopted one
-        # Until the handshake is answered, the request timeout applies, as on HTTP.
+        # Until the handshake is answered, the request timeout applies, as on HTTP,
+        # counted from the accept (the front door read the first line meanwhile).
         self._deadline: asyncio.TimerHandle | None = None
         if wsp is None:
-            self._deadline = shared.loop.call_later(
-                shared.settings.request_timeout, transport.abort
+            start = shared.loop.time() if since is None else since
+            self._deadline = shared.loop.call_at(
+                start + shared.settings.request_timeout, transport.abort
             )
 
     # -- asyncio.Protocol ---------------------------------------------------------------------

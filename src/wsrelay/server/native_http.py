@@ -48,7 +48,7 @@ from wsrelay.errors import (
     RequestTimeout,
     ServerError,
 )
-from wsrelay.server import http
+from wsrelay.server import http, routes
 from wsrelay.server.auth import API_KEYS, check_authorization
 from wsrelay.server.errors import error_headers, log_refused
 from wsrelay.server.keys import SETTINGS
@@ -66,8 +66,8 @@ log = logging.getLogger("wsrelay.server")
 Publisher = Callable[[web.Application, bytes], Awaitable[msgspec.Struct]]
 
 ROUTES: dict[bytes, tuple[str, Publisher]] = {
-    b"/publish": ("/publish", http.publish_one),
-    b"/publish/batch": ("/publish/batch", http.publish_many),
+    routes.PUBLISH.encode(): (routes.PUBLISH, http.publish_one),
+    routes.PUBLISH_BATCH.encode(): (routes.PUBLISH_BATCH, http.publish_many),
 }
 """Paths served here: the route label (metrics, logs) and the work."""
 
@@ -113,7 +113,7 @@ class _Request:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.target = ""  # the request target, path and query
-        self.route = "/publish"  # the route label, once known
+        self.route = routes.PUBLISH  # the route label, once known
         self.publisher: Publisher | None = None
         self.authorization: tuple[str, ...] = ()  # every Authorization header's value
         self.body: list[bytes] = []
@@ -139,8 +139,9 @@ class HttpShared:
         self.loop = asyncio.get_running_loop()
         self.live: set[PublishConnection] = set()
 
-    def connection(self, transport: asyncio.Transport) -> PublishConnection:
-        return PublishConnection(self, transport)
+    def connection(self, transport: asyncio.Transport, since: float) -> PublishConnection:
+        """A connection accepted at ``since`` (loop time), its first line read."""
+        return PublishConnection(self, transport, since)
 
     def close_all(self) -> None:
         """On shutdown: close every connection once what it has received is answered."""
@@ -170,7 +171,9 @@ class PublishConnection(asyncio.Protocol):
         "_writing_paused",
     )
 
-    def __init__(self, shared: HttpShared, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, shared: HttpShared, transport: asyncio.Transport, since: float | None = None
+    ) -> None:
         self._shared = shared
         self._transport = transport
         self._parser = httptools.HttpRequestParser(self)
@@ -188,7 +191,8 @@ class PublishConnection(asyncio.Protocol):
         self._stopping = False
         self._writing_paused = False
         shared.live.add(self)
-        self._touch()  # the first request's headers and body, as aiohttp times them
+        # The first request's headers and body, as aiohttp times them: from the accept.
+        self._touch(since)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -452,10 +456,11 @@ class PublishConnection(asyncio.Protocol):
 
     # -- time limits --------------------------------------------------------------------------
 
-    def _touch(self) -> None:
-        """Start the request timeout from now (one timer, moved lazily)."""
+    def _touch(self, since: float | None = None) -> None:
+        """Start the request timeout from ``since`` or now (one timer, moved lazily)."""
         loop = self._shared.loop
-        self._deadline_at = loop.time() + self._shared.settings.request_timeout
+        start = loop.time() if since is None else since
+        self._deadline_at = start + self._shared.settings.request_timeout
         if self._deadline is None:
             self._deadline = loop.call_at(self._deadline_at, self._expire)
 

@@ -24,7 +24,8 @@ def _json(name: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
-        400: "Invalid JSON, a missing or wrongly typed field, or an invalid topic.",
+        400: "Invalid JSON, a missing or wrongly typed field, an invalid topic, or more than "
+        "one Authorization header (code bad_request).",
         401: "Missing or wrong credentials (code unauthorized, token_expired or invalid_token); "
         "the answer carries WWW-Authenticate: Bearer.",
         403: "The page's Origin is not in the allowlist (code origin_not_allowed).",
@@ -34,8 +35,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         426: "Not a WebSocket upgrade request.",
         429: "The user already holds max_registrations_per_user registrations "
         "(code too_many_registrations); delete one first.",
-        431: "The request line and headers are too long (code headers_too_large; on a "
-        "publisher's connection served by the native driver).",
+        431: "Headers that never end (code headers_too_large; on a publisher's connection "
+        "served by the native driver).",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
         "unreachable (broker_unavailable); retry later.",
     }
