@@ -383,7 +383,7 @@ class NativeConnection(Connection, asyncio.Protocol):
                 control += 1
             # CLOSE: websockets answered it.
         if control and self.session is not None and not self.closing:
-            flood = self.session.on_control_frames(control, self._shared.loop.time())
+            flood = self.session.on_control_frames(control, time.monotonic())
             if flood is not None:
                 self._apply(flood)
 
