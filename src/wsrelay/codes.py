@@ -43,10 +43,6 @@ MESSAGE_TOO_BIG: Final = 1009
 INTERNAL_ERROR: Final = 1011
 """Unexpected server failure. Reconnect with backoff."""
 
-TRY_AGAIN_LATER: Final = 1013
-"""The connection was accepted but the broker failed while attaching it (Redis
-unreachable). Reconnect with backoff."""
-
 SLOW_CONSUMER: Final = 4008
 """The client did not read fast enough and its outbox passed ``outbox_limit``
 bytes; pending messages were dropped for this client only. Reconnect."""

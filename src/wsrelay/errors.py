@@ -22,8 +22,8 @@ The hierarchy::
     │   ├── TooManyRegistrations    429 too_many_registrations (the user's limit)
     │   └── HeadersTooLarge         431 headers_too_large (request line and headers)
     └── ServerError                 ours (5xx / close 1011)
-        ├── BrokerUnavailable       503 broker_unavailable
-        └── ServiceUnavailable      503 too_many_connections
+        ├── BrokerUnavailable       503 broker_unavailable, Retry-After: 2
+        └── ServiceUnavailable      503 too_many_connections, Retry-After: 5
 
 Over HTTP an error becomes ``{"error": {"code": ..., "message": ...}}`` with
 ``http_status``; on a WebSocket it becomes an error frame with the same body
@@ -43,6 +43,8 @@ class RelayError(Exception):
     code: ClassVar[str] = "error"
     http_status: ClassVar[int] = 500
     close_code: ClassVar[int] = codes.INTERNAL_ERROR
+    retry_after: ClassVar[int | None] = None
+    """Seconds after which the same request may succeed (sent as ``Retry-After``)."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -165,6 +167,7 @@ class ServerError(RelayError):
 class BrokerUnavailable(ServerError):
     code = "broker_unavailable"
     http_status = 503
+    retry_after = 2
 
 
 class ServiceUnavailable(ServerError):
@@ -172,3 +175,4 @@ class ServiceUnavailable(ServerError):
 
     code = "service_unavailable"
     http_status = 503
+    retry_after = 5

@@ -268,15 +268,27 @@ async def test_a_control_frame_flood_fails_the_connection(relay: Relay) -> None:
 # -- attach and close bookkeeping --------------------------------------------------------------
 
 
-async def test_attach_failures(relay: Relay, caplog: Any) -> None:
+async def test_an_attach_refused_before_the_upgrade_is_answered_over_http(
+    relay: Relay, caplog: Any
+) -> None:
+    s = await session(relay)
     gone = NotFound("this registration was deleted", code="unknown_client")
-    assert (await session(relay)).on_attach_failed(gone) == Close(codes.NORMAL, "unregistered")
-    raw = await session(relay, raw=True)
-    assert raw.on_attach_failed(gone).code == codes.POLICY_VIOLATION
-    down = (await session(relay)).on_attach_failed(BrokerUnavailable("Redis is unreachable"))
-    assert down == Close(codes.TRY_AGAIN_LATER, "Redis is unreachable")
-    assert (await session(relay)).on_attach_failed(RuntimeError("bug")).code == 1011
+    assert s.refusal(gone) is gone  # 404
+    down = BrokerUnavailable("Redis is unreachable")
+    assert s.refusal(down) is down and down.retry_after  # 503 with Retry-After
+    bug = s.refusal(RuntimeError("bug"))
+    assert (bug.http_status, bug.code) == (500, "internal_error")
     assert "could not attach a connection" in caplog.text
+
+
+async def test_a_connection_closed_while_attaching_is_refused(relay: Relay) -> None:
+    s = await session(relay)
+    s.closing(codes.NORMAL, "unregistered")
+    assert s.closed_before_open().http_status == 404
+    t = await session(relay)
+    t.closing(codes.REPLACED, "replaced by a newer connection")
+    refusal = t.closed_before_open()
+    assert refusal.http_status == 503 and "replaced" in refusal.message
 
 
 def test_close_reasons_are_cut_at_a_character_boundary() -> None:

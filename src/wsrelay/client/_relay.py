@@ -354,7 +354,7 @@ class Subscription:
     connects, sends the topics and waits for the server's confirmation; then each
     iteration returns the next publication.
 
-    **Reconnecting.** When the connection is lost (close 1001, 1006, 1011, 1013, 4000-4499
+    **Reconnecting.** When the connection is lost (close 1001, 1006, 1011, 4000-4499
     or any other code not listed below) it reconnects to the same registration,
     waiting :class:`Backoff` delays between attempts; if the server no longer knows
     the id (404, e.g. it restarted with the memory store) it registers again, and it

@@ -11,8 +11,8 @@ handshake, both pumping :mod:`websockets`' frames through
 * :meth:`Session.on_text` carries out one command through the :class:`Relay`
   and answers it: an acknowledgement, an error frame, or (raw mode) a close; a
   broker failure is an error frame like any other, on every transport;
-* :meth:`Session.on_binary`, :meth:`Session.on_control_frames` and
-  :meth:`Session.on_attach_failed` answer the other inputs;
+* :meth:`Session.on_binary` and :meth:`Session.on_control_frames` answer the other
+  inputs, :meth:`Session.refusal` an attach that failed before the upgrade was answered;
 * :meth:`Session.closing` and :meth:`Session.ended` keep the close
   bookkeeping: who closed, with which code and why, and a close reason that is
   always valid UTF-8 within the 123 bytes a close frame allows.
@@ -43,6 +43,7 @@ from wsrelay.errors import (
     NotFound,
     RelayError,
     ServerError,
+    ServiceUnavailable,
     UnsupportedFrame,
 )
 
@@ -300,14 +301,22 @@ class Session:
             fail=True,
         )
 
-    def on_attach_failed(self, error: Exception) -> Close:
-        """The relay would not attach the connection after the upgrade."""
-        if isinstance(error, ClientError):  # unregistered while the handshake ran
-            return self.closing(error.close_code if self.raw else codes.NORMAL, "unregistered")
-        if isinstance(error, ServerError):
-            return self.closing(codes.TRY_AGAIN_LATER, error.message)
+    def refusal(self, error: Exception) -> RelayError:
+        """The relay would not attach the connection, before the upgrade was answered:
+        the error to answer the handshake with (a registration deleted meanwhile is a 404,
+        a broker failure a 503 with ``Retry-After``)."""
+        if isinstance(error, RelayError):
+            return error
         log.error("could not attach a connection", exc_info=error)
-        return self.closing(codes.INTERNAL_ERROR, "internal error")
+        return ServerError("internal error; see the server log")
+
+    def closed_before_open(self) -> RelayError:
+        """The connection was closed while it was being attached (a newer connection to
+        the same registration, or ``DELETE /register``): the error to answer with."""
+        code, reason = self.closed_with or (codes.NORMAL, "closed")
+        if code == codes.NORMAL:
+            return NotFound("this registration was deleted", code="unknown_client")
+        return ServiceUnavailable(f"the connection was closed before it opened: {reason}")
 
     def report(self, error: RelayError) -> Action:
         """An error frame in JSON mode; in raw mode a close whose reason names it."""

@@ -87,7 +87,7 @@ class Connection(Outbox):
     close is sent (:meth:`_send_close`) and when it is over (:meth:`wait_closed`).
     """
 
-    __slots__ = ("_flusher", "_stats", "_transport", "closing", "raw")
+    __slots__ = ("_flusher", "_stats", "_transport", "closing", "held", "raw")
 
     def __init__(
         self,
@@ -101,6 +101,8 @@ class Connection(Outbox):
         super().__init__(outbox_limit)
         self.raw = raw
         self.closing = False
+        self.held = False
+        """Frames wait in the outbox, unwritten: the handshake is not answered yet."""
         self._transport = transport
         self._flusher = flusher
         self._stats = stats if stats is not None else ConnectionStats()
@@ -124,6 +126,8 @@ class Connection(Outbox):
         return True
 
     def flush(self) -> None:
+        if self.held:  # written once the 101 is (nothing may precede it on the wire)
+            return
         # Outbox.take_raw() inlined: this runs once per connection per publication.
         first, frames, size = self._first, self._frames, self._pending
         self._first = self._frames = None

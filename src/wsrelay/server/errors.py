@@ -42,12 +42,15 @@ def error_response(error: RelayError) -> web.Response:
 
 def error_headers(error: RelayError) -> dict[str, str]:
     """Headers an error response carries besides its JSON body."""
+    headers: dict[str, str] = {}
     if isinstance(error, Unauthorized):  # RFC 6750 section 3
         challenge = 'Bearer realm="wsrelay"'
         if error.code != Unauthorized.code:  # a connection token was refused
             challenge += ', error="invalid_token"'
-        return {"WWW-Authenticate": challenge}
-    return {}
+        headers["WWW-Authenticate"] = challenge
+    if error.retry_after is not None:  # RFC 9110 10.2.3: when to try again
+        headers["Retry-After"] = str(error.retry_after)
+    return headers
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> RelayError:

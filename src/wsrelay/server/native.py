@@ -31,6 +31,7 @@ keeps sending control frames (:data:`wsrelay.core.session.CONTROL_FRAME_RATE`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -455,12 +456,39 @@ class NativeConnection(Connection, asyncio.Protocol):
         if self._lost:  # the peer left while we were deciding
             await self._end()
             return
+        refusal = await self.attach(session)
+        if refusal is not None:
+            self._refuse(refusal, route, started)
+            return
+        if self._lost:
+            await self._end()
+            return
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         self._ws.send_response(response)
         self._write_pending()
         await self._start(session)
+
+    async def attach(self, session: Session) -> RelayError | None:
+        """Attach the connection to its client before the upgrade is answered, so that
+        a broker failure is still an HTTP answer (503 with ``Retry-After``), never bytes
+        inside a WebSocket. What is published meanwhile waits in the outbox
+        (:attr:`held`) until the 101 is written. Returns the error to refuse with."""
+        self.raw = session.raw
+        self.held = True
+        relay = self._shared.relay
+        try:
+            await relay.attach(session.client, self)
+        except Exception as exc:
+            refusal = session.refusal(exc)
+        else:
+            if not self.closing:
+                return None
+            refusal = session.closed_before_open()  # replaced or unregistered meanwhile
+        with contextlib.suppress(Exception):  # its own failure is the one reported
+            await relay.detach(session.client, self)
+        return refusal
 
     def _refuse(self, error: RelayError, route: str, started: float) -> None:
         """Answer the handshake with ``error`` as JSON, as every HTTP error is."""
@@ -502,16 +530,14 @@ class NativeConnection(Connection, asyncio.Protocol):
         self._task = self._shared.loop.create_task(self._start(session))
 
     async def _start(self, session: Session) -> None:
+        """The 101 is written: what was held goes out, then the frames read so far."""
         shared = self._shared
-        self.raw = session.raw
         session.open(time.monotonic())
         self._transport.set_write_buffer_limits(high=self.limit)
         log_opened(shared.metrics, session.client, session.raw, self._peer())
         shared.connections.add(self)
-        try:
-            await shared.relay.attach(session.client, self)
-        except Exception as exc:
-            self._apply(session.on_attach_failed(exc))
+        self.held = False
+        self.flush()
         early, self._early = self._early, None
         if early and not self.closing:
             self._on_frames(early)

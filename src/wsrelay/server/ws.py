@@ -13,6 +13,8 @@ handler only waits for it to end, so that aiohttp keeps the request open.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 from websockets.datastructures import Headers
 from websockets.http11 import Request
@@ -42,16 +44,23 @@ async def _serve(request: web.Request, client_id: str | None) -> web.StreamRespo
         shared.gate, wsp, Request(request.raw_path, headers), client_id, request.query
     )
     response = web.StreamResponse(status=101, reason="Switching Protocols")
-    response.headers.update(accepted.headers.raw_items())
     transport = request.transport
-    try:
-        if transport is None:  # the peer left during the handshake
-            raise ConnectionResetError("the client left during the handshake")
-        await response.prepare(request)
-    except ConnectionError:
+    if transport is None:  # the peer left during the handshake: nobody to answer
         await session.release()
         return response
     connection = NativeConnection(shared, transport, shared.protocol(State.OPEN))
+    refusal = await connection.attach(session)  # before the 101: a refusal is still HTTP
+    if refusal is not None:
+        await session.release()
+        raise refusal
+    response.headers.update(accepted.headers.raw_items())
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        with contextlib.suppress(Exception):
+            await shared.relay.detach(session.client, connection)
+        await session.release()
+        return response
     connection.adopt(session, request.protocol)
     await connection.wait_closed()
     return response
