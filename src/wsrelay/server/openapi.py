@@ -38,7 +38,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         431: "Headers that never end (code headers_too_large; on a publisher's connection "
         "served by the native driver).",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
-        "unreachable (broker_unavailable); retry later.",
+        "unreachable (broker_unavailable); retry after the Retry-After header's seconds.",
     }
     return {str(s): {"description": reasons[s], "content": _json("ErrorBody")} for s in statuses}
 
