@@ -59,7 +59,7 @@ class Served:
 async def relay_app(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     memory = MemoryBus().backend()
     broker = FailingSubscriptions(memory.broker)
-    app = create_app(Settings(), backend=Backend(broker, memory.registrations))  # type: ignore[arg-type]
+    app = create_app(Settings(), backend=Backend(broker, memory.registrations))
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
