@@ -16,6 +16,7 @@ from typing import IO
 
 import pytest
 
+from tests.gate import Gate
 from tests.utils import TIMEOUT, Api, ServerProcess, free_port
 from wsrelay.cli import main
 from wsrelay.config import Settings, env_name
@@ -326,6 +327,61 @@ def test_sub_reconnects_by_itself_and_cleans_up_on_sigterm(start_server, topic: 
     # SIGTERM deleted the registration.
     stats = run("stats", "--once", "--url", second.url).stdout
     assert re.search(r"^registrations +0$", stats, flags=re.MULTILINE), stats
+
+
+def test_sub_waits_as_long_as_the_server_asks_with_retry_after(start_server, topic: str) -> None:
+    """A node shedding load answers 503 with Retry-After: `sub` waits that long (plus
+    jitter) and says so, for its first connection (which would otherwise end the
+    command) and for a reconnect (instead of its backoff)."""
+    port = str(free_port())
+    first = start_server("--port", port)
+    waited = r"retrying in 1\.[0-5] s, as the server asked \(Retry-After: 1 s\)"  # 1 s + 0-0.5 s
+    with Gate(first.url).in_thread() as gate:
+        gate.refuse("register", "1")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wsrelay", "sub", topic, "--url", gate.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        out, err = Lines(process.stdout), Lines(process.stderr)
+        try:
+            assert re.fullmatch(
+                r"wsrelay sub: HTTP 503 broker_unavailable: shedding load \(test gate\); " + waited,
+                err.next(TIMEOUT * 4),
+            )
+            assert err.next(TIMEOUT * 4) == f"subscribed to {topic}; waiting for messages"
+            refused, registered = gate.seen["register"]
+            assert (refused.status, registered.status) == (503, 200)
+            assert registered.at - refused.at >= 1.0 - 0.01
+            assert "delivered to 1" in run("pub", topic, "first", "--url", first.url).stdout
+            assert out.next() == "first"
+
+            gate.refuse("upgrade", "1")
+            first.stop()
+            assert "wsrelay sub: connection lost (close 1001" in err.next()
+            second = start_server("--port", port)
+            lines = err.until("reconnected")
+            assert lines[-1] == f"wsrelay sub: reconnected (registered anew); subscribed to {topic}"
+            assert any(
+                re.fullmatch(
+                    r"wsrelay sub: reconnect attempt \d+ failed \(HTTP 503 broker_unavailable: "
+                    r"shedding load \(test gate\)\); " + waited,
+                    line,
+                )
+                for line in lines
+            ), lines
+            upgrades = gate.seen["upgrade"]
+            refused_at = next(i for i, seen in enumerate(upgrades) if seen.status == 503)
+            assert upgrades[refused_at + 1].at - upgrades[refused_at].at >= 1.0 - 0.01
+            assert "delivered to 1" in run("pub", topic, "second", "--url", second.url).stdout
+            assert out.next() == "second"
+        finally:
+            process.terminate()
+            assert process.wait(TIMEOUT) == 143
+            process.stdout.close()
+            process.stderr.close()
 
 
 def test_serve_raises_its_open_files_limit_and_warns_when_it_is_too_low() -> None:

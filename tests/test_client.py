@@ -11,12 +11,16 @@ import dataclasses
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import msgspec
 import pytest
 import websockets
 
+from tests.gate import Gate
 from tests.redis_server import RedisServer
 from tests.utils import TIMEOUT, ServerProcess, free_port
 from wsrelay.client import (
@@ -31,6 +35,7 @@ from wsrelay.client import (
     Reconnecting,
     Relay,
     Replaced,
+    ServiceUnavailable,
     Subscribed,
     Subscription,
     Unauthorized,
@@ -346,6 +351,143 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8 and min(delays) < ceiling * 0.2  # spread, not fixed
     assert dataclasses.replace(backoff, max_attempts=3).max_attempts == 3
+
+
+# -- Retry-After: a refusal says when to come back ---------------------------------------------
+
+EARLY = 0.01
+"""Seconds an asyncio timer may fire before its time (clock resolution), and more."""
+
+
+def retry_after_waits(events: Events) -> list[Reconnecting]:
+    return [e for e in events.seen if isinstance(e, Reconnecting) and e.retry_after is not None]
+
+
+def test_retry_after_is_parsed_capped_and_jittered() -> None:
+    from wsrelay.client._models import parse_retry_after
+
+    assert parse_retry_after("1") == 1.0
+    assert parse_retry_after(" 120 ") == 120.0
+    assert parse_retry_after("1.5") == 1.5
+    assert parse_retry_after("1e9") == 1e9  # parsed as sent; Backoff.after caps it
+    for unusable in (None, "", "-1", "inf", "nan", "soon", "1 s"):
+        assert parse_retry_after(unusable) is None, unusable
+    now = time.time()
+    soon = format_datetime(datetime.fromtimestamp(now + 30, UTC), usegmt=True)
+    assert parse_retry_after(soon, now) == pytest.approx(30, abs=1)  # whole seconds
+    past = format_datetime(datetime.fromtimestamp(now - 30, UTC), usegmt=True)
+    assert parse_retry_after(past, now) == 0.0
+
+    backoff = Backoff(initial=0.1, maximum=0.5, max_retry_after=10.0)
+    rng = random.Random(1)
+    for retry_after, low, high in [
+        (1.0, 1.0, 1.2),  # 20 % of jitter above the server's value
+        (5.0, 5.0, 6.0),
+        (1e9, 10.0, 12.0),  # a hostile or broken value: capped, still jittered
+        (0.0, 0.0, 0.1),  # "now": jitter of at least `initial`, so not all at once
+        (0.2, 0.2, 0.3),
+    ]:
+        delays = [backoff.after(retry_after, rng) for _ in range(500)]
+        assert all(low <= d <= high for d in delays), (retry_after, min(delays), max(delays))
+        spread = high - low
+        assert max(delays) > high - spread * 0.2 and min(delays) < low + spread * 0.2
+    assert Backoff().max_retry_after == 300.0
+
+
+async def test_first_connection_refused_with_retry_after_raises_it(
+    start_server: Start, topic: str
+) -> None:
+    """A full node refuses the upgrade with a real 503 and Retry-After; the first
+    connection raises at once (no retry) and the error says when to come back."""
+    server = await asyncio.to_thread(start_server, "--max-connections", "1")
+    async with Relay(server.url) as relay, relay.subscribe(topic) as holder:
+        assert holder.id is not None
+        sub = relay.subscribe(topic)
+        with pytest.raises(ServiceUnavailable) as info:
+            await sub.start()
+        assert info.value.status == 503 and info.value.code == "too_many_connections"
+        assert info.value.retry_after is not None and info.value.retry_after > 0
+        assert sub.closed
+
+
+async def test_reconnect_waits_as_long_as_a_refused_upgrade_asks(
+    start_server: Start, topic: str
+) -> None:
+    """After a node restart the upgrades are refused with 503: with ``Retry-After: 1``
+    the next attempt comes 1 to 1.2 s later, without the header after the backoff,
+    and ``Retry-After: 86400`` is capped at ``max_retry_after`` (1.5 s here)."""
+    port = str(free_port())
+    first = await asyncio.to_thread(start_server, "--port", port)
+    backoff = Backoff(initial=0.05, maximum=0.2, max_retry_after=1.5)
+    events = Events()
+    async with (
+        Gate(first.url) as gate,
+        Relay(gate.url, backoff=backoff) as relay,
+        relay.subscribe(topic, on_event=events) as sub,
+    ):
+        receiving = asyncio.create_task(anext(sub))
+        gate.refuse("upgrade", "1", None, "86400")
+        await asyncio.to_thread(first.stop)
+        await events.next(Reconnecting)  # the loss (1001)
+        await asyncio.to_thread(start_server, "--port", port)  # a new, empty node
+        back = await events.next(Subscribed)
+        assert isinstance(back, Subscribed) and back.registered  # the old id died with it
+
+        lost, *attempts = [e for e in events.seen if isinstance(e, Reconnecting)]
+        assert lost.close_code == 1001 and lost.retry_after is None
+        assert [e.retry_after for e in attempts[:3]] == [1.0, None, 86400.0]
+        one, none, capped = attempts[:3]
+        assert one.reason.startswith("HTTP 503 broker_unavailable: ")
+        assert 1.0 <= one.delay <= 1.2
+        assert none.delay <= backoff.maximum  # no header: the backoff
+        assert 1.5 <= capped.delay <= 1.8  # capped, then 20 % of jitter
+        # What the node saw: the first upgrade (redirected), three refused, then more.
+        upgrades = gate.seen["upgrade"]
+        assert gate.statuses("upgrade")[:5] == [307, 503, 503, 503, 307]
+        assert upgrades[2].at - upgrades[1].at >= max(1.0, one.delay) - EARLY
+        assert upgrades[4].at - upgrades[3].at >= max(1.5, capped.delay) - EARLY
+
+        assert await relay.publish(topic, "after") == 1
+        async with asyncio.timeout(TIMEOUT):
+            assert await receiving == Message(topic, "after")
+
+
+async def test_reconnect_waits_as_long_as_a_refused_registration_asks(
+    start_server: Start, topic: str
+) -> None:
+    """The node restarted with an empty store: the old id gets 404, and registering
+    anew is refused twice with ``Retry-After: 1``; each next try is 1 s or more later."""
+    port = str(free_port())
+    first = await asyncio.to_thread(start_server, "--port", port)
+    events = Events()
+    async with (
+        Gate(first.url) as gate,
+        Relay(gate.url, backoff=FAST) as relay,
+        relay.subscribe(topic, on_event=events) as sub,
+    ):
+        receiving = asyncio.create_task(anext(sub))
+        gate.refuse("register", "1", "1")
+        await asyncio.to_thread(first.stop)
+        await events.next(Reconnecting)  # the loss (1001)
+        await asyncio.to_thread(start_server, "--port", port)
+        back = await events.next(Subscribed)
+        assert isinstance(back, Subscribed) and back.registered and back.reconnects == 1
+
+        waits = retry_after_waits(events)
+        assert [e.retry_after for e in waits] == [1.0, 1.0]
+        assert all(1.0 <= e.delay <= 1.0 + max(0.2, FAST.initial) for e in waits)
+        assert all(e.reason.startswith("HTTP 503 broker_unavailable: ") for e in waits)
+        # Every other wait was the backoff's.
+        others = [e for e in events.seen if isinstance(e, Reconnecting) and e not in waits]
+        assert others and all(e.delay <= FAST.maximum for e in others)
+        registrations = gate.seen["register"]
+        assert gate.statuses("register") == [200, 503, 503, 200]
+        for refused, after, wait in zip(registrations[1:3], registrations[2:], waits, strict=True):
+            assert after.at - refused.at >= max(1.0, wait.delay) - EARLY
+
+        assert await relay.publish(topic, "after") == 1
+        async with asyncio.timeout(TIMEOUT):
+            assert await receiving == Message(topic, "after")
 
 
 def test_the_client_does_not_load_the_server() -> None:

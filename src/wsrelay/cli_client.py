@@ -91,7 +91,9 @@ def _add_sub(commands: Any) -> None:
         help="subscribe and print messages",
         description="Register, connect and print each message published to TOPIC... "
         "until interrupted; reconnects by itself (notices go to stderr), and deletes the "
-        "registration on exit.",
+        "registration on exit. When the server refuses with Retry-After (a 503 from a "
+        "node shedding load), it waits that long (at most 300 s, plus a random 0 to "
+        "max(20%, 0.5 s)) before trying again, the first connection included.",
         epilog="example: wsrelay sub cats dogs --json\n"
         "         wsrelay sub cats --user-id 42 --url http://relay.internal:8000",
     )
@@ -237,7 +239,7 @@ async def _stdin_batches(limit: int = 1000, ahead: int = 10_000) -> AsyncIterato
 
 
 async def _sub(relay: Any, args: argparse.Namespace) -> int:
-    from wsrelay.client import Reconnecting, Subscribed
+    from wsrelay.client import Reconnecting, ServerError, Subscribed, TooManyRequests
 
     topics = ", ".join(args.topics)
 
@@ -248,7 +250,7 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
         elif isinstance(event, Reconnecting):
             _note(
                 f"reconnect attempt {event.attempt - 1} failed ({event.reason}); "
-                f"retrying in {event.delay:.1f} s"
+                f"retrying in {_retrying(event.delay, event.retry_after)}"
             )
         elif isinstance(event, Subscribed) and event.reconnects:
             anew = " (registered anew)" if event.registered else ""
@@ -256,7 +258,21 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
 
     encode = msgspec.json.Encoder().encode
     prefixed = len(args.topics) > 1
-    subscription = relay.subscribe(*args.topics, user_id=_user_id(args.user_id), on_event=notice)
+    while True:
+        subscription = relay.subscribe(
+            *args.topics, user_id=_user_id(args.user_id), on_event=notice
+        )
+        try:
+            await subscription.start()
+            break
+        except (ServerError, TooManyRequests) as exc:
+            # The first connection raises at once; a server that said when to come
+            # back (Retry-After) gets another try then, anything else ends the command.
+            if exc.retry_after is None:
+                raise
+            delay = relay.backoff.after(exc.retry_after)
+            _note(f"{exc}; retrying in {_retrying(delay, exc.retry_after)}")
+            await asyncio.sleep(delay)
     async with subscription:
         print(f"subscribed to {topics}; waiting for messages", file=sys.stderr, flush=True)
         async for m in subscription:
@@ -270,6 +286,14 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
 
 def _note(text: str) -> None:
     print(f"wsrelay sub: {text}", file=sys.stderr, flush=True)
+
+
+def _retrying(delay: float, retry_after: float | None) -> str:
+    """``"1.1 s"``, and why when the server set it:
+    ``"1.1 s, as the server asked (Retry-After: 1 s)"``."""
+    if retry_after is None:
+        return f"{delay:.1f} s"
+    return f"{delay:.1f} s, as the server asked (Retry-After: {retry_after:g} s)"
 
 
 async def _stats(relay: Any, args: argparse.Namespace) -> int:

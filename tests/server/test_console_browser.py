@@ -3,23 +3,26 @@
 The browser is the system's Chromium (Debian's ``chromium`` package), driven by
 Playwright; never one downloaded by ``playwright install``. Without it these tests
 skip, saying how to enable them, unless ``WSRELAY_REQUIRE_BROWSER=1`` (set by
-``.ci/run``) makes that a failure. Every wait is Playwright's own (``expect``),
-bounded by a timeout; nothing sleeps. Each test leaves a screenshot of the page in
+``.ci/run``) makes that a failure. Every wait is Playwright's own (``expect``) or
+on a promise of the page, bounded by a timeout; nothing sleeps. Each test leaves a screenshot of the page in
 ``test-artifacts/`` (gitignored), whatever its outcome.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect
 
 from tests.utils import TIMEOUT, Api, ServerProcess, free_port
 from wsrelay import codes
@@ -329,3 +332,160 @@ async def test_wsrelay_js_subscribes_receives_and_stops_on_terminal_codes(
         for code in result["actions"]
     }
     assert len(result["actions"]) == 14
+
+
+# -- wsrelay.js and Retry-After -----------------------------------------------------------
+#
+# A browser cannot read the status or headers of a refused WebSocket upgrade (the page
+# sees a close 1006), so these refusals come where wsrelay.js reads HTTP answers: the
+# backend's Response to its `register` callback, and its own GET on the registration's
+# URL after a failed connection. Playwright answers those requests in place of the
+# server with a 503 and `Retry-After: 1`, then lets them through to the real server.
+
+SHEDDING = json.dumps({"error": {"code": "broker_unavailable", "message": "shedding load"}})
+EARLY = 0.01
+"""Seconds a timer may fire before its time, and more (wsrelay.js waits in whole ms)."""
+
+
+class Refusals:
+    """A Playwright route handler: answers the first ``count`` requests with 503 and
+    ``Retry-After: 1``, then ``through(route)``; records when each arrived and what
+    status it got."""
+
+    def __init__(self, count: int, through: Callable[[Route], Any]) -> None:
+        self.count = count
+        self.through = through
+        self.seen: list[tuple[float, int]] = []
+
+    async def __call__(self, route: Route) -> None:
+        at = time.monotonic()
+        if len(self.seen) < self.count:
+            self.seen.append((at, 503))
+            await route.fulfill(
+                status=503,
+                headers={"Retry-After": "1", "Content-Type": "application/json"},
+                body=SHEDDING,
+            )
+        else:
+            self.seen.append((at, 0))
+            await self.through(route)
+
+    def gaps(self) -> list[float]:
+        """Seconds from each refused request to the next request."""
+        pairs = zip(self.seen, self.seen[1:], strict=False)
+        return [later - at for (at, status), (later, _) in pairs if status == 503]
+
+
+def check_retry_after_waits(result: dict[str, Any], refusals: Refusals, min_delay: int) -> None:
+    """Each refusal was an error event with status and retryAfter, followed by a
+    `reconnecting` state whose delay is 1 s plus at most max(20 %, minDelay), and the
+    next request came no sooner."""
+    refused = {"code": "broker_unavailable", "status": 503, "retryAfter": 1}
+    assert [e for e in result["errors"] if e["status"] == 503] == [refused, refused]
+    waits = [s for s in result["states"] if s["state"] == "reconnecting" and s["retryAfter"]]
+    assert [s["retryAfter"] for s in waits] == [1, 1]
+    assert all(1000 <= s["delay"] <= 1000 + max(200, min_delay) for s in waits), waits
+    backoff = [s for s in result["states"] if s["state"] == "reconnecting" and s not in waits]
+    assert all(s["retryAfter"] is None for s in backoff)
+    gaps = refusals.gaps()
+    assert len(gaps) == 2
+    assert all(gap >= wait["delay"] / 1000 - EARLY for gap, wait in zip(gaps, waits, strict=True))
+
+
+RECORD_EVENTS = """
+  const states = [];
+  const errors = [];
+  relay.addEventListener("state", (e) => states.push(e.detail));
+  relay.addEventListener("error", ({ detail: { error } }) => {
+    const { code, status = null, retryAfter = null } = error;
+    errors.push({ code, status, retryAfter });
+  });
+"""
+
+
+async def test_wsrelay_js_waits_as_long_as_a_refused_registration_asks(
+    start_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    """`register` returns the backend's fetch Response: a 503 with Retry-After: 1 is
+    followed by a wait of 1 s or more (instead of the backoff of at most 200 ms)."""
+    server = start_server()
+    await page.goto(server.url + "/console")
+
+    async def register(route: Route) -> None:
+        answer = await route.fetch(url=server.url + "/register", method="POST", post_data="{}")
+        await route.fulfill(response=answer)
+
+    refusals = Refusals(2, register)
+    await page.route("**/backend/relay", refusals)
+    script = (
+        """
+async () => {
+  const { Relay } = await import("/client/wsrelay.js");
+  const relay = new Relay({
+    register: () => fetch("/backend/relay", { method: "POST" }),
+    minDelay: 50,
+    maxDelay: 200,
+  });"""
+        + RECORD_EVENTS
+        + """
+  await relay.connect();
+  const url = relay.url;
+  relay.close();
+  return { states, errors, url };
+}
+"""
+    )
+    async with asyncio.timeout(TIMEOUT * 4):
+        result = await page.evaluate(script)
+    assert "/ws/" in result["url"]
+    assert [status for _, status in refusals.seen] == [503, 503, 0]
+    check_retry_after_waits(result, refusals, 50)
+
+
+async def test_wsrelay_js_waits_as_long_as_its_own_check_is_told(
+    start_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    """After a failed connection wsrelay.js asks the server (GET on the URL) whether its
+    registration is gone; a 503 with Retry-After: 1 to that is followed by a wait of
+    1 s or more before it tries again, instead of a WebSocket the node would refuse."""
+    port = free_port()
+    server = start_server("--port", str(port))
+    await page.goto(server.url + "/console")
+    refusals = Refusals(2, lambda route: route.continue_())
+    script = (
+        """
+async () => {
+  const { Relay } = await import("/client/wsrelay.js");
+  const register = async () =>
+    (await (await fetch("/register", { method: "POST", body: "{}" })).json()).url;
+  const relay = new Relay({ register, minDelay: 50, maxDelay: 200 });"""
+        + RECORD_EVENTS
+        + """
+  await relay.connect();
+  const first = relay.url;
+  window.reopened = new Promise((resolve) =>
+    relay.addEventListener(
+      "open",
+      () => {
+        relay.close();
+        resolve({ states, errors, first, url: relay.url });
+      },
+      { once: true },
+    ),
+  );
+  return first;
+}
+"""
+    )
+    async with asyncio.timeout(TIMEOUT * 4):
+        first_url = await page.evaluate(script)
+    # Only plain GETs are routed: a page's WebSocket is not.
+    await page.route(re.compile(r".*/ws/[0-9a-f]+$"), refusals)
+    assert await asyncio.to_thread(server.stop) == 0  # 1001; the registration dies with it
+    await asyncio.to_thread(start_server, "--port", str(port))
+    async with asyncio.timeout(TIMEOUT * 4):
+        result = await page.evaluate("window.reopened")
+    assert result["url"] != first_url  # registered anew, after the check saw 404
+    statuses = [status for _, status in refusals.seen]
+    assert statuses[:2] == [503, 503] and statuses[2:] and 503 not in statuses[2:]
+    check_retry_after_waits(result, refusals, 50)

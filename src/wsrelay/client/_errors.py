@@ -7,6 +7,7 @@ Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
     ├── ConnectionFailed           the server could not be reached or did not answer
     ├── ProtocolError              the server answered something that is not wsrelay's API
     ├── HTTPError                  the server answered 4xx/5xx with {"error": {...}}
+    │   │                          (.retry_after: its Retry-After header, in seconds)
     │   ├── BadRequest             400 (invalid_topic, invalid_field, ...)
     │   ├── Unauthorized           401 (missing or wrong API key)
     │   ├── Forbidden              403
@@ -73,9 +74,26 @@ class HTTPError(RelayError):
     """The server refused a request with ``{"error": {"code", "message"}}``.
 
     ``str()`` is ``"HTTP <status> <code>: <message>"``.
+
+    Attributes:
+        retry_after: the answer's ``Retry-After`` header in seconds (an HTTP date is
+            turned into the seconds until it), or None without one (or an unreadable
+            one). A server shedding load sends it with 503 (and 429); a subscription
+            waits that long before its next attempt (see ``Backoff.after``).
     """
 
     default_code = "http_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"HTTP {self.status} {self.code}: {self.message}"
@@ -174,7 +192,9 @@ _BY_STATUS: dict[int, type[HTTPError]] = {
 }
 
 
-def http_error(status: int, code: str | None, message: str) -> HTTPError:
+def http_error(
+    status: int, code: str | None, message: str, retry_after: float | None = None
+) -> HTTPError:
     """The exception for an HTTP error answer."""
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else HTTPError)
-    return cls(message, code=code, status=status)
+    return cls(message, code=code, status=status, retry_after=retry_after)

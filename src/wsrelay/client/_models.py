@@ -6,8 +6,12 @@ to an answer does not break an older client.
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Literal
 
 import msgspec
@@ -74,22 +78,63 @@ class Topics(msgspec.Struct, frozen=True):
 
 @dataclass(frozen=True)
 class Backoff:
-    """Reconnect delays: exponential backoff with full jitter.
+    """Reconnect delays: exponential backoff with full jitter, or the server's
+    ``Retry-After``.
 
     Before attempt ``n`` (1, 2, ...) the client waits a random time between 0 and
     ``min(maximum, initial * factor ** (n - 1))`` seconds. The count restarts
     after each successful subscription. ``max_attempts=None`` retries forever.
+
+    When the previous attempt was refused with a ``Retry-After`` header (a 429 or a
+    5xx, e.g. 503 ``too_many_connections``, on ``POST /register`` or on the WebSocket
+    upgrade) the client waits :meth:`after` instead: the server's value, at most
+    ``max_retry_after``, plus a random 0 to ``max(20 % of it, initial)`` seconds, so
+    that clients refused together do not come back together. A ``Retry-After`` over
+    ``max_retry_after`` (a broken or hostile server's ``1e9``) counts as
+    ``max_retry_after``: by default no wait is longer than 360 s.
     """
 
     initial: float = 0.5
     maximum: float = 30.0
     factor: float = 2.0
     max_attempts: int | None = None
+    max_retry_after: float = 300.0
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """The wait before reconnect attempt ``attempt`` (counted from 1)."""
         ceiling = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
         return (rng or random).uniform(0.0, ceiling)
+
+    def after(self, retry_after: float, rng: random.Random | None = None) -> float:
+        """The wait before the next attempt when the server answered ``Retry-After:
+        retry_after`` (seconds): ``min(retry_after, max_retry_after)`` plus a random
+        0 to ``max(20 % of that, initial)`` seconds."""
+        base = min(max(0.0, retry_after), self.max_retry_after)
+        return base + (rng or random).uniform(0.0, max(0.2 * base, self.initial))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: a number of seconds (``"120"``;
+    decimals are accepted too) or an HTTP date (the time until it, 0 if past). None
+    when there is no header or it is neither (negative, ``inf``, garbage), in which
+    case the client falls back to its backoff. Not capped: see
+    :attr:`Backoff.max_retry_after`."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": HTTP dates are GMT anyway
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True)
@@ -110,12 +155,16 @@ class Subscribed:
 @dataclass(frozen=True)
 class Reconnecting:
     """Event: the connection was lost or could not be made; the client retries after
-    ``delay`` seconds. ``close_code`` is None when there was no close frame."""
+    ``delay`` seconds. ``close_code`` is None when there was no close frame; ``reason``
+    says what failed (e.g. ``"HTTP 503 too_many_connections: …"``). ``retry_after`` is
+    the server's ``Retry-After`` (seconds, as sent) when it set ``delay`` (see
+    :meth:`Backoff.after`), None when the backoff did."""
 
     attempt: int
     delay: float
     close_code: int | None
     reason: str
+    retry_after: float | None = None
 
 
 Event = Subscribed | Reconnecting

@@ -47,6 +47,7 @@ from wsrelay.client._models import (
     Subscribed,
     Topics,
     UserId,
+    parse_retry_after,
 )
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -269,6 +270,7 @@ class Relay:
             ):
                 status = response.status
                 raw = await response.read()
+                retry_after = response.headers.get("Retry-After")
         except TimeoutError:
             raise ConnectionFailed(
                 f"cannot reach {self.url}: no answer within {self.timeout:g} s"
@@ -276,7 +278,7 @@ class Relay:
         except (aiohttp.ClientError, OSError) as exc:
             raise ConnectionFailed(f"cannot reach {self.url}: {_one_line(exc)}") from exc
         if status >= 400:
-            raise _error_from(status, raw)
+            raise _error_from(status, raw, retry_after)
         try:
             return _decode(raw, into) if into is not None else None  # type: ignore[return-value]
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -311,13 +313,15 @@ class Relay:
         return subscription
 
 
-def _error_from(status: int, raw: bytes) -> HTTPError:
+def _error_from(status: int, raw: bytes, retry_after: str | None = None) -> HTTPError:
+    """The exception for an error answer with body ``raw`` and this ``Retry-After``."""
+    seconds = parse_retry_after(retry_after)
     try:
         detail = _decode(raw, _ErrorBody).error
     except (msgspec.DecodeError, msgspec.ValidationError):
         text = " ".join(raw[:200].decode("utf-8", "replace").split())
-        return http_error(status, f"http_{status}", text or "no error body")
-    return http_error(status, detail.code, detail.message)
+        return http_error(status, f"http_{status}", text or "no error body", seconds)
+    return http_error(status, detail.code, detail.message, seconds)
 
 
 def _closed_error(code: int, reason: str) -> ConnectionClosed | None:
@@ -358,11 +362,16 @@ class Subscription:
     or any other code not listed below) it reconnects to the same registration,
     waiting :class:`Backoff` delays between attempts; if the server no longer knows
     the id (404, e.g. it restarted with the memory store) it registers again, and it
-    sends the topics again after every reconnect. Messages published while it was
-    disconnected are lost. ``on_event`` receives a :class:`Reconnecting` before each
-    attempt and a :class:`Subscribed` after each successful (re)subscription.
+    sends the topics again after every reconnect. An attempt refused with 429 or 5xx
+    and a ``Retry-After`` header (a node shedding load answers ``POST /register`` or
+    the upgrade with 503 and one) is followed by the wait the server asked for,
+    capped and jittered (:meth:`Backoff.after`), instead of the backoff. Messages
+    published while it was disconnected are lost. ``on_event`` receives a
+    :class:`Reconnecting` before each attempt (with the delay, the reason and any
+    ``retry_after``) and a :class:`Subscribed` after each successful (re)subscription.
     Reconnecting happens inside iteration: keep iterating. Failures of the *first*
-    connection are raised at once instead (wrong API key, unreachable server...).
+    connection are raised at once instead (wrong API key, unreachable server, a 503:
+    its :attr:`HTTPError.retry_after` says when the server wants the next try).
 
     **Ending.** Iteration raises :class:`Unregistered` when the registration is deleted
     (close 1000), :class:`Replaced` when another connection takes it over (4500),
@@ -586,8 +595,13 @@ class Subscription:
                 proxy=None,
                 user_agent_header="wsrelay-client",
             )
-        except InvalidStatus as exc:
-            raise _error_from(exc.response.status_code, bytes(exc.response.body or b"")) from None
+        except InvalidStatus as exc:  # refused before the 101, e.g. 503 with Retry-After
+            response = exc.response
+            raise _error_from(
+                response.status_code,
+                bytes(response.body or b""),
+                response.headers.get("Retry-After"),
+            ) from None
         except InvalidURI as exc:
             raise ProtocolError(f"the server gave an unusable WebSocket URL: {exc}") from None
         except TimeoutError:
@@ -598,9 +612,12 @@ class Subscription:
             raise ConnectionFailed(f"cannot reach {shown}: {_one_line(exc)}") from exc
 
     async def _reconnect(self, lost: _Lost) -> None:
-        """Reconnect with backoff until subscribed again. Raises StopAsyncIteration if
-        closed meanwhile, and the error that makes retrying pointless."""
+        """Reconnect with backoff until subscribed again; after a refusal that carried
+        ``Retry-After``, wait what the server asked instead (:meth:`Backoff.after`).
+        Raises StopAsyncIteration if closed meanwhile, and the error that makes
+        retrying pointless."""
         close_code, reason = lost.close_code, lost.reason
+        retry_after: float | None = None
         attempt = 0
         while True:
             attempt += 1
@@ -609,8 +626,11 @@ class Subscription:
                 raise ConnectionFailed(
                     f"gave up reconnecting to {self.relay.url} after {limit} attempt(s): {reason}"
                 )
-            delay = self.backoff.delay(attempt, self._rng)
-            self._emit(Reconnecting(attempt, delay, close_code, reason))
+            if retry_after is None:
+                delay = self.backoff.delay(attempt, self._rng)
+            else:
+                delay = self.backoff.after(retry_after, self._rng)
+            self._emit(Reconnecting(attempt, delay, close_code, reason, retry_after))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
             if self._closed:
@@ -618,10 +638,11 @@ class Subscription:
             try:
                 registered = await self._connect()
             except _Lost as again:
-                close_code, reason = again.close_code, again.reason
+                close_code, reason, retry_after = again.close_code, again.reason, None
                 continue
             except (ConnectionFailed, ServerError, TooManyRequests) as exc:
                 close_code, reason = None, str(exc)
+                retry_after = exc.retry_after if isinstance(exc, HTTPError) else None
                 continue
             self.reconnects += 1
             self._emit(Subscribed(self._id(), self.topics, self.reconnects, registered))

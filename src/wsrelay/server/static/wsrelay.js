@@ -6,11 +6,26 @@
  * exponential backoff and full jitter, and after each reconnect sends the whole
  * topic set again, so a client never has to track what the server remembers.
  *
+ * Retry-After: a node shedding load refuses with 503 (or 429) and `Retry-After`.
+ * wsrelay.js honours it (waits that long, at most `maxRetryAfter`, plus a random 0 to
+ * 20%, at least 0 to `minDelay`, instead of its backoff) wherever it can read it: a
+ * `register` callback that returns the `fetch` Response of your backend (which passes
+ * on the relay's status and header), a `register` or `token` callback that throws an
+ * error with a `retryAfter` (seconds), and its own `GET` on the registration's URL
+ * after a failed connection (the relay answers that 503 when its registration store is
+ * unreachable; a full node answers it 426 like any plain GET). It cannot for a refused
+ * WebSocket upgrade (e.g. 503 `too_many_connections`): a browser shows a page neither
+ * the status nor the headers of a refused handshake, only a close with 1006, so a
+ * refused upgrade is followed by the backoff like any other drop.
+ * Cross-origin, a Response's `Retry-After` is readable only if the server sends
+ * `Access-Control-Expose-Headers: Retry-After`.
+ *
  * @example
  * import { Relay } from "/client/wsrelay.js";
  * const relay = new Relay({
- *   // your backend calls POST /register (it holds the API key) and returns the url
- *   register: async () => (await (await fetch("/my-backend/relay")).json()).url,
+ *   // your backend calls POST /register (it holds the API key) and passes its answer
+ *   // on, status and Retry-After included: wsrelay.js reads the Response itself
+ *   register: () => fetch("/my-backend/relay", { method: "POST" }),
  * });
  * relay.on("cats", (message, topic) => console.log(topic, message));
  * relay.addEventListener("state", (event) => console.log(event.detail.state));
@@ -51,18 +66,60 @@ export function closeAction(code) {
   return "reconnect";
 }
 
-/** An error frame from the server, or a refused command. */
+/** An error frame from the server, a refused command, or a refused HTTP request. */
 export class RelayError extends Error {
   /**
    * @param {string} code the server's error code, e.g. `invalid_topic`
    * @param {string} message what went wrong
+   * @param {{status?: number | null, retryAfter?: number | null}} [http] for an HTTP
+   *   answer: its status, and its `Retry-After` in seconds (null without one)
    */
-  constructor(code, message) {
+  constructor(code, message, { status = null, retryAfter = null } = {}) {
     super(message);
     this.name = "RelayError";
     /** @type {string} */
     this.code = code;
+    /** The HTTP status, or null for an error frame. @type {number | null} */
+    this.status = status;
+    /** Seconds the server asked to wait before trying again, or null. @type {number | null} */
+    this.retryAfter = retryAfter;
   }
+}
+
+/**
+ * Seconds to wait from a `Retry-After` header: a number of seconds, or an HTTP date
+ * (the time until it, 0 if past). Null without one, or for one that is neither.
+ * @param {string | null | undefined} value the header
+ * @returns {number | null}
+ */
+export function parseRetryAfter(value) {
+  if (value === null || value === undefined) return null;
+  const text = String(value).trim();
+  if (/^\+?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i.test(text)) {
+    const seconds = Number(text); // "1e9" too: the cap applies later
+    return Number.isFinite(seconds) ? seconds : null;
+  }
+  if (!/\d\d:\d\d:\d\d/.test(text)) return null; // not a date: Date.parse would guess
+  const when = Date.parse(text);
+  return Number.isNaN(when) ? null : Math.max(0, (when - Date.now()) / 1000);
+}
+
+/**
+ * The {@link RelayError} for a refused HTTP answer: the code and message of its
+ * `{"error": …}` body, its status, and its `Retry-After` for a 429 or 5xx.
+ * @param {Response} response
+ * @returns {Promise<RelayError>}
+ */
+export async function responseError(response) {
+  const body = await response.json().catch(() => null);
+  const status = response.status;
+  const retryAfter =
+    status === 429 || status >= 500 ? parseRetryAfter(response.headers.get("Retry-After")) : null;
+  return new RelayError(
+    body?.error?.code ?? `http_${status}`,
+    body?.error?.message ?? `HTTP ${status}`,
+    { status, retryAfter },
+  );
 }
 
 /**
@@ -70,16 +127,24 @@ export class RelayError extends Error {
  * @property {string} [url] the WebSocket URL: `url` from `POST /register`
  *   (`ws://host/ws/<id>`), or with `token`, the server's `ws://host/ws`. A relative or
  *   `http(s)://` URL is turned into the matching `ws(s)://` one.
- * @property {() => Promise<string | {url: string}>} [register] called for a URL when
- *   there is none yet, and again when the current one is gone (the server answers 404
- *   because the registration expired or the server lost it). Usually asks your backend,
- *   which calls `POST /register` with the API key. The 404 is detected with a plain
- *   `GET` on the URL, which needs the relay to be same-origin (or to allow CORS).
+ * @property {() => Promise<string | {url: string} | Response>} [register] called for a
+ *   URL when there is none yet, and again when the current one is gone (the server
+ *   answers 404 because the registration expired or the server lost it). Usually asks
+ *   your backend, which calls `POST /register` with the API key. It may return the
+ *   backend's `fetch` Response itself (`register: () => fetch("/my-backend/relay")`):
+ *   a 2xx holds the `POST /register` answer, anything else is an error, and a 429 or
+ *   5xx with `Retry-After` sets the wait before the next try. An error it throws with
+ *   a numeric `retryAfter` (seconds) does the same. The 404 is detected with a plain
+ *   `GET` on the URL, which needs the relay to be same-origin (or to allow CORS); a
+ *   503 with `Retry-After` to that `GET` also sets the wait.
  * @property {string | (() => Promise<string>)} [token] a signed connection token
  *   for `GET /ws?token=`; a function is called again before every connection, so it can
- *   fetch a fresh one.
+ *   fetch a fresh one (an error it throws with a `retryAfter` sets the wait).
  * @property {number} [minDelay=500] ms: the first reconnect waits up to this long
- * @property {number} [maxDelay=30000] ms: no reconnect waits longer
+ * @property {number} [maxDelay=30000] ms: no reconnect waits longer, unless the server
+ *   asked for longer with `Retry-After`
+ * @property {number} [maxRetryAfter=300000] ms: a longer `Retry-After` counts as this
+ *   (a broken or hostile server's `1e9` must not park the client)
  * @property {number} [stableAfter=5000] ms a connection must stay open before the
  *   backoff starts again from `minDelay`
  */
@@ -88,13 +153,16 @@ export class RelayError extends Error {
  * A connection to a wsrelay server that survives restarts and network drops.
  *
  * Events (`relay.addEventListener(name, (event) => event.detail)`):
- * - `state`: `{state, previous}`, one of {@link States}.
+ * - `state`: `{state, previous}`, one of {@link States}; going to `reconnecting` also
+ *   `{delay, retryAfter}`: the ms it waits, and the server's `Retry-After` (seconds)
+ *   when that set the delay, else null (the backoff did).
  * - `open`: `{url}` (the URL without any token), after each successful connection.
  * - `close`: `{code, reason, reconnect, delay}`; `reconnect` says whether it will try
- *   again, after `delay` ms.
+ *   again, after `delay` ms (always the backoff: a close carries no `Retry-After`).
  * - `subscribed`: `{topics}`, the server's whole topic set, after each command.
- * - `error`: `{error}`: a {@link RelayError} from the server, a failed `register` or
- *   `token` call, or a frame that was not JSON. The connection carries on.
+ * - `error`: `{error}`: a {@link RelayError} from the server (with `status` and
+ *   `retryAfter` for an HTTP refusal), a failed `register` or `token` call, or a frame
+ *   that was not JSON. The connection carries on.
  *
  * Messages are not events: register handlers with {@link Relay#on}.
  */
@@ -104,6 +172,7 @@ export class Relay extends EventTarget {
   #token;
   #minDelay;
   #maxDelay;
+  #maxRetryAfter;
   #stableAfter;
   /** @type {WebSocket | null} */
   #socket = null;
@@ -128,7 +197,15 @@ export class Relay extends EventTarget {
   #checkGone = false;
 
   /** @param {RelayOptions} options */
-  constructor({ url, register, token, minDelay = 500, maxDelay = 30000, stableAfter = 5000 } = {}) {
+  constructor({
+    url,
+    register,
+    token,
+    minDelay = 500,
+    maxDelay = 30000,
+    maxRetryAfter = 300000,
+    stableAfter = 5000,
+  } = {}) {
     super();
     if (!url && !register) throw new TypeError("Relay needs a url or a register callback");
     if (token && !url) throw new TypeError("a token needs the server's url (ws://host/ws)");
@@ -137,6 +214,7 @@ export class Relay extends EventTarget {
     this.#token = token ?? null;
     this.#minDelay = minDelay;
     this.#maxDelay = maxDelay;
+    this.#maxRetryAfter = maxRetryAfter;
     this.#stableAfter = stableAfter;
   }
 
@@ -275,7 +353,7 @@ export class Relay extends EventTarget {
     } catch (error) {
       if (this.#stopped) return;
       this.#emit("error", { error });
-      this.#retry();
+      this.#retry(retryAfterOf(error));
       return;
     }
     if (this.#stopped) return;
@@ -320,7 +398,11 @@ export class Relay extends EventTarget {
       return url.href;
     }
     if (!this.#url) {
-      const answer = await this.#register();
+      let answer = await this.#register();
+      if (typeof Response !== "undefined" && answer instanceof Response) {
+        if (!answer.ok) throw await responseError(answer);
+        answer = await answer.json();
+      }
       const url = typeof answer === "string" ? answer : answer?.url;
       if (!url) throw new TypeError("register() must return the url from POST /register");
       this.#url = toWebSocketUrl(url);
@@ -328,12 +410,23 @@ export class Relay extends EventTarget {
     return this.#url;
   }
 
-  /** Schedule the next attempt; returns its delay in ms. */
-  #retry() {
-    const ceiling = Math.min(this.#maxDelay, this.#minDelay * 2 ** this.#attempt);
-    const delay = Math.round(Math.random() * ceiling); // full jitter
+  /**
+   * Schedule the next attempt; returns its delay in ms: the backoff, or after a
+   * refusal with `Retry-After` (seconds) that wait, capped, plus 0-20% (at least 0 to
+   * `minDelay`) of jitter, so that clients refused together do not return together.
+   * @param {number | null} [retryAfter]
+   */
+  #retry(retryAfter = null) {
+    let delay;
+    if (retryAfter === null) {
+      const ceiling = Math.min(this.#maxDelay, this.#minDelay * 2 ** this.#attempt);
+      delay = Math.round(Math.random() * ceiling); // full jitter
+    } else {
+      const base = Math.min(retryAfter * 1000, this.#maxRetryAfter);
+      delay = Math.round(base + Math.random() * Math.max(0.2 * base, this.#minDelay));
+    }
     this.#attempt += 1;
-    this.#setState(States.RECONNECTING);
+    this.#setState(States.RECONNECTING, { delay, retryAfter });
     this.#timer = setTimeout(() => {
       this.#timer = null;
       if (!this.#stopped) this.#run();
@@ -389,11 +482,11 @@ export class Relay extends EventTarget {
     for (const waiter of this.#connecting.splice(0)) waiter.reject(error);
   }
 
-  #setState(state) {
+  #setState(state, more = {}) {
     if (state === this.#state) return;
     const previous = this.#state;
     this.#state = state;
-    this.#emit("state", { state, previous });
+    this.#emit("state", { state, previous, ...more });
   }
 
   #emit(type, detail) {
@@ -419,15 +512,32 @@ function toWebSocketUrl(url) {
   return absolute.href;
 }
 
-/** Whether the registration behind `url` is gone: a plain GET answers 404 (else 426). */
+/**
+ * Whether the registration behind `url` is gone: a plain GET answers 404 (else 426).
+ * Throws the {@link RelayError} of a refusal that says when to come back (a 503 or 429
+ * with `Retry-After`, e.g. the registration store is unreachable), so the client
+ * waits that long instead of opening a WebSocket the node would refuse too.
+ */
 async function isGone(url) {
   const http = new URL(url);
   http.protocol = http.protocol === "wss:" ? "https:" : "http:";
   http.search = "";
+  let response;
   try {
-    const response = await fetch(http, { cache: "no-store", credentials: "omit" });
-    return response.status === 404;
+    response = await fetch(http, { cache: "no-store", credentials: "omit" });
   } catch {
     return false; // unreachable, or cross-origin without CORS: cannot tell
   }
+  if (response.status === 404) return true;
+  if (response.status === 429 || response.status >= 500) {
+    const error = await responseError(response);
+    if (error.retryAfter !== null) throw error;
+  }
+  return false;
+}
+
+/** The `retryAfter` (seconds) a thrown error carries, or null. */
+function retryAfterOf(error) {
+  const seconds = error?.retryAfter;
+  return typeof seconds === "number" && Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
 }
