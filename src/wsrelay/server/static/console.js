@@ -1,6 +1,6 @@
 // The wsrelay web console: live counters, topics, a subscriber and a publisher.
 // Talks to the server it was served by, with the API key (if any) from sessionStorage.
-import { Relay } from "../client/wsrelay.js";
+import { Relay, parseRetryAfter } from "../client/wsrelay.js";
 
 const KEY = "wsrelay.apiKey"; // sessionStorage only: gone when the tab closes
 const ROOT = new URL(".", location.href); // the server's root, also when mounted under a prefix
@@ -30,7 +30,10 @@ async function api(path, { method = "GET", body } = {}) {
     throw new AuthRequired("an API key is needed");
   }
   if (!response.ok) {
-    throw new Error(answer?.error?.message ?? `${method} /${path} answered ${response.status}`);
+    const error = new Error(answer?.error?.message ?? `${method} /${path} answered ${response.status}`);
+    // A 503's Retry-After reaches the client's reconnect loop through register().
+    error.retryAfter = parseRetryAfter(response.headers.get("Retry-After"));
+    throw error;
   }
   return answer;
 }
