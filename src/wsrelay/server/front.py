@@ -197,5 +197,7 @@ class RelaySite(web.BaseSite):
         await super().stop()
         for door in list(self._waiting):
             door.abort()
+        for connection in list(self._shared.handshaking):  # handshakes still unanswered
+            connection.abort()
         if self._publishers is not None:
             self._publishers.close_all()

@@ -113,21 +113,32 @@ class WebSocketProtocol(ServerProtocol):
     """
 
     pong_due: bytes | None = None
+    close_due: Frame | None = None
 
     def recv_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.PING and self.state is State.OPEN:
+        # Control frames that came with the handshake (CONNECTING) are answered after the
+        # 101: nothing may precede the handshake's answer on the wire.
+        if frame.opcode is Opcode.PING and self.state is not State.CLOSING:
             self.pong_due = bytes(frame.data)
             self.events.append(frame)
             return
+        if frame.opcode is Opcode.CLOSE and self.state is State.CONNECTING:
+            self.close_due = frame
+            return
         super().recv_frame(frame)
 
+    def send_response(self, response: Response) -> None:
+        super().send_response(response)
+        frame, self.close_due = self.close_due, None
+        if frame is not None and self.state is State.OPEN:  # the early close, answered now
+            super().recv_frame(frame)
+
     def pong(self) -> None:
-        """Answer the last ping received, if one is unanswered."""
+        """Answer the last ping received, if one is unanswered and the connection open."""
         data = self.pong_due
-        if data is not None:
+        if data is not None and self.state is State.OPEN:
             self.pong_due = None
-            if self.state is State.OPEN:
-                self.send_pong(data)
+            self.send_pong(data)
 
 
 class Shared:
@@ -138,6 +149,7 @@ class Shared:
         "connections",
         "flusher",
         "gate",
+        "handshaking",
         "loop",
         "metrics",
         "relay",
@@ -153,6 +165,8 @@ class Shared:
         self.stats: ConnectionStats = self.metrics.stats
         self.flusher: Flusher = app[FLUSHER]
         self.connections: set[Connection] = app[CONNECTIONS]
+        self.handshaking: set[NativeConnection] = set()
+        """Fresh connections whose handshake is not answered yet (aborted at shutdown)."""
         self.loop = asyncio.get_running_loop()
         verifier = app[TOKENS]
         origins = settings.allowed_origin
@@ -269,6 +283,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         # counted from the accept (the front door read the first line meanwhile).
         self._deadline: asyncio.TimerHandle | None = None
         if wsp is None:
+            shared.handshaking.add(self)
             start = shared.loop.time() if since is None else since
             self._deadline = shared.loop.call_at(
                 start + shared.settings.request_timeout, transport.abort
@@ -296,6 +311,7 @@ class NativeConnection(Connection, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._lost = True
+        self._shared.handshaking.discard(self)
         self._unread = None
         if self._deadline is not None:
             self._deadline.cancel()
@@ -423,8 +439,8 @@ class NativeConnection(Connection, asyncio.Protocol):
             return
         unread, self._unread = self._unread, None
         if unread:
-            self._receive(unread)
-        elif not self._write_paused:
+            self._receive(unread)  # may start the next task, which pauses reading again
+        if self._task is None and not self._write_paused and not self._lost:
             # Also when closing: the client's answer to our close must be read.
             self._transport.resume_reading()
 
@@ -460,12 +476,16 @@ class NativeConnection(Connection, asyncio.Protocol):
         if refusal is not None:
             self._refuse(refusal, route, started)
             return
-        if self._lost:
-            await self._end()
-            return
+        if self._lost or self._transport.is_closing():
+            # The peer left, or closed before the answer (websockets ended the stream).
+            self._task = None
+            if self._lost:
+                await self._end()
+            return  # else connection_lost ends it
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self._shared.handshaking.discard(self)
         self._ws.send_response(response)
         self._write_pending()
         await self._start(session)
@@ -504,6 +524,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         )
         status = HTTPStatus(error.http_status)
         log_refused("GET", route, error, self._peer())
+        shared.handshaking.discard(self)
         shared.metrics.request_latency("GET", route, error.http_status).observe(
             time.perf_counter() - started
         )
@@ -623,7 +644,9 @@ class NativeConnection(Connection, asyncio.Protocol):
                 try:
                     if session.opened_at:
                         shared.connections.discard(self)
-                        await shared.relay.detach(session.client, self)
+                    if session.opened_at or session.client.sink is self:
+                        await shared.relay.detach(session.client, self)  # attached, or was
+                    if session.opened_at:
                         record = session.ended(
                             time.monotonic(), received=self._received(), failed=self._failed()
                         )
@@ -649,6 +672,10 @@ class NativeConnection(Connection, asyncio.Protocol):
         """The close websockets sent on a protocol error, if it did."""
         sent = self._ws.close_sent
         return (sent.code, sent.reason) if sent is not None else None
+
+    def abort(self) -> None:
+        """Drop the connection at once (shutdown, while its handshake is unanswered)."""
+        self._transport.abort()
 
     def _peer(self) -> str | None:
         peer = self._transport.get_extra_info("peername")
