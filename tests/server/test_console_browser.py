@@ -4,8 +4,8 @@ The browser is the system's Chromium (Debian's ``chromium`` package), driven by
 Playwright; never one downloaded by ``playwright install``. Without it these tests
 skip, saying how to enable them, unless ``WSRELAY_REQUIRE_BROWSER=1`` (set by
 ``.ci/run``) makes that a failure. Every wait is Playwright's own (``expect``) or
-on a promise of the page, bounded by a timeout; nothing sleeps. Each test leaves a screenshot of the page in
-``test-artifacts/`` (gitignored), whatever its outcome.
+on a promise of the page, bounded by a timeout; nothing sleeps. Each test leaves a
+screenshot of the page in ``test-artifacts/`` (gitignored), whatever its outcome.
 """
 
 from __future__ import annotations
