@@ -17,6 +17,12 @@ Two WebSocket client implementations are available:
 The parent reads live progress from a shared array of counters (one row per worker) and talks to the
 worker over a pipe: the worker reports ``connected`` once all its clients are open; on ``stop`` it
 replies with its ``result`` (counts and every latency in nanoseconds) and exits.
+
+A storm (``WorkerConfig.storm``) runs in two phases, each started by the parent at once in every
+worker: on ``register`` the worker registers all its subscribers concurrently and reports
+``registered``; on ``go`` it connects (and subscribes) all of them concurrently and reports
+``connected``, with each phase's outcomes: HTTP refusals by status, failures, error frames, and
+every client's time from its start to its outcome.
 """
 
 from __future__ import annotations
@@ -25,20 +31,23 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 # Columns of the shared counter array, one row of ``NCOUNTERS`` per worker.
-CONNECTED, RECEIVED, PROBES, LAST_RECV_NS, FAILED = range(5)
-NCOUNTERS = 5
+CONNECTED, RECEIVED, PROBES, LAST_RECV_NS, FAILED, REGISTERED = range(6)
+NCOUNTERS = 6
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _COLON = ord(":")
 _PROBE = ord("p")
+_BRACE = ord("{")
 
 
 class Counters(Protocol):
@@ -70,6 +79,11 @@ class WorkerConfig:
     client: str = "raw"  # "raw" | "aiohttp"
     concurrency: int = 64  # registrations/handshakes in flight
     cpus: frozenset[int] | None = None  # CPU affinity of the worker (--pin)
+    storm: bool = False  # two phases on the parent's signal, everything at once (see above)
+    subscribe: str = "register"  # storm: "register" (topic at registration) or "command"
+    acks: bool = False  # the server acknowledges a subscription command (wsrelay)
+    storm_inflight: int = 0  # storm: in flight per phase; 0: all of this worker's at once
+    storm_timeout: float = 120.0  # storm: longest a registration, handshake or ack may take
 
 
 @dataclass
@@ -81,6 +95,72 @@ class WorkerResult:
     closed: int  # connections closed by the server during the run
     other: int  # unexpected messages (e.g. JSON frames: the server ignored ?format=raw)
     latencies_ns: bytes  # array('q') of receive - send times
+    protocol_errors: int = 0  # frames with reserved bits set (e.g. HTTP bytes after the 101)
+    error_frames: int = 0  # JSON error frames outside a storm's acknowledgement wait
+    close_codes: dict[int, int] | None = None  # close frames the server sent, by code
+
+
+class Refused(ConnectionError):
+    """The server answered the WebSocket handshake with something other than 101."""
+
+    def __init__(self, status: int, retry_after: str | None, line: str) -> None:
+        super().__init__(f"handshake refused: {line!r}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Phase:
+    """Outcomes of one storm phase in one worker: successes with their durations, refusals
+    by HTTP status (and how many carried Retry-After), failures and error frames."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.durations: array[float] = array("d")  # seconds, start -> outcome, successes
+        self.refused: Counter[int] = Counter()
+        self.retry_after = 0
+        self.failed = 0
+        self.error_frames = 0
+        self.errors: Counter[str] = Counter()
+        self.last = 0.0  # time.monotonic() of the last outcome, whatever it was
+
+    def outcomes(self) -> int:
+        return self.ok + sum(self.refused.values()) + self.failed + self.error_frames
+
+    def _end(self) -> None:
+        self.last = time.monotonic()
+
+    def done(self, started: float) -> None:
+        self._end()
+        self.ok += 1
+        self.durations.append(self.last - started)
+
+    def refuse(self, status: int, retry_after: str | None, detail: str) -> None:
+        self._end()
+        self.refused[status] += 1
+        self.retry_after += retry_after is not None
+        self.errors[f"HTTP {status}: {detail}"[:160]] += 1
+
+    def fail(self, exc: BaseException) -> None:
+        self._end()
+        self.failed += 1
+        self.errors[f"{type(exc).__name__}: {exc}"[:160]] += 1
+
+    def error_frame(self, detail: str) -> None:
+        self._end()
+        self.error_frames += 1
+        self.errors[detail[:160]] += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "refused": dict(self.refused),
+            "retry_after": self.retry_after,
+            "failed": self.failed,
+            "error_frames": self.error_frames,
+            "errors": self.errors.most_common(5),
+            "durations": self.durations.tobytes(),
+            "last": self.last,
+        }
 
 
 class Stats:
@@ -96,6 +176,9 @@ class Stats:
         self.last_ns = 0
         self.closed = 0
         self.other = 0  # messages that are neither measured nor probes (should stay 0)
+        self.protocol_errors = 0
+        self.error_frames = 0
+        self.close_codes: Counter[int] = Counter()
         self.latencies: array[int] = array("q")
 
     def on_text(self, text: str, now: int) -> None:
@@ -126,12 +209,21 @@ class Stats:
 
 
 class RawWebSocket(asyncio.Protocol):
-    """Receive-only RFC 6455 client: handshake, unmasked server frames, ping/pong, close."""
+    """Receive-only RFC 6455 client: handshake, unmasked server frames, ping/pong, close.
 
-    def __init__(self, url: str, stats: Stats, opened: asyncio.Future[None]) -> None:
+    ``json_mode``: JSON frames are parsed too (a storm's ``command`` mode): publications are
+    counted like raw ones, and the first ``subscribed`` or ``error`` frame answers
+    :meth:`expect_ack`. A frame with reserved bits set (which is what HTTP bytes written
+    after the 101 look like) counts as a protocol error and drops the connection."""
+
+    def __init__(
+        self, url: str, stats: Stats, opened: asyncio.Future[None], json_mode: bool = False
+    ) -> None:
         parts = urlsplit(url)
         self.stats = stats
         self.opened = opened
+        self.json_mode = json_mode
+        self.ack: asyncio.Future[str] | None = None
         self.key = base64.b64encode(os.urandom(16))
         target = parts.path + ("?" + parts.query if parts.query else "")
         self.request = (
@@ -158,7 +250,14 @@ class RawWebSocket(asyncio.Protocol):
             self.opened.set_exception(exc or ConnectionError("closed during handshake"))
         elif self.is_open:
             self.stats.closed += 1
+        if self.ack is not None and not self.ack.done():
+            self.ack.set_exception(exc or ConnectionError("closed before the acknowledgement"))
         self.is_open = False
+
+    def expect_ack(self) -> asyncio.Future[str]:
+        """The outcome of the next subscription command: ``subscribed`` or ``error ...``."""
+        self.ack = asyncio.get_running_loop().create_future()
+        return self.ack
 
     def _handshake(self, data: bytes) -> bytes | None:
         self.buf += data
@@ -172,7 +271,12 @@ class RawWebSocket(asyncio.Protocol):
         headers = {k.strip().lower(): v.strip() for k, _, v in fields}
         accept = base64.b64encode(hashlib.sha1(self.key + _WS_GUID).digest()).decode()
         if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
-            self.opened.set_exception(ConnectionError(f"handshake failed: {lines[0]!r}"))
+            status = lines[0].split(" ", 2)[1] if lines[0].count(" ") else ""
+            if status.isdigit() and status != "101":
+                error: Exception = Refused(int(status), headers.get("retry-after"), lines[0])
+            else:
+                error = ConnectionError(f"handshake failed: {lines[0]!r}")
+            self.opened.set_exception(error)
             assert self.transport is not None
             self.transport.close()
             return None
@@ -194,6 +298,9 @@ class RawWebSocket(asyncio.Protocol):
         pos, size = 0, len(buf)
         while size - pos >= 2:
             b0, length = buf[pos], buf[pos + 1]
+            if b0 & 0x70:  # reserved bits: not a frame (no extension was negotiated)
+                self._protocol_error(buf[pos : pos + 40])
+                return
             start = pos + 2
             if length >= 126:
                 if length == 126:
@@ -218,6 +325,8 @@ class RawWebSocket(asyncio.Protocol):
                     received += 1
                 elif first == _PROBE:  # "p:<sent ns>:..."
                     probes += 1
+                elif first == _BRACE and self.json_mode:
+                    self._json(buf[start:end], now)
                 else:
                     stats.other += 1
             else:
@@ -230,6 +339,39 @@ class RawWebSocket(asyncio.Protocol):
             stats.last_ns = now
             stats.check_done()
 
+    def _protocol_error(self, data: bytes) -> None:
+        self.stats.protocol_errors += 1
+        error = ConnectionError(f"not a WebSocket frame after the 101: {data!r}")
+        if self.ack is not None and not self.ack.done():
+            self.ack.set_exception(error)
+        self.is_open = False  # not "closed by the server": counted here instead
+        assert self.transport is not None
+        self.transport.abort()
+
+    def _json(self, payload: bytes, now: int) -> None:
+        """JSON mode: a publication, or the answer to a subscription command."""
+        try:
+            frame = json.loads(payload)
+            kind = frame.get("type")
+        except (ValueError, AttributeError):
+            self.stats.other += 1
+            return
+        if kind == "message":
+            self.stats.on_text(str(frame.get("message", "")), now)
+        elif kind in ("subscribed", "error"):
+            error = frame.get("error") or {}
+            outcome = (
+                "subscribed"
+                if kind == "subscribed"
+                else f"error frame {error.get('code')}: {error.get('message')}"
+            )
+            if self.ack is not None and not self.ack.done():
+                self.ack.set_result(outcome)
+            elif kind == "error":
+                self.stats.error_frames += 1
+        else:
+            self.stats.other += 1
+
     def _control(self, b0: int, opcode: int, payload: bytes, now: int) -> None:
         if opcode in (0, 1, 2):  # fragmented data message
             self.fragments.append(payload)
@@ -239,16 +381,21 @@ class RawWebSocket(asyncio.Protocol):
         elif opcode == 9:  # ping -> pong
             self.send_frame(0xA, payload)
         elif opcode == 8:  # close -> echo and hang up
+            self.stats.close_codes[int.from_bytes(payload[:2], "big") if payload else 1005] += 1
             self.send_frame(0x8, payload[:2])
             assert self.transport is not None
             self.transport.close()
 
     def send_frame(self, opcode: int, payload: bytes) -> None:
-        """Send a (masked, as clients must) control or text frame of < 126 bytes."""
+        """Send a (masked, as clients must) control or text frame of < 64 KiB."""
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        assert self.transport is not None and len(payload) < 126
-        self.transport.write(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+        assert self.transport is not None and len(payload) < 65536
+        n = len(payload)
+        head = bytes([0x80 | opcode, 0x80 | n]) if n < 126 else bytes([0x80 | opcode, 0xFE])
+        if n >= 126:
+            head += n.to_bytes(2, "big")
+        self.transport.write(head + mask + masked)
 
 
 def raw_url(url: str) -> str:
@@ -266,6 +413,7 @@ class Worker:
         self.errors: list[str] = []
         self.closers: list[Any] = []  # transports / aiohttp websockets to close at the end
         self.readers: list[asyncio.Task[None]] = []
+        self.storm: dict[str, Any] = {}  # a storm's connect phase, for the parent
 
     def _row(self, column: int, value: int) -> None:
         self.counters[self.cfg.index * NCOUNTERS + column] = value
@@ -276,10 +424,13 @@ class Worker:
         local = (self.cfg.source_host, 0) if self.cfg.source_host else None
         connector = aiohttp.TCPConnector(limit=0, local_addr=local)
         async with aiohttp.ClientSession(connector=connector) as session:
-            sem = asyncio.Semaphore(self.cfg.concurrency)
             flusher = asyncio.create_task(self._flush_loop())
-            pairs = zip(self.cfg.user_ids, self.cfg.topics, strict=True)
-            ok = await asyncio.gather(*(self._open(session, sem, u, t) for u, t in pairs))
+            if self.cfg.storm:
+                ok = await self._storm()
+            else:
+                sem = asyncio.Semaphore(self.cfg.concurrency)
+                pairs = zip(self.cfg.user_ids, self.cfg.topics, strict=True)
+                ok = await asyncio.gather(*(self._open(session, sem, u, t) for u, t in pairs))
             self._row(CONNECTED, self.connected)
             self._row(FAILED, self.failed)
             # Only subscribers that are connected count towards what this worker expects.
@@ -293,9 +444,10 @@ class Worker:
                     "failed": self.failed,
                     "expected": expected,
                     "errors": self.errors[:5],
+                    "storm": self.storm,
                 }
             )
-            await self._wait_for_stop()
+            await self._wait_for("stop")
             flusher.cancel()
             self.stats.flush()
             s = self.stats
@@ -308,6 +460,9 @@ class Worker:
                     s.closed,
                     s.other,
                     s.latencies.tobytes(),
+                    s.protocol_errors,
+                    s.error_frames,
+                    dict(s.close_codes),
                 )
             )
             for reader in self.readers:
@@ -342,19 +497,109 @@ class Worker:
                 self._row(FAILED, self.failed)
             return ok
 
-    async def _raw_connect(self, url: str) -> None:
+    async def _raw_connect(
+        self, url: str, json_mode: bool = False, timeout: float = 30.0
+    ) -> RawWebSocket:
         loop = asyncio.get_running_loop()
         parts = urlsplit(url)
         opened: asyncio.Future[None] = loop.create_future()
         local = (self.cfg.source_host, 0) if self.cfg.source_host else None
-        transport, _ = await loop.create_connection(
-            lambda: RawWebSocket(url, self.stats, opened),
-            parts.hostname or "127.0.0.1",
-            parts.port or 80,
-            local_addr=local,
+        transport, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: RawWebSocket(url, self.stats, opened, json_mode),
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
+                local_addr=local,
+            ),
+            timeout,
         )
         self.closers.append(transport)
-        await asyncio.wait_for(opened, 30)
+        try:
+            await asyncio.wait_for(opened, timeout)
+        except BaseException:
+            transport.abort()
+            raise
+        return protocol
+
+    async def _storm(self) -> list[bool]:
+        """Both phases of a storm (see the module docstring); which subscribers are open."""
+        import aiohttp
+
+        cfg, n = self.cfg, len(self.cfg.user_ids)
+        command = cfg.subscribe == "command"
+        sem = asyncio.Semaphore(cfg.storm_inflight or max(n, 1))
+        urls: list[str | None] = [None] * n
+        reg, con = Phase(), Phase()
+        self.conn.send({"kind": "ready"})
+        await self._wait_for("register")
+
+        local = (cfg.source_host, 0) if cfg.source_host else None
+        # One connection per registration, closed after it (N clients, each registering
+        # once); none is left open to count against the server's open files later.
+        connector = aiohttp.TCPConnector(limit=0, local_addr=local, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=cfg.storm_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def register(k: int) -> None:
+                body = {"user_id": cfg.user_ids[k], "topics": [] if command else [cfg.topics[k]]}
+                async with sem:
+                    started = time.monotonic()
+                    try:
+                        async with session.post(cfg.base_url + "/register", json=body) as resp:
+                            data = await resp.read()
+                            if resp.status != 200:
+                                detail = data[:100].decode(errors="replace")
+                                reg.refuse(resp.status, resp.headers.get("Retry-After"), detail)
+                            else:
+                                urls[k] = json.loads(data)["url"]
+                                reg.done(started)
+                    except Exception as exc:
+                        reg.fail(exc)
+                if reg.outcomes() % 100 == 0:
+                    self._row(REGISTERED, reg.ok)
+
+            await asyncio.gather(*(register(k) for k in range(n)))
+        self._row(REGISTERED, reg.ok)
+        self.conn.send({"kind": "registered", **reg.summary()})
+        await self._wait_for("go")
+
+        ok = [False] * n
+
+        async def connect(k: int) -> None:
+            url = urls[k]
+            if url is None:
+                return
+            async with sem:
+                started = time.monotonic()
+                try:
+                    ws = await self._raw_connect(
+                        url if command else raw_url(url), command, cfg.storm_timeout
+                    )
+                    if command:
+                        ack = ws.expect_ack() if cfg.acks else None
+                        ws.send_frame(0x1, json.dumps({"topics": [cfg.topics[k]]}).encode())
+                        outcome = await asyncio.wait_for(ack, cfg.storm_timeout) if ack else ""
+                        if ack and outcome != "subscribed":
+                            con.error_frame(outcome)
+                            return
+                    con.done(started)
+                    ok[k] = True
+                    self.connected += 1
+                except Refused as exc:
+                    con.refuse(exc.status, exc.retry_after, str(exc))
+                except Exception as exc:
+                    con.fail(exc)
+                finally:
+                    self.failed = con.outcomes() - con.ok
+            if con.outcomes() % 100 == 0:
+                self._row(CONNECTED, self.connected)
+                self._row(FAILED, self.failed)
+
+        await asyncio.gather(*(connect(k) for k in range(n)))
+        self.failed = n - self.connected  # never registered counts as failed to connect
+        self.errors = [f"{count} x {text}" for text, count in con.errors.most_common(5)]
+        self.storm = con.summary()
+        return ok
 
     async def _aiohttp_reader(self, ws: Any) -> None:
         import aiohttp
@@ -377,12 +622,13 @@ class Worker:
             await asyncio.sleep(0.1)
             self.stats.flush()
 
-    async def _wait_for_stop(self) -> None:
+    async def _wait_for(self, command: str) -> None:
+        """Until the parent sends ``command`` (``register``, ``go``, ``stop``)."""
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
 
         def readable() -> None:
-            if self.conn.poll() and self.conn.recv() == "stop" and not stop.done():
+            if self.conn.poll() and self.conn.recv() == command and not stop.done():
                 stop.set_result(None)
 
         loop.add_reader(self.conn.fileno(), readable)

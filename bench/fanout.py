@@ -42,8 +42,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--server-pid", type=int, help="pid of a URL target (enables its CPU/RSS)")
     t.add_argument(
         "--baseline",
-        default="node",
-        help="target that ratios refer to (default node, else the first target)",
+        help="target that ratios refer to (default node; storm: wsrelay, the memory backend "
+        "issue 11's target compares with; else the first target)",
+    )
+    t.add_argument(
+        "--wsrelay-src",
+        metavar="DIR",
+        help="src/ directory the wsrelay targets run (default: this checkout's src/), "
+        "e.g. an exported older commit",
+    )
+    t.add_argument(
+        "--wsrelay-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra option for every wsrelay target's serve (repeatable): "
+        "--wsrelay-arg=--broker-pool-size=100",
     )
     s = p.add_argument_group("scenario")
     s.add_argument("--scenario", choices=sorted(PRESETS), help="named preset (default: burst)")
@@ -55,6 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pace.add_argument("--inflight", type=int, help="publish as fast as possible, K in flight")
     pace.add_argument("--rate", type=float, help="publish at R messages per second")
     s.add_argument("--hold", type=float, help="seconds to hold connections idle before publishing")
+    s.add_argument(
+        "--subscribe",
+        choices=["register", "command"],
+        help="storm: subscribe with the topic in POST /register (default; ?format=raw, live at "
+        'the 101) or with {"topics": [t]} after the 101 in JSON mode, awaiting wsrelay\'s '
+        "acknowledgement (node sends none)",
+    )
+    s.add_argument(
+        "--storm-inflight",
+        type=int,
+        help="storm: registrations / connections in flight per worker (default 0: all at once)",
+    )
     s.add_argument(
         "--no-warmup",
         dest="warmup",
@@ -84,13 +110,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print JSON results instead of a table")
+    o.add_argument("--json-out", metavar="FILE", help="also write the JSON results to FILE")
     o.add_argument("--plot", metavar="FILE.png", help="write latency CDF + throughput plot")
+    o.add_argument("--keep-logs", metavar="DIR", help="keep the servers' logs in DIR")
     args = p.parse_args(argv)
     args.target_list = args.target + [x for x in args.targets.split(",") if x]
     if not args.target_list:
         p.error("give at least one --target (wsrelay, node, naive or a URL)")
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if (args.subscribe or args.storm_inflight is not None) and args.scenario != "storm":
+        p.error("--subscribe and --storm-inflight go with --scenario storm")
     return args
 
 
@@ -108,10 +138,14 @@ def raise_fd_limit(needed: int) -> None:
 
 async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, list[RunResult]]:
     connections = scenario.clients + 100
-    targets = [resolve_target(spec, args.server_pid, connections) for spec in args.target_list]
+    extra = tuple(args.wsrelay_arg)
+    targets = [
+        resolve_target(spec, args.server_pid, connections, args.wsrelay_src, extra)
+        for spec in args.target_list
+    ]
     # Every target gets as many client workers as the one with the most nodes needs, so the
-    # client side is the same for all of them.
-    min_workers = max(t.nodes for t in targets)
+    # client side is the same for all of them; a storm comes from several processes.
+    min_workers = max([t.nodes for t in targets] + [2 if scenario.storm else 1])
     runs: dict[str, list[RunResult]] = {t.name: [] for t in targets}
     counter = 0
     server_cpus = client_cpus = None
@@ -131,6 +165,7 @@ async def run_all(args: argparse.Namespace, scenario: Scenario) -> dict[str, lis
                 run_index=counter,
                 server_cpus=server_cpus,
                 client_cpus=client_cpus,
+                keep_logs=args.keep_logs,
             )
             label = f"{target.name} {rep + 1}/{args.repeat}"
             try:
@@ -161,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate,
         hold=args.hold,
         warmup=args.warmup,
+        subscribe=args.subscribe,
+        storm_inflight=args.storm_inflight,
     )
     raise_fd_limit(scenario.clients + 1000)
     print(
@@ -168,15 +205,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeat} run(s) each",
         file=sys.stderr,
     )
+    if args.wsrelay_src or args.wsrelay_arg:
+        print(
+            f"bench: wsrelay from {args.wsrelay_src or 'src/'}, "
+            f"extra options {' '.join(args.wsrelay_arg) or 'none'}",
+            file=sys.stderr,
+        )
     import uvloop
 
     runs = uvloop.run(run_all(args, scenario))
-    # Ratios refer to --baseline (node) when it ran, else to the first target.
-    baseline = args.baseline if args.baseline in runs else next(iter(runs))
+    # Ratios refer to --baseline (node; storm: wsrelay) when it ran, else to the first target.
+    wanted = args.baseline or ("wsrelay" if scenario.storm else "node")
+    baseline = wanted if wanted in runs else next(iter(runs))
+    result = as_json(scenario, runs, baseline)
+    result["wsrelay"] = {"src": args.wsrelay_src or "src/", "extra_args": args.wsrelay_arg}
     if args.json:
-        print(json.dumps(as_json(scenario, runs, baseline), indent=2))
+        print(json.dumps(result, indent=2))
     else:
         print(table(scenario, runs, baseline, args.repeat))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
     if args.plot:
         plot(args.plot, scenario, runs)
         print(f"bench: plot written to {args.plot}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -16,6 +17,44 @@ from scenarios import Scenario
 
 # (key, label, format, lower_is_better) in table order; "%" formats a 0..1 fraction.
 METRICS: list[tuple[str, str, str, bool]] = [
+    # storm: phase 1, every registration at once
+    ("register_s", "storm: all registered s", ".2f", True),
+    ("registrations_per_s", "registrations/s", ",.0f", False),
+    ("register_ok", "registrations answered 200", ",.0f", False),
+    ("register_refused", "registrations refused (HTTP status)", ",.0f", True),
+    ("register_failed", "registrations failed (no answer)", ",.0f", True),
+    ("register_p50_ms", "registration p50 ms", ".1f", True),
+    ("register_p99_ms", "registration p99 ms", ".1f", True),
+    # storm: phase 2, every connection (and subscription) at once
+    ("storm_s", "storm: all connected + subscribed s", ".2f", True),
+    ("connections_per_s", "connections/s (subscribed / that time)", ",.0f", False),
+    ("storm_ok", "subscribed", ",.0f", False),
+    ("storm_refused", "upgrades refused (HTTP status)", ",.0f", True),
+    ("storm_retry_after", "  of which with Retry-After", ",.0f", False),
+    ("storm_failed", "connections failed (no answer, closed)", ",.0f", True),
+    ("error_frames", "error frames instead of subscribed", ",.0f", True),
+    ("protocol_errors", "non-frame bytes after the 101", ",.0f", True),
+    ("unsubscribed", "subscribed but no probe delivered", ",.0f", True),
+    ("server_logged_refusals", "'refused request' lines in the node logs", ",.0f", True),
+    ("storm_p50_ms", "connect + subscribe p50 ms", ".1f", True),
+    ("storm_p99_ms", "connect + subscribe p99 ms", ".1f", True),
+    ("storm_max_ms", "connect + subscribe max ms", ".1f", True),
+    ("server_cpu_us_per_registration", "server CPU us/registration", ".0f", True),
+    ("server_cpu_us_per_connection", "server CPU us/connection", ".0f", True),
+    ("storm_server_cpu_util", "server CPU busy while connecting", "%", True),
+    ("storm_client_cpu_util_max", "busiest client worker CPU while connecting", "%", True),
+    ("storm_clients_cpu_util", "client workers CPU while connecting", "%", True),
+    ("redis_cmds_per_registration", "Redis commands/registration", ".2f", True),
+    ("redis_cmds_per_connection", "Redis commands/connection", ".2f", True),
+    ("redis_reads_per_connection", "Redis read events/connection", ".3f", True),
+    ("redis_cpu_us_per_registration", "redis-server CPU us/registration", ".0f", True),
+    ("redis_cpu_us_per_connection", "redis-server CPU us/connection", ".0f", True),
+    ("storm_redis_cpu_util", "redis-server CPU busy while connecting", "%", True),
+    ("redis_peak_clients", "Redis clients (peak, the nodes')", ",.0f", True),
+    ("listen_overflows_register", "kernel: listen overflows, registering", ",.0f", True),
+    ("listen_overflows_connect", "kernel: listen overflows, connecting", ",.0f", True),
+    ("syn_retrans_register", "kernel: SYNs sent again, registering", ",.0f", True),
+    ("syn_retrans_connect", "kernel: SYNs sent again, connecting", ",.0f", True),
     ("deliveries_per_s", "deliveries/s", ",.0f", False),
     ("publishes_per_s", "publishes/s", ",.0f", False),
     ("server_cpu_us_per_delivery", "server CPU us/delivery", ".2f", True),
@@ -49,6 +88,24 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("client_side_cpu_util", "client workers + publisher CPU", "%", True),
 ]
 NO_RATIO = {
+    "register_ok",
+    "register_refused",
+    "register_failed",
+    "storm_ok",
+    "storm_refused",
+    "storm_retry_after",
+    "storm_failed",
+    "error_frames",
+    "protocol_errors",
+    "unsubscribed",
+    "server_logged_refusals",
+    "storm_client_cpu_util_max",
+    "storm_clients_cpu_util",
+    "redis_peak_clients",
+    "listen_overflows_register",
+    "listen_overflows_connect",
+    "syn_retrans_register",
+    "syn_retrans_connect",
     "redis_hop_p50_ms",
     "redis_hop_p99_ms",
     "expected",
@@ -131,9 +188,29 @@ def table(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str, r
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
         )
+    details = [f"{t} run {r.run}: {d}" for t, rs in runs.items() for r in rs if (d := _details(r))]
+    lines += ["", "storm details:", *("  " + d for d in details)] if details else []
     notes = [f"{t} run {r.run}: {w}" for t, rs in runs.items() for r in rs for w in r.warnings]
     lines += ["", "warnings:", *("  " + n for n in notes)] if notes else []
     return "\n".join(lines)
+
+
+def _details(run: RunResult) -> str:
+    """A storm run's refusals by status, first errors and Redis commands by name."""
+    d = run.details
+    parts = []
+    for phase in ("register", "connect"):
+        if d.get(f"{phase}_refused"):
+            parts.append(f"{phase} refused by status {d[f'{phase}_refused']}")
+        if d.get(f"{phase}_errors"):
+            parts.append(f"{phase} errors: {'; '.join(d[f'{phase}_errors'][:2])}")
+    for phase in ("registration", "connection"):
+        per = d.get(f"redis_per_{phase}")
+        if per:
+            parts.append(f"Redis per {phase}: " + ", ".join(f"{k} {v:g}" for k, v in per.items()))
+    if d.get("closed_by_server"):
+        parts.append(f"closed by the server afterwards: {d['closed_by_server']}")
+    return "; ".join(parts)
 
 
 def machine_info() -> dict[str, str]:
@@ -148,7 +225,11 @@ def machine_info() -> dict[str, str]:
     node = ""
     if shutil.which("node"):
         node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    load = ""
+    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
     return {
+        "load_average_at_end": load,
         "cpus": str(os.cpu_count()),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -169,6 +250,7 @@ def as_json(scenario: Scenario, runs: dict[str, list[RunResult]], baseline: str)
                 "median": medians[t],
                 "ratio_to_baseline": rel[t],
                 "runs": [r.metrics for r in rs],
+                "details": [r.details for r in rs],
                 "warnings": [w for r in rs for w in r.warnings],
             }
             for t, rs in runs.items()

@@ -20,12 +20,14 @@ from clients import (
     NCOUNTERS,
     PROBES,
     RECEIVED,
+    REGISTERED,
     WorkerConfig,
     WorkerResult,
     worker_main,
 )
 from scenarios import Publisher, Scenario, messages_per_topic, topic_name
 from servers import Server, Target
+from storm import RedisInfo, RedisSnapshot, kernel_tcp_counters, storm_metrics
 
 
 @dataclass
@@ -39,6 +41,7 @@ class RunOptions:
     run_index: int = 0  # rotates loopback source addresses between runs
     server_cpus: frozenset[int] | None = None  # --pin: the server's cores ...
     client_cpus: frozenset[int] | None = None  # ... and those of the clients and publisher
+    keep_logs: str | None = None  # a directory to keep the servers' logs in
 
 
 @dataclass
@@ -48,6 +51,7 @@ class RunResult:
     metrics: dict[str, float | None]
     latencies_ns: array[int] = field(default_factory=lambda: array("q"), repr=False)
     warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # storm: refusals by status etc.
 
 
 class Progress:
@@ -136,6 +140,7 @@ class Run:
         self.counters: Any = self.ctx.Array("q", self.nworkers * NCOUNTERS, lock=False)
         self.procs: list[Any] = []
         self.pipes: list[Any] = []
+        self.storm_connects: list[dict[str, Any]] = []
 
     def node_of_worker(self, index: int) -> str:
         urls = self.server.node_urls
@@ -164,6 +169,10 @@ class Run:
                 warmup=s.warmup,
                 client=self.opts.client,
                 cpus=self.opts.client_cpus,
+                storm=s.storm,
+                subscribe=s.subscribe,
+                acks=self.target.acks,
+                storm_inflight=s.storm_inflight,
             )
             parent, child = self.ctx.Pipe()
             proc = self.ctx.Process(
@@ -173,10 +182,10 @@ class Run:
             self.procs.append(proc)
             self.pipes.append(parent)
 
-    async def _wait_connected(self) -> tuple[int, int, int, list[str]]:
+    async def _gather(self, kind: str, what: str, poll: float = 0.05) -> list[dict[str, Any]]:
+        """One message of ``kind`` from every worker (progress from the shared counters)."""
+        msgs: list[dict[str, Any]] = [{} for _ in range(self.nworkers)]
         pending = set(range(self.nworkers))
-        connected = failed = expected = 0
-        errors: list[str] = []
         deadline = time.monotonic() + self.opts.connect_timeout
         while pending:
             for i in list(pending):
@@ -184,24 +193,90 @@ class Run:
                     msg = self.pipes[i].recv()
                     if msg.get("kind") == "error":
                         raise RuntimeError(f"client worker {i}: {msg['error']}")
+                    if msg.get("kind") != kind:
+                        raise RuntimeError(f"client worker {i}: {msg.get('kind')}, not {kind}")
                     pending.discard(i)
-                    connected += msg["connected"]
-                    failed += msg["failed"]
-                    expected += msg["expected"]
-                    errors += msg["errors"]
+                    msgs[i] = msg
                 elif not self.procs[i].is_alive():
                     raise RuntimeError(f"client worker {i} died (exit {self.procs[i].exitcode})")
             if time.monotonic() > deadline:
-                raise RuntimeError("timed out connecting subscribers")
-            self.progress.show(
-                f"connecting {self.total(CONNECTED)}/{self.scenario.clients}"
-                f" (failed {self.total(FAILED)})"
-            )
-            await asyncio.sleep(0.05)
+                raise RuntimeError(f"timed out {what}")
+            if what == "registering":
+                self.progress.show(f"registering {self.total(REGISTERED)}/{self.scenario.clients}")
+            elif what == "connecting":
+                self.progress.show(
+                    f"connecting {self.total(CONNECTED)}/{self.scenario.clients}"
+                    f" (failed {self.total(FAILED)})"
+                )
+            await asyncio.sleep(poll)
+        return msgs
+
+    async def _wait_connected(self, poll: float = 0.05) -> tuple[int, int, int, list[str]]:
+        msgs = await self._gather("connected", "connecting", poll)
+        connected = sum(msg["connected"] for msg in msgs)
+        failed = sum(msg["failed"] for msg in msgs)
+        expected = sum(msg["expected"] for msg in msgs)
+        errors = [e for msg in msgs for e in msg["errors"]]
+        self.storm_connects = [msg["storm"] for msg in msgs]
         self.progress.show(
             f"connected {connected}/{self.scenario.clients} (failed {failed})", final=True
         )
         return connected, failed, expected, errors
+
+    async def _storm(
+        self, sproc: list[psutil.Process], m: dict[str, float | None], details: dict[str, Any]
+    ) -> tuple[int, int, int, list[str]]:
+        """Both phases of a storm: every worker registers all its subscribers at once, then
+        (on one signal to all) connects and subscribes them at once. Fills ``m`` and
+        ``details`` (see storm.storm_metrics) and returns what _wait_connected does."""
+        await self._gather("ready", "starting workers")
+        wprocs = [psutil.Process(p.pid) for p in self.procs]
+        port = self.server.redis_port
+        info = RedisInfo(port) if port else None
+        snaps: list[RedisSnapshot | None] = []
+        cpu: list[tuple[CpuTimes | None, list[CpuTimes | None]]] = []
+        tcp: list[dict[str, int]] = []
+
+        times: list[float] = []
+
+        async def sample() -> None:
+            snaps.append(await info.snapshot() if info else None)
+            cpu.append((cpu_times(sproc), [cpu_times(p) for p in wprocs]))
+            tcp.append(kernel_tcp_counters())
+            times.append(time.monotonic())
+
+        await sample()
+        for pipe in self.pipes:
+            pipe.send("register")
+        registered = await self._gather("registered", "registering", 0.01)
+        self.progress.show(
+            f"registered {sum(r['ok'] for r in registered)}/{self.scenario.clients}", final=True
+        )
+        await asyncio.sleep(0.5)  # the registrations' connections close
+        await sample()
+        for pipe in self.pipes:
+            pipe.send("go")
+        peak = asyncio.create_task(info.peak_clients()) if info else None
+        result = await self._wait_connected(0.01)
+        if info and peak:
+            info.stop_sampling()
+            m["redis_peak_clients"] = float(await peak)
+        await sample()
+        m |= storm_metrics(
+            self.scenario.clients,
+            times,
+            registered,
+            self.storm_connects,
+            snaps,
+            cpu,
+            tcp,
+            details,
+        )
+        if info:
+            await info.close()
+        if self.target.name.startswith("wsrelay"):
+            m["server_logged_refusals"] = float(self.server.log_count("refused request"))
+        return result
 
     async def _wait_for(
         self, column: int, goal: int, what: str, publishing: asyncio.Task[None]
@@ -232,8 +307,12 @@ class Run:
             rss_before = rss_bytes(sproc)
             t_connect = time.monotonic()
             self._start_workers()
-            connected, failed, expected, errors = await self._wait_connected()
-            m["connect_s"] = time.monotonic() - t_connect
+            details: dict[str, Any] = {}
+            if s.storm:
+                connected, failed, expected, errors = await self._storm(sproc, m, details)
+            else:
+                connected, failed, expected, errors = await self._wait_connected()
+                m["connect_s"] = time.monotonic() - t_connect
             if not connected:
                 raise RuntimeError(f"no subscriber could connect: {errors[:3]}")
             if failed:
@@ -245,6 +324,9 @@ class Run:
                     task = asyncio.create_task(pub.probes())
                     await self._wait_for(PROBES, connected, "warm-up", task)
                     await task
+                    if s.storm:
+                        # Every subscriber the storm counted as subscribed got its probe?
+                        m["unsubscribed"] = float(max(0, connected - self.total(PROBES)))
                 if s.hold:
                     self.progress.show(
                         f"holding {connected} idle connections for {s.hold:g} s", final=True
@@ -264,7 +346,7 @@ class Run:
             results = self._collect()
         finally:
             self._shutdown()
-            self.server.stop()
+            self.server.stop(self.opts.keep_logs)
         received = sum(r.received for r in results)
         lat: array[int] = array("q")
         for r in results:
@@ -307,6 +389,12 @@ class Run:
         }
         if len(self.server.node_urls) > 1:
             m |= self._per_node(results, per_delivery, per_second, redis_before, redis_after)
+        elif rproc is not None:
+            m["redis_cpu_us_per_delivery"] = _mul(_delta(redis_before, redis_after), per_delivery)
+            m["redis_cpu_util"] = _mul(_delta(redis_before, redis_after), per_second)
+        if s.storm and not s.messages:
+            for key in ("published", "expected", "received", "lost"):
+                m.pop(key, None)
         if pub.errors:
             self.warnings.append(f"{pub.errors} publishes failed: {pub.last_error}")
         other = sum(r.other for r in results)
@@ -314,9 +402,29 @@ class Run:
             self.warnings.append(f"{other} unexpected messages (not raw benchmark payloads)")
         closed = sum(r.closed for r in results)
         if closed:
-            self.warnings.append(f"{closed} connections were closed by the server during the run")
+            codes: dict[int, int] = {}
+            for r in results:
+                for code, count in (r.close_codes or {}).items():
+                    codes[code] = codes.get(code, 0) + count
+            self.warnings.append(
+                f"{closed} connections were closed by the server during the run "
+                f"(close codes {codes or 'none'})"
+            )
+        bad = sum(r.protocol_errors for r in results)
+        if bad:
+            self.warnings.append(
+                f"{bad} connections read bytes that are not WebSocket frames after the 101"
+            )
+        late = sum(r.error_frames for r in results)
+        if late:
+            self.warnings.append(f"{late} error frames after the subscription")
+        if s.storm:
+            m["protocol_errors"] = float(bad)
+            details["closed_by_server"] = closed
         self._check_clients(m)
-        return RunResult(self.target.name, self.opts.run_index, m, lat, self.warnings)
+        result = RunResult(self.target.name, self.opts.run_index, m, lat, self.warnings)
+        result.details = details
+        return result
 
     def _per_node(
         self,

@@ -26,8 +26,30 @@ class Scenario:
     rate: float | None = None  # ... or R publishes per second
     hold: float = 0.0  # seconds to stay connected and idle before publishing (idle CPU)
     warmup: bool = True  # one probe per topic, waited for, before measuring
+    # Storm: every subscriber registers at once, then every one connects and subscribes at
+    # once (two phases, each started on a signal to all workers), instead of 64 at a time.
+    storm: bool = False
+    # How a storm subscribes: "register" (the topic in POST /register, ?format=raw; the
+    # subscription is live when the 101 arrives) or "command" (no topic at registration,
+    # JSON mode, {"topics": [t]} sent after the 101 and its acknowledgement awaited).
+    subscribe: str = "register"
+    storm_inflight: int = 0  # per worker, in flight in each storm phase; 0: all at once
 
     def describe(self) -> str:
+        if self.storm:
+            how = (
+                "topic in the registration, subscribed at the 101"
+                if self.subscribe == "register"
+                else '{"topics": [...]} after the 101, acknowledged'
+            )
+            inflight = f"{self.storm_inflight} per worker" if self.storm_inflight else "all"
+            text = (
+                f"{self.name}: {self.clients} subscribers on {self.topics} topic(s) register, "
+                f"then connect and subscribe ({how}); in flight: {inflight}"
+            )
+            if self.messages:
+                text += f"; then {self.messages} x {self.size} B messages"
+            return text
         pace = f"{self.rate:g} msg/s" if self.rate else f"{self.inflight} in flight"
         text = f"{self.name}: {self.clients} subscribers on {self.topics} topic(s), "
         if self.messages:
@@ -44,6 +66,7 @@ PRESETS: dict[str, Scenario] = {
     ),
     "idle": Scenario("idle", clients=8000, topics=1, messages=0, size=100, hold=5.0),
     "wide": Scenario("wide", clients=10000, topics=10000, messages=10000, size=100, inflight=16),
+    "storm": Scenario("storm", clients=1000, topics=100, messages=0, size=100, storm=True),
 }
 
 SCENARIO_HELP = {
@@ -51,6 +74,8 @@ SCENARIO_HELP = {
     "steady": "1000 subscribers, 20 msg/s for 10 s (latency at a modest rate)",
     "idle": "8000 idle subscribers, 5 s hold (RSS per connection, idle CPU)",
     "wide": "10000 topics x 1 subscriber, 10000 publishes over the topics (per-publish cost)",
+    "storm": "1000 subscribers on 100 topics register at once, then connect and subscribe at "
+    "once (reconnect storm: time until all subscribed, refusals, Redis commands)",
 }
 
 
@@ -65,6 +90,10 @@ def build_scenario(preset: str | None, **overrides: Any) -> Scenario:
     scenario = replace(base, **values)
     if scenario.clients < 1 or scenario.topics < 1 or scenario.messages < 0:
         raise ValueError("--clients and --topics must be >= 1, --messages >= 0")
+    if scenario.subscribe not in ("register", "command"):
+        raise ValueError("--subscribe must be register or command")
+    if scenario.storm_inflight < 0:
+        raise ValueError("--storm-inflight must be >= 0")
     return scenario
 
 

@@ -8,7 +8,8 @@ Built-in targets, each started as a subprocess on a free loopback port:
 * ``naive``: ``bench/peers/naive_aiohttp.py``, the seed design on aiohttp;
 * ``wsrelay-redis``: a private ``redis-server`` on a free port (no persistence, in a temporary
   directory) and two ``python -m wsrelay serve --broker redis://...`` nodes on their own ports.
-  The bench spreads subscribers over both nodes and publishes to the first one.
+  The bench spreads subscribers over both nodes and publishes to the first one;
+* ``wsrelay-redis1``: the same with one node.
 
 Any other target must be a URL (``http://127.0.0.1:8000``) of a server that is already running;
 its CPU and memory are only measured when its pid is given (``--server-pid``).
@@ -32,7 +33,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 NODE_DIR = BENCH_DIR / "peers" / "node"
-BUILTIN = ("wsrelay", "node", "naive", "wsrelay-redis")
+BUILTIN = ("wsrelay", "node", "naive", "wsrelay-redis", "wsrelay-redis1")
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,12 @@ class Target:
     pid: int | None = None  # pid of an already running server, when known
     env: dict[str, str] = field(default_factory=dict)
     nodes: int = 1  # relay processes; more than 1 share a private redis-server (wsrelay-redis)
+    redis: bool = False  # the nodes use a private redis-server the bench starts
+    acks: bool = False  # answers a subscription command with an acknowledgement (JSON mode)
 
 
-def _wsrelay_env(connections: int) -> dict[str, str]:
-    src = str(REPO_ROOT / "src")
+def _wsrelay_env(connections: int, src_dir: str | None = None) -> dict[str, str]:
+    src = str(Path(src_dir).resolve()) if src_dir else str(REPO_ROOT / "src")
     env = {"PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
     # wsrelay refuses upgrades past --max-connections (default 10000): let every subscriber in.
     if connections > 10000:
@@ -54,19 +57,31 @@ def _wsrelay_env(connections: int) -> dict[str, str]:
     return env
 
 
-def resolve_target(spec: str, server_pid: int | None = None, connections: int = 0) -> Target:
-    """Turn ``wsrelay`` / ``node`` / ``naive`` / ``wsrelay-redis`` / a URL into a :class:`Target`.
+def resolve_target(
+    spec: str,
+    server_pid: int | None = None,
+    connections: int = 0,
+    wsrelay_src: str | None = None,
+    wsrelay_args: tuple[str, ...] = (),
+) -> Target:
+    """Turn a built-in target's name (:data:`BUILTIN`) or a URL into a :class:`Target`.
 
     ``connections``: WebSockets the target must accept (wsrelay's limit is raised to it).
+    ``wsrelay_src``: the ``src/`` directory the wsrelay targets run (default this checkout's);
+    ``wsrelay_args``: extra ``serve`` options for them (``--broker-pool-size 100``).
     """
     py = sys.executable
-    if spec == "wsrelay":
-        argv = (py, "-m", "wsrelay", "serve", "--host", "127.0.0.1", "--port", "{port}")
-        return Target("wsrelay", argv, env=_wsrelay_env(connections))
-    if spec == "wsrelay-redis":
-        argv = (py, "-m", "wsrelay", "serve", "--host", "127.0.0.1", "--port", "{port}")
-        argv += ("--broker", "{broker}")
-        return Target("wsrelay-redis", argv, env=_wsrelay_env(connections), nodes=2)
+    if spec.startswith("wsrelay"):
+        argv: tuple[str, ...] = (py, "-m", "wsrelay", "serve", "--host", "127.0.0.1")
+        argv += ("--port", "{port}")
+        env = _wsrelay_env(connections, wsrelay_src)
+        if spec == "wsrelay":
+            return Target("wsrelay", argv + wsrelay_args, env=env, acks=True)
+        argv += ("--broker", "{broker}", *wsrelay_args)
+        if spec == "wsrelay-redis":
+            return Target(spec, argv, env=env, nodes=2, redis=True, acks=True)
+        if spec == "wsrelay-redis1":
+            return Target(spec, argv, env=env, nodes=1, redis=True, acks=True)
     if spec == "node":
         script = str(NODE_DIR / "relay.js")
         return Target("node", ("node", script, "--host", "127.0.0.1", "--port", "{port}"))
@@ -75,9 +90,7 @@ def resolve_target(spec: str, server_pid: int | None = None, connections: int = 
         return Target("naive", (py, script, "--host", "127.0.0.1", "--port", "{port}"))
     if spec.startswith(("http://", "https://")):
         return Target(spec, url=spec.rstrip("/"), pid=server_pid)
-    raise ValueError(
-        f"unknown target {spec!r}: use wsrelay, node, naive, wsrelay-redis or an http:// URL"
-    )
+    raise ValueError(f"unknown target {spec!r}: use {', '.join(BUILTIN)} or an http:// URL")
 
 
 def ensure_node_modules() -> None:
@@ -110,9 +123,10 @@ def get_json_status(url: str, timeout: float = 2.0) -> int:
 class Server:
     """A server under test: started here (and stopped by :meth:`stop`) or already running.
 
-    A target with ``nodes > 1`` starts a private redis-server first, then that many relay
+    A target with ``redis`` starts a private redis-server first, then ``nodes`` relay
     processes on it. ``base_url`` is the first node's (the bench publishes there),
-    ``node_urls`` lists every node, ``pids`` their processes and ``redis_pid`` Redis's.
+    ``node_urls`` lists every node, ``pids`` their processes, ``redis_pid`` and
+    ``redis_port`` Redis's.
     """
 
     def __init__(self, target: Target) -> None:
@@ -124,6 +138,7 @@ class Server:
         self.pids: list[int] = [target.pid] if target.pid else []
         self.redis: subprocess.Popen[bytes] | None = None
         self.redis_pid: int | None = None
+        self.redis_port: int | None = None
         self._redis_dir: str | None = None
 
     @property
@@ -137,7 +152,7 @@ class Server:
             return
         if self.target.name == "node":
             ensure_node_modules()
-        broker = self._start_redis(cpus, timeout) if self.target.nodes > 1 else ""
+        broker = self._start_redis(cpus, timeout) if self.target.redis else ""
         for _ in range(self.target.nodes):
             self._start_node(broker, cpus)
         self.base_url = self.node_urls[0]
@@ -184,6 +199,7 @@ class Server:
         argv += ["no", "--dir", self._redis_dir]
         self.redis = self._popen(argv, "redis", cpus)
         self.redis_pid = self.redis.pid
+        self.redis_port = port
         deadline = time.monotonic() + timeout
         while True:
             with (
@@ -221,6 +237,15 @@ class Server:
                 )
             time.sleep(0.1)
 
+    def log_count(self, text: str) -> int:
+        """Lines of the nodes' logs (not Redis's) that contain ``text``."""
+        count = 0
+        for path in self.log_paths:
+            if path.exists() and not path.name.startswith("bench-redis-"):
+                with path.open(errors="replace") as f:
+                    count += sum(text in line for line in f)
+        return count
+
     def log_tail(self, lines: int = 20) -> str:
         out = []
         for path in self.log_paths:
@@ -229,7 +254,8 @@ class Server:
                 out.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(out)
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: str | None = None) -> None:
+        """Stop every process; ``keep_logs``: a directory to move their logs to first."""
         for process in [*self.processes, *([self.redis] if self.redis else [])]:
             if process.poll() is None:
                 process.terminate()
@@ -244,6 +270,9 @@ class Server:
         if self.target.argv:
             self.pids = []
         for path in self.log_paths:
+            if keep_logs and path.exists():
+                os.makedirs(keep_logs, exist_ok=True)
+                shutil.move(path, Path(keep_logs) / path.name)
             path.unlink(missing_ok=True)
         self.log_paths = []
         if self._redis_dir is not None:
