@@ -39,6 +39,8 @@ def test_lists_booleans_and_seconds_parse_from_the_environment() -> None:
         ({"WSRELAY_MAX_CONNECTIONS": "0"}, "max_connections"),
         ({"WSRELAY_MAX_REGISTRATIONS_PER_USER": "-1"}, "WSRELAY_MAX_REGISTRATIONS_PER_USER"),
         ({"WSRELAY_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "no such file"),
+        ({"WSRELAY_BROKER_POOL_SIZE": "0"}, "broker_pool_size"),
+        ({"WSRELAY_BROKER_TIMEOUT": "0"}, "broker_timeout"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(variables: dict[str, str], fragment: str):
@@ -59,3 +61,13 @@ def test_registrations_per_user_default_to_100_and_zero_means_no_limit() -> None
 def test_secrets_stay_out_of_repr() -> None:
     settings = Settings(api_key=("top-secret-key",), jwt_secret="jwt-secret-value")
     assert "top-secret-key" not in repr(settings) and "jwt-secret-value" not in repr(settings)
+
+
+def test_broker_pool_size_and_timeout_parse_and_reach_the_cli() -> None:
+    from wsrelay.cli import build_parser
+
+    assert (Settings().broker_pool_size, Settings().broker_timeout) == (10, 5.0)
+    settings = Settings.from_env({"WSRELAY_BROKER_POOL_SIZE": "3", "WSRELAY_BROKER_TIMEOUT": "0.5"})
+    assert (settings.broker_pool_size, settings.broker_timeout) == (3, 0.5)
+    args = build_parser().parse_args(["serve", "--broker-pool-size", "7", "--broker-timeout", "2"])
+    assert (args.broker_pool_size, args.broker_timeout) == (7, 2.0)

@@ -9,6 +9,7 @@ from wsrelay import codes
 from wsrelay.brokers import MemoryBus
 from wsrelay.config import Settings
 from wsrelay.core.fanout import Publication
+from wsrelay.core.registry import Client
 from wsrelay.errors import BrokerUnavailable, InvalidTopic, NotFound, TooManyTopics
 from wsrelay.relay import CONTROL_TOPIC, Relay
 
@@ -166,3 +167,82 @@ async def test_publish_many_delivers_what_the_broker_took_and_reports_the_rest()
         with pytest.raises(BrokerUnavailable, match="2 of 4 messages were published"):
             await relay.publish_many([("t", str(i), None) for i in range(4)])
         assert [f.decode().rsplit('"', 2)[-2] for f in sink.frames] == ["0", "1"]
+
+
+async def test_topic_commands_that_change_nothing_store_nothing() -> None:
+    """A client sends its whole topic set again after each reconnect: when it is what the
+    registration holds, nothing goes to the store (nor, with Redis, to Redis)."""
+    backend = MemoryBus().backend()
+    store = backend.registrations
+    saved: list[set[str]] = []
+    real_save = store.save_topics
+
+    async def counting_save(client: Client) -> None:
+        saved.append(set(client.topics))
+        await real_save(client)
+
+    store.save_topics = counting_save  # type: ignore[method-assign]
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        client = await relay.register(1, ["a", "b"])
+        await relay.attach(client, RecordingSink())
+        await relay.set_topics(client, ["b", "a"])
+        await relay.subscribe(client, ["a"])
+        await relay.unsubscribe(client, ["c"])
+        assert saved == []
+        await relay.subscribe(client, ["a", "c"])
+        assert saved == [{"a", "b", "c"}]
+
+
+async def test_a_topic_change_the_store_refused_is_undone() -> None:
+    """The client is told its command failed ("nothing changed"): the node's subscriptions
+    are as before, and the same command sent again does it."""
+    backend = MemoryBus().backend()
+    store, broker = backend.registrations, backend.broker
+    real_save = store.save_topics
+    failing = True
+
+    async def flaky_save(client: Client) -> None:
+        if failing:
+            raise BrokerUnavailable("the store is unreachable")
+        await real_save(client)
+
+    store.save_topics = flaky_save  # type: ignore[method-assign]
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        client = await relay.register(1, ["a"])
+        sink = RecordingSink()
+        await relay.attach(client, sink)
+        with pytest.raises(BrokerUnavailable):
+            await relay.set_topics(client, ["b"])
+        assert client.topics == {"a"}
+        assert broker.topics == {CONTROL_TOPIC, "a"}  # type: ignore[attr-defined]
+        assert await relay.publish("a", "still here") == 1
+        failing = False
+        await relay.set_topics(client, ["b"])
+        assert broker.topics == {CONTROL_TOPIC, "b"}  # type: ignore[attr-defined]
+        stored = await store.get(client.id)
+        assert stored is not None and stored.topics == {"b"}
+
+
+async def test_an_attach_announces_itself_and_subscribes_all_new_topics_in_one_call() -> None:
+    backend = MemoryBus().backend()
+    broker = backend.broker
+    subscribed: list[tuple[str, ...]] = []
+    announced: list[Publication] = []
+    real_subscribe, real_announce = broker.subscribe, broker.announce
+
+    async def recording_subscribe(*topics: str) -> None:
+        subscribed.append(topics)
+        await real_subscribe(*topics)
+
+    async def recording_announce(publication: Publication) -> None:
+        announced.append(publication)
+        await real_announce(publication)
+
+    broker.subscribe = recording_subscribe  # type: ignore[method-assign]
+    broker.announce = recording_announce  # type: ignore[method-assign]
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        client = await relay.register(1, ["a", "b", "c"])
+        await relay.attach(client, RecordingSink())
+        assert [sorted(call) for call in subscribed] == [[CONTROL_TOPIC], ["a", "b", "c"]]
+        assert [p.topic for p in announced] == [CONTROL_TOPIC]
+        assert client.id in announced[0].message

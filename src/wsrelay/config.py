@@ -61,6 +61,21 @@ class Settings:
         "its Redis connection catches up (Redis broker only).",
         metavar="N",
     )
+    broker_pool_size: int = _setting(
+        10,
+        "Redis connections this process sends commands on (registrations, connections, "
+        "catch-up), plus one for publishes and one for pub/sub. A command waits for a "
+        "free connection, up to --broker-timeout, and the commands that waited go together "
+        "in one pipeline, so a burst is queued rather than refused (Redis broker only).",
+        metavar="N",
+    )
+    broker_timeout: float = _setting(
+        5.0,
+        "Seconds a Redis command may take, waiting for a connection included; past it "
+        "(a stalled or unreachable Redis) the request gets 503 broker_unavailable "
+        "(Redis broker only).",
+        metavar="SECONDS",
+    )
     max_body_size: int = _setting(
         1 * MiB, "Largest HTTP request body accepted, in bytes; larger gets 413.", metavar="BYTES"
     )
@@ -167,6 +182,7 @@ class Settings:
         for name in (
             "registration_ttl",
             "history_size",
+            "broker_pool_size",
             "workers",
             "max_body_size",
             "max_message_size",
@@ -185,6 +201,8 @@ class Settings:
             problems.append("ping_interval must be 0 (off) or more")
         if self.request_timeout <= 0:
             problems.append("request_timeout must be more than 0")
+        if self.broker_timeout <= 0:
+            problems.append("broker_timeout must be more than 0")
         if self.stack not in STACKS:
             problems.append(f"stack must be one of {', '.join(STACKS)}")
         if self.log_format not in LOG_FORMATS:

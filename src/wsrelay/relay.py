@@ -7,14 +7,24 @@ from other nodes), and keeps the nodes agreeing about connections: deleting a
 registration or connecting it again on one node closes its old socket on
 whichever node holds it. It knows nothing of HTTP or of a particular engine;
 effects (the framer, the connections' sinks) are passed in.
+
+What one connection costs the backend is kept small, because a node restart
+brings every client back at once: an attach sends its independent requests
+together (the subscriptions it needs, the registration's keep-alive, the
+"attached" announcement), a topic change sends nothing when the topic set did
+not change, and several topics go to the broker in one call
+(docs/decisions/0006-redis-connection-pool.md counts the commands).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -44,7 +54,13 @@ topic alphabet, so no client can subscribe or publish to it."""
 
 class ControlEvent(msgspec.Struct, array_like=True):
     """``unregistered``: close the client's socket (1000). ``attached``: a newer
-    connection opened on node ``node``; close any other (4500)."""
+    connection opened on node ``node``; close any other (4500).
+
+    ``unregistered`` is published (kept, so a node that was cut off from the broker
+    catches up on it: a deleted registration's socket is closed wherever it is).
+    ``attached`` is announced, live only: it is sent on every attach, so in a
+    reconnect storm it must be cheap; a node cut off from the broker at that moment
+    keeps the older connection until it ends by itself."""
 
     event: str
     client_id: str
@@ -143,26 +159,37 @@ class Relay:
 
         Raises:
             NotFound: the registration was deleted meanwhile (``sink`` is not attached).
+            BrokerUnavailable: the backend is unreachable (``sink`` stays attached: the
+                caller detaches it).
         """
         previous, change = self.registry.attach(client, sink)
         if previous is not None and previous is not sink:
             previous.close(codes.REPLACED, "replaced by a newer connection")
-        await self._sync_broker(change)
-        if not await self.registrations.attached(client):
+        # Independent of each other: sent together (one round trip with Redis). An
+        # announcement for a registration found deleted is harmless: it is gone anyway.
+        _, exists, _ = await _together(
+            self._sync_broker(change),
+            self.registrations.attached(client),
+            self._tell_nodes("attached", client.id, live=True),
+        )
+        if not exists:
             await self.detach(client, sink)
             raise NotFound("this registration was deleted", code="unknown_client")
-        await self._tell_nodes("attached", client.id)
 
     async def detach(self, client: Client, sink: Sink) -> None:
         """The connection ``sink`` ended; the registration stays."""
         change = self.registry.detach(client, sink)
-        await self._sync_broker(change)
         if client.sink is None and self.registry.attached(client.id) is None:
-            await self.registrations.detached(client)
+            await _together(self._sync_broker(change), self.registrations.detached(client))
+        else:
+            await self._sync_broker(change)
 
     async def set_topics(self, client: Client, topics: Iterable[str]) -> None:
-        await self._sync_broker(self.registry.set_topics(client, self._validate(topics)))
-        await self.registrations.save_topics(client)
+        wanted = self._validate(topics)
+        if wanted == client.topics:
+            return  # e.g. a client sending its topics again after reconnecting: no change
+        before = set(client.topics)
+        await self._save(client, before, self.registry.set_topics(client, wanted))
 
     async def subscribe(self, client: Client, topics: Iterable[str]) -> None:
         wanted = self._validate(topics)
@@ -172,12 +199,29 @@ class Relay:
                 f"subscribing would make {total} topics; a client may subscribe to at most "
                 f"{self.settings.max_topics_per_client}"
             )
-        await self._sync_broker(self.registry.subscribe(client, wanted))
-        await self.registrations.save_topics(client)
+        if wanted <= client.topics:
+            return
+        before = set(client.topics)
+        await self._save(client, before, self.registry.subscribe(client, wanted))
 
     async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None:
-        await self._sync_broker(self.registry.unsubscribe(client, self._validate(topics)))
-        await self.registrations.save_topics(client)
+        unwanted = self._validate(topics)
+        if client.topics.isdisjoint(unwanted):
+            return
+        before = set(client.topics)
+        await self._save(client, before, self.registry.unsubscribe(client, unwanted))
+
+    async def _save(self, client: Client, before: set[str], change: Occupancy) -> None:
+        """The client's topics changed from ``before``: follow them in the broker and store
+        them, together. If they cannot be stored, nothing changed: the client is told so
+        (an error), and sending the command again must do it again."""
+        try:
+            await _together(self._sync_broker(change), self.registrations.save_topics(client))
+        except BrokerUnavailable:
+            undo = self.registry.set_topics(client, before)
+            with contextlib.suppress(BrokerUnavailable):  # the first failure is the one told
+                await self._sync_broker(undo)
+            raise
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -259,9 +303,13 @@ class Relay:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _tell_nodes(self, event: str, client_id: str) -> None:
+    async def _tell_nodes(self, event: str, client_id: str, *, live: bool = False) -> None:
         body = _encode_control(ControlEvent(event, client_id, self.node_id)).decode()
-        await self.broker.publish(Publication(CONTROL_TOPIC, body))
+        publication = Publication(CONTROL_TOPIC, body)
+        if live:
+            await self.broker.announce(publication)
+        else:
+            await self.broker.publish(publication)
 
     async def _close_local(self, client_id: str, code: int, reason: str) -> None:
         client = self.registry.attached(client_id)
@@ -275,7 +323,19 @@ class Relay:
         return topic_rules.validate_topics(topics, s.max_topic_length, s.max_topics_per_client)
 
     async def _sync_broker(self, change: Occupancy) -> None:
-        for topic in change.occupied:
-            await self.broker.subscribe(topic)
-        for topic in change.vacated:
-            await self.broker.unsubscribe(topic)
+        """One call for all the topics occupied, then one for all those vacated (if
+        subscribing fails, the node keeps receiving too much rather than too little)."""
+        if change.occupied:
+            await self.broker.subscribe(*change.occupied)
+        if change.vacated:
+            await self.broker.unsubscribe(*change.vacated)
+
+
+async def _together(*steps: Awaitable[Any]) -> list[Any]:
+    """Run ``steps`` concurrently and return their results; every step runs to its end
+    even if another fails, and then the first failure (in argument order) is raised."""
+    outcomes = await asyncio.gather(*steps, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes

@@ -116,6 +116,103 @@ class BrokerConformance:
             (p.topic, p.message, p.user) for p in batch
         ]
 
+    async def test_several_topics_in_one_subscribe(self, nodes: tuple[Node, Node]) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("x", "y", "z")
+        for topic in ("w", "x", "y", "z"):
+            await a.publish(Publication(topic, topic))
+        await inbox.wait_for(3)
+        await b.subscribe("fence")
+        await a.publish(Publication("fence", "fence"))
+        await inbox.wait_for(4)
+        assert [p.message for p in inbox.items] == ["x", "y", "z", "fence"]
+
+    async def test_several_topics_in_one_unsubscribe(self, nodes: tuple[Node, Node]) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("x", "y", "z")
+        await b.unsubscribe("x", "z", "never-subscribed")
+        for topic in ("x", "y", "z"):
+            await a.publish(Publication(topic, topic))
+        await inbox.wait_for(1)
+        await a.publish(Publication("y", "fence"))
+        await inbox.wait_for(2)
+        assert [p.message for p in inbox.items] == ["y", "fence"]
+
+    async def test_no_topics_is_no_change(self, nodes: tuple[Node, Node]) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe()
+        await b.unsubscribe()
+        await b.subscribe("t")
+        await b.unsubscribe()
+        await a.publish(Publication("t", "still subscribed"))
+        [got] = await inbox.wait_for(1)
+        assert got.message == "still subscribed"
+
+    async def test_a_thousand_and_more_topics_in_one_subscribe(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, _), (b, inbox) = nodes
+        topics = [f"t{i}" for i in range(1500)]
+        await b.subscribe(*topics)
+        assert await a.publish_many([Publication(t, t) for t in topics]) == [None] * 1500
+        got = await inbox.wait_for(1500)
+        assert sorted(p.message for p in got) == sorted(topics)
+
+    async def test_concurrent_subscription_changes_all_take_effect(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """Calls made at once (a storm of attaches) may travel together; each returns once
+        its own topics are subscribed, and a later call is not overtaken by an earlier one."""
+        (a, _), (b, inbox) = nodes
+        await asyncio.gather(
+            b.subscribe("x"),
+            b.subscribe("y", "z"),
+            b.subscribe("gone"),
+            b.unsubscribe("gone"),
+            b.subscribe("back"),
+            b.unsubscribe("back"),
+            b.subscribe("back"),
+        )
+        for topic in ("gone", "x", "y", "z", "back"):
+            await a.publish(Publication(topic, topic))
+        await inbox.wait_for(4)
+        await a.publish(Publication("x", "fence"))
+        await inbox.wait_for(5)
+        assert [p.message for p in inbox.items] == ["x", "y", "z", "back", "fence"]
+
+    async def test_an_announcement_reaches_subscribed_nodes_but_not_its_own(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, inbox_a), (b, inbox_b) = nodes
+        await a.subscribe("t")
+        await b.subscribe("t")
+        await a.announce(Publication("t", "announced \u2603", "42"))
+        await a.announce(Publication("elsewhere", "not subscribed"))
+        [got] = await inbox_b.wait_for(1)
+        assert (got.topic, got.message, got.user) == ("t", "announced \u2603", "42")
+        await b.announce(Publication("t", "fence"))
+        await inbox_a.wait_for(1)
+        assert [p.message for p in inbox_a.items] == ["fence"]
+        await a.publish(Publication("t", "fence"))
+        await inbox_b.wait_for(2)
+        assert [p.message for p in inbox_b.items] == ["announced \u2603", "fence"]
+
+    async def test_announcements_leave_publications_in_order_and_complete(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """Announcements on a topic do not disturb its publications: all of those
+        arrive, once each, in order."""
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("t")
+        for i in range(50):
+            await a.publish(Publication("t", f"p{i}"))
+            await a.announce(Publication("t", f"a{i}"))
+        got = await inbox.wait_for(100)
+        assert [p.message for p in got if p.message.startswith("p")] == [f"p{i}" for i in range(50)]
+        assert sorted(p.message for p in got if p.message.startswith("a")) == sorted(
+            f"a{i}" for i in range(50)
+        )
+
     async def test_stop_is_idempotent_and_silences_the_node(self, nodes: tuple[Node, Node]) -> None:
         (a, inbox_a), (b, inbox_b) = nodes
         await a.subscribe("t")

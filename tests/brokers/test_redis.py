@@ -20,7 +20,7 @@ from tests.brokers.conformance import (
 from tests.redis_server import RedisServer
 from tests.utils import TIMEOUT
 from wsrelay.brokers import from_url
-from wsrelay.brokers.redis import RedisBroker, RedisRegistrations, make_client
+from wsrelay.brokers.redis import Commands, RedisBroker, RedisRegistrations, make_client
 from wsrelay.core.fanout import Publication
 from wsrelay.core.registry import Client
 from wsrelay.errors import BrokerUnavailable
@@ -236,3 +236,59 @@ async def test_concurrent_publishes_are_batched_and_each_arrives_once(
     await admin.aclose()
     await a.stop()
     await b.stop()
+
+
+async def commandstats(admin: aioredis.Redis) -> dict[str, int]:
+    stats = await admin.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+async def test_scripts_redis_lost_are_loaded_again_once(redis_server: RedisServer) -> None:
+    """SCRIPT FLUSH (or a restart): the commands that got NOSCRIPT did not run; the script
+    is loaded once and they are sent again, in one more round trip."""
+    client = make_client(redis_server.url)
+    store = RedisRegistrations(client, ttl=60)
+    admin = aioredis.from_url(redis_server.url)
+    assert await store.add(Client("first", "u", set()))
+    await admin.script_flush()
+    before = await commandstats(admin)
+    added = await asyncio.gather(*(store.add(Client(f"r{i}", "u", set())) for i in range(50)))
+    assert added == [True] * 50
+    after = await commandstats(admin)
+    assert after["script|load"] - before.get("script|load", 0) == 1
+    await admin.aclose()
+    await client.aclose()
+
+
+async def test_subscriptions_asked_for_at_once_share_one_subscribe(
+    redis_server: RedisServer,
+) -> None:
+    a, _ = await start_node(redis_server.url, "a")
+    b, inbox = await start_node(redis_server.url, "b")
+    admin = aioredis.from_url(redis_server.url)
+    before = await commandstats(admin)
+    await asyncio.gather(*(b.subscribe(f"t{i}", f"u{i}") for i in range(50)))
+    after = await commandstats(admin)
+    assert after["subscribe"] - before["subscribe"] <= 2  # all 100 topics, in one or two
+    await a.publish_many([Publication(f"u{i}", str(i)) for i in range(50)])
+    assert sorted(int(p.message) for p in await inbox.wait_for(50)) == list(range(50))
+    await admin.aclose()
+    await a.stop()
+    await b.stop()
+
+
+async def test_commands_queued_past_the_timeout_fail_unsent(redis_server: RedisServer) -> None:
+    """What waits in the queue longer than the timeout (every lane busy) fails as
+    BrokerUnavailable without being sent: the caller is not kept waiting twice over."""
+    client = make_client(redis_server.url, pool_size=1, timeout=5)
+    commands = Commands(client, lanes=1, timeout=0.2)
+    await commands.call("PING")
+    busy = commands.call("BLPOP", "nothing", "0.5")  # holds the only lane for 0.5 s
+    await asyncio.sleep(0.05)  # the lane has taken it
+    late = commands.call("SET", "k", "late")
+    assert await busy is None
+    with pytest.raises(BrokerUnavailable, match=r"did not take the command within 0\.2 s"):
+        await late
+    assert await commands.call("GET", "k") is None  # never sent
+    await commands.stop()
+    await client.aclose()

@@ -26,8 +26,16 @@ __all__ = [
 SCHEMES = ("memory", "redis", "rediss")
 
 
-def from_url(url: str, *, registration_ttl: float = 86400.0, history_size: int = 1000) -> Backend:
-    """The backend for ``url``.
+def from_url(
+    url: str,
+    *,
+    registration_ttl: float = 86400.0,
+    history_size: int = 1000,
+    pool_size: int = 10,
+    timeout: float = 5.0,
+) -> Backend:
+    """The backend for ``url``. ``pool_size`` (connections for commands) and ``timeout``
+    (seconds any command may take, waiting for a connection included) concern Redis only.
 
     Raises:
         ValueError: the scheme is not supported.
@@ -39,7 +47,13 @@ def from_url(url: str, *, registration_ttl: float = 86400.0, history_size: int =
     if scheme in ("redis", "rediss"):
         from wsrelay.brokers.redis import redis_backend
 
-        return redis_backend(url, registration_ttl=registration_ttl, history_size=history_size)
+        return redis_backend(
+            url,
+            registration_ttl=registration_ttl,
+            history_size=history_size,
+            pool_size=pool_size,
+            timeout=timeout,
+        )
     raise ValueError(
         f"unsupported broker URL {url!r}: the scheme must be one of "
         + ", ".join(s + "://" for s in SCHEMES)

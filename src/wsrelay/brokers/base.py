@@ -5,10 +5,13 @@ A backend is a :class:`Broker` and a :class:`RegistrationStore` over one engine
 
 The broker never sees clients. The node tells it which topics have local
 subscribers (:meth:`Broker.subscribe` on the first, :meth:`Broker.unsubscribe`
-after the last) and hands it every publication accepted here
-(:meth:`Broker.publish`); the broker calls the node's handler with publications
-made on *other* nodes for topics this node subscribed to. Local delivery is the
-node's own job, so a publication reaches local subscribers without a round trip.
+after the last; several topics in one call, as one request to the engine) and
+hands it every publication accepted here (:meth:`Broker.publish`); the broker
+calls the node's handler with publications made on *other* nodes for topics this
+node subscribed to. Local delivery is the node's own job, so a publication
+reaches local subscribers without a round trip. Signals between nodes that only
+matter to whoever listens right now go by :meth:`Broker.announce`, which keeps
+no history.
 
 The store keeps registrations, so that a client may register on one node and
 connect to another, and survive a node's restart. It also counts each user's
@@ -44,12 +47,16 @@ class Broker(Protocol):
         """Disconnect and stop calling the handler. Idempotent."""
         ...
 
-    async def subscribe(self, topic: str) -> None:
-        """Start receiving other nodes' publications on ``topic``."""
+    async def subscribe(self, *topics: str) -> None:
+        """Start receiving other nodes' publications on each of ``topics`` (none: no-op).
+
+        Returns once the engine confirmed them, so that a client told it is subscribed
+        gets every publication from then on (or, if the engine is unreachable, after a
+        bounded wait: the broker subscribes again by itself when it is back)."""
         ...
 
-    async def unsubscribe(self, topic: str) -> None:
-        """Stop receiving publications on ``topic``."""
+    async def unsubscribe(self, *topics: str) -> None:
+        """Stop receiving publications on each of ``topics`` (none: no-op)."""
         ...
 
     async def publish(self, publication: Publication) -> None:
@@ -58,6 +65,17 @@ class Broker(Protocol):
         Raises:
             wsrelay.errors.BrokerUnavailable: it could not be handed over; the
                 caller must not report the publish as accepted.
+        """
+        ...
+
+    async def announce(self, publication: Publication) -> None:
+        """Hand ``publication`` to the other nodes subscribed to its topic now, keeping
+        no history: a node that is cut off from the engine at that moment misses it
+        (at-most-once), and it is not ordered with :meth:`publish`-ed ones. For
+        signals that only matter live, at a fraction of a publish's cost.
+
+        Raises:
+            wsrelay.errors.BrokerUnavailable: it could not be handed over.
         """
         ...
 

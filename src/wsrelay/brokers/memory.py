@@ -54,17 +54,20 @@ class MemoryBroker:
             self.bus.members.remove(self)
         self.topics.clear()
 
-    async def subscribe(self, topic: str) -> None:
-        self.topics.add(topic)
+    async def subscribe(self, *topics: str) -> None:
+        self.topics.update(topics)
 
-    async def unsubscribe(self, topic: str) -> None:
-        self.topics.discard(topic)
+    async def unsubscribe(self, *topics: str) -> None:
+        self.topics.difference_update(topics)
 
     async def publish(self, publication: Publication) -> None:
         for member in self.bus.members:
             handler = member._handler
             if member is not self and handler is not None and publication.topic in member.topics:
                 handler(publication)
+
+    async def announce(self, publication: Publication) -> None:
+        await self.publish(publication)  # nothing is kept either way
 
     async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
         outcomes: list[Exception | None] = []

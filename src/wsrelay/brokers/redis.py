@@ -23,6 +23,16 @@ Publishes are never retried by the client: a publish whose reply was lost might
 have been applied, and a retry would duplicate it. The error reaches the
 publisher as a 503 instead, so nothing is lost silently.
 
+Announcements (:meth:`RedisBroker.announce`, the relay's "connected elsewhere"
+signal) are a bare ``PUBLISH`` on the topic's channel, ``"- - <data>"``: no
+offset, no stream, no catch-up.
+
+Subscribing costs one command for many topics: the topics asked for while the
+previous ``SUBSCRIBE`` or ``UNSUBSCRIBE`` was being written go together in the next
+one (in the order asked), and each caller waits for the confirmations of its own.
+Every other command goes through :class:`~wsrelay.brokers.redis_client.Commands`,
+pipelined with whatever else the node is sending (docs/decisions/0006).
+
 Registrations are kept by :mod:`wsrelay.brokers.redis_registrations`, over the
 same client (:mod:`wsrelay.brokers.redis_client`).
 """
@@ -41,12 +51,20 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from wsrelay.brokers.base import Backend, PublicationHandler
-from wsrelay.brokers.redis_client import make_client, unavailable
+from wsrelay.brokers.redis_client import (
+    DEFAULT_POOL_SIZE,
+    DEFAULT_TIMEOUT,
+    FAILURES,
+    Commands,
+    make_client,
+    pubsub_client,
+    unavailable,
+)
 from wsrelay.brokers.redis_registrations import RedisRegistrations
 from wsrelay.core.fanout import Publication
 from wsrelay.errors import BrokerUnavailable
 
-__all__ = ["RedisBroker", "RedisRegistrations", "make_client", "redis_backend"]
+__all__ = ["Commands", "RedisBroker", "RedisRegistrations", "make_client", "redis_backend"]
 
 log = logging.getLogger("wsrelay.redis")
 
@@ -58,6 +76,12 @@ RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 SUBSCRIBE_TIMEOUT = 2.0
 """Seconds :meth:`RedisBroker.subscribe` waits for Redis to confirm a subscription."""
+
+SUBSCRIBE_BATCH = 1000
+"""Channels named in one ``SUBSCRIBE`` or ``UNSUBSCRIBE`` at most."""
+
+ANNOUNCED = b"-"
+"""The epoch and offset of an announcement: it has neither."""
 
 PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[3])
@@ -101,11 +125,21 @@ def _topic_of(channel: str) -> str:
     return channel[len("wsrelay:{") : -len("}:live")]
 
 
-def redis_backend(url: str, *, registration_ttl: float, history_size: int) -> Backend:
-    """A broker and a registration store sharing one Redis client for ``url``."""
-    client = make_client(url)
-    registrations = RedisRegistrations(client, int(registration_ttl))
-    return Backend(RedisBroker(client, history_size, registrations), registrations)
+def redis_backend(
+    url: str,
+    *,
+    registration_ttl: float,
+    history_size: int,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Backend:
+    """A broker and a registration store sharing one Redis client for ``url``: at most
+    ``pool_size`` connections for commands, one more for publishes (sent in order)
+    and one for pub/sub; ``timeout`` bounds every command."""
+    client = make_client(url, pool_size=pool_size + 1, timeout=timeout)
+    commands = Commands(client, lanes=pool_size, timeout=timeout)
+    registrations = RedisRegistrations(commands, int(registration_ttl))
+    return Backend(RedisBroker(commands, history_size, registrations), registrations)
 
 
 class RedisBroker:
@@ -113,11 +147,13 @@ class RedisBroker:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | Commands,
         history_size: int,
         registrations: RedisRegistrations | None = None,
     ) -> None:
-        self._client = client
+        self._commands = client if isinstance(client, Commands) else Commands.over(client)
+        self._client = self._commands.client
+        self._subscriber = pubsub_client(self._client)
         self._history_size = history_size
         self._registrations = registrations
         self._sha: str | None = None
@@ -126,9 +162,14 @@ class RedisBroker:
         self._topics: set[str] = set()
         self._positions: dict[str, tuple[bytes, int]] = {}  # topic -> (epoch, last offset)
         self._pubsub: Any = None
+        self._pubsub_ready = asyncio.Event()
+        """Set once the current pub/sub connection made its first SUBSCRIBE: redis-py
+        opens the connection on the first command, so nothing else may send one before."""
         self._listener: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._pubsub_requests: list[tuple[str, list[str]]] = []  # (command, channels), in order
+        self._pubsub_writer: asyncio.Task[None] | None = None
         self._handler: PublicationHandler | None = None
         self._origin = ""
         self._last_error: str | None = None
@@ -159,10 +200,13 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+        for task in (self._sender, self._pubsub_writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._pubsub_requests.clear()
+        await self._commands.stop()
         for _, done in self._batch:
             if not done.done():
                 done.set_exception(BrokerUnavailable("the relay is shutting down"))
@@ -171,43 +215,107 @@ class RedisBroker:
         self._connected.clear()
         self._topics.clear()
         self._positions.clear()
-        with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+        for client in (self._client, self._subscriber):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
-    async def subscribe(self, topic: str) -> None:
-        """Returns once Redis confirmed the subscription, so that a client told it is
-        subscribed gets every publication from then on (or after a timeout, if Redis
+    async def subscribe(self, *topics: str) -> None:
+        """Returns once Redis confirmed every one of ``topics``, so that a client told it
+        is subscribed gets every publication from then on (or after a timeout, if Redis
         is down; the listener subscribes again when it reconnects)."""
-        self._topics.add(topic)
-        if self._pubsub is None:
+        self._topics.update(topics)
+        if self._pubsub is None or not topics:
             return
-        channel = _channel(topic)
-        confirmed = asyncio.get_running_loop().create_future()
-        waiting = self._confirmations.setdefault(channel.encode(), [])
-        waiting.append(confirmed)
+        loop = asyncio.get_running_loop()
+        channels = [_channel(topic) for topic in topics]
+        waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        for channel in channels:
+            confirmed: asyncio.Future[None] = loop.create_future()
+            self._confirmations.setdefault(channel.encode(), []).append(confirmed)
+            waiting.append((channel.encode(), confirmed))
+        self._request("subscribe", channels)
         try:
-            await self._pubsub.subscribe(channel)
-            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.debug("subscription to %s not confirmed yet: %s", channel, exc)
+            await asyncio.wait_for(
+                asyncio.gather(*(confirmed for _, confirmed in waiting)), SUBSCRIBE_TIMEOUT
+            )
+        except TimeoutError:
+            log.debug("subscriptions to %d topic(s) not confirmed yet", len(topics))
         finally:
-            waiting.remove(confirmed)
-            if not waiting:
-                self._confirmations.pop(channel.encode(), None)
+            for channel_key, confirmed in waiting:
+                futures = self._confirmations.get(channel_key)
+                if futures is not None:
+                    futures.remove(confirmed)
+                    if not futures:
+                        del self._confirmations[channel_key]
 
-    async def unsubscribe(self, topic: str) -> None:
-        self._topics.discard(topic)
-        self._positions.pop(topic, None)
-        if self._pubsub is not None:
+    async def unsubscribe(self, *topics: str) -> None:
+        for topic in topics:
+            self._topics.discard(topic)
+            self._positions.pop(topic, None)
+        if self._pubsub is not None and topics:
+            self._request("unsubscribe", [_channel(topic) for topic in topics])
+
+    def _request(self, command: str, channels: list[str]) -> None:
+        """Queue a (UN)SUBSCRIBE: merged with the one queued last if it is the same
+        command, written by one task, in order."""
+        requests = self._pubsub_requests
+        if requests and requests[-1][0] == command:
+            requests[-1][1].extend(channels)
+        else:
+            requests.append((command, channels))
+        if self._pubsub_writer is None or self._pubsub_writer.done():
+            self._pubsub_writer = asyncio.create_task(
+                self._write_requests(), name="wsrelay-redis-subscribe"
+            )
+
+    async def _write_requests(self) -> None:
+        requests = self._pubsub_requests
+        while requests:
+            if not self._pubsub_ready.is_set():
+                await self._pubsub_ready.wait()  # requests dropped meanwhile are gone
+                continue
+            command, channels = requests.pop(0)
+            pubsub = self._pubsub
             try:
-                await self._pubsub.unsubscribe(_channel(topic))
+                for start in range(0, len(channels), SUBSCRIBE_BATCH):
+                    chunk = channels[start : start + SUBSCRIBE_BATCH]
+                    if command == "subscribe":
+                        await pubsub.subscribe(*chunk)
+                    else:
+                        await pubsub.unsubscribe(*chunk)
             except (RedisError, OSError) as exc:
-                log.debug("unsubscribe skipped, Redis is down: %s", exc)
+                log.debug("%s skipped, Redis is down: %s", command, exc)
+                if command == "subscribe":
+                    self._confirm_all(channels)  # don't wait: resubscribed on reconnect
+
+    def _drop_requests(self) -> None:
+        """The pub/sub connection is gone: the next one subscribes to ``self._topics``,
+        which every request queued so far is already part of."""
+        for command, channels in self._pubsub_requests:
+            if command == "subscribe":
+                self._confirm_all(channels)
+        self._pubsub_requests.clear()
+
+    def _confirm_all(self, channels: list[str]) -> None:
+        for channel in channels:
+            for confirmed in self._confirmations.get(channel.encode(), ()):
+                if not confirmed.done():
+                    confirmed.set_result(None)
 
     async def publish(self, publication: Publication) -> None:
         """Publishes made while a batch is on its way to Redis wait and go together in
         the next one: one round trip for many publishes (Centrifugo's smart batching)."""
         await self._enqueue(publication)
+
+    async def announce(self, publication: Publication) -> None:
+        """One ``PUBLISH``, pipelined with the node's other commands; no stream."""
+        data = _encode(_Data(self._origin, publication.user, publication.message))
+        try:
+            await self._commands.call(
+                "PUBLISH", _channel(publication.topic), ANNOUNCED + b" " + ANNOUNCED + b" " + data
+            )
+        except FAILURES as exc:
+            raise unavailable(exc) from None
 
     async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
         """All of them in the next batch, in order; waiting on futures, not one task each."""
@@ -236,7 +344,7 @@ class RedisBroker:
             batch, self._batch = self._batch, []
             try:
                 results = await self._run_scripts([args for args, _ in batch])
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 results = [exc] * len(batch)
             for (_, done), result in zip(batch, results, strict=True):
                 if done.done():
@@ -250,7 +358,8 @@ class RedisBroker:
         """EVALSHA each call in one pipeline; load the script first if Redis lost it (a
         NOSCRIPT reply means nothing ran, so running those calls again is safe)."""
         if self._sha is None:
-            self._sha = await self._client.script_load(PUBLISH_SCRIPT)
+            sha = await self._commands.call("SCRIPT LOAD", PUBLISH_SCRIPT)
+            self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
         async with self._client.pipeline(transaction=False) as pipe:
             for args in calls:
                 pipe.evalsha(self._sha, 3, *args)
@@ -270,7 +379,7 @@ class RedisBroker:
         while True:
             try:
                 await self._listen_once()
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 # Say why (a wrong password or TLS setting must not look like an outage),
                 # once per distinct reason rather than on every retry.
                 reason = f"{type(exc).__name__}: {exc}"
@@ -285,10 +394,12 @@ class RedisBroker:
                 log.exception("broker listener failed; reconnecting")
             finally:
                 self._connected.clear()
+                self._pubsub_ready.clear()
                 if self._pubsub is not None:
+                    pubsub, self._pubsub = self._pubsub, None
+                    self._drop_requests()
                     with contextlib.suppress(RedisError, OSError):
-                        await self._pubsub.aclose()
-                    self._pubsub = None
+                        await pubsub.aclose()
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
 
@@ -299,19 +410,23 @@ class RedisBroker:
 
         Under the pool's lock: otherwise a publish could take a connection from the pool
         between the moment it is picked for closing and the moment it is closed, and fail
-        mid-write. (redis-py's pool takes the same lock to hand out a connection; the
-        attribute is private, so without it this falls back to no lock.)"""
+        mid-write. (redis-py's blocking pool hands out connections under its condition,
+        its plain pool under its lock; the attributes are private, so without them this
+        falls back to no lock.)"""
         pool = self._client.connection_pool
-        lock = getattr(pool, "_lock", None)
-        guard = lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext()
+        lock = getattr(pool, "_condition", None) or getattr(pool, "_lock", None)
+        guard: Any = (
+            lock if isinstance(lock, asyncio.Lock | asyncio.Condition) else contextlib.nullcontext()
+        )
         with contextlib.suppress(RedisError, OSError):
             async with guard:
                 await pool.disconnect(inuse_connections=False)
 
     async def _listen_once(self) -> None:
-        pubsub = self._pubsub = self._client.pubsub()
+        pubsub = self._pubsub = self._subscriber.pubsub()
         # A channel of our own keeps the connection open while no topic is wanted.
         await pubsub.subscribe(f"wsrelay:node:{self._origin}", *map(_channel, self._topics))
+        self._pubsub_ready.set()  # subscriptions asked for meanwhile may go now
         await self._catch_up(list(self._topics))
         if not self.healthy:
             await self._drop_idle_connections()
@@ -328,7 +443,7 @@ class RedisBroker:
             channel = message["channel"].decode()
             try:
                 await self._on_live(_topic_of(channel), message["data"])
-            except (RedisError, OSError):
+            except FAILURES:
                 raise
             except Exception:  # not ours, or a handler bug: drop it, keep listening
                 log.exception("dropped an unreadable message on %s", channel)
@@ -337,6 +452,9 @@ class RedisBroker:
         if topic not in self._topics:
             return  # unsubscribed while the message was in flight
         epoch, offset_text, payload = data.split(b" ", 2)
+        if epoch == ANNOUNCED:
+            self._hand_over(topic, payload)
+            return
         offset = int(offset_text)
         known = self._positions.get(topic)
         if known is not None and known[0] == epoch and offset > known[1] + 1:
@@ -348,7 +466,7 @@ class RedisBroker:
         known = [(t, self._positions[t]) for t in topics if t in self._positions]
         if not known:
             return
-        epochs: list[Any] = await self._client.mget([_keys(t)[2] for t, _ in known])
+        epochs: list[Any] = await self._commands.call("MGET", *(_keys(t)[2] for t, _ in known))
         for (topic, (old_epoch, last)), epoch in zip(known, epochs, strict=True):
             if epoch is None:
                 self._positions.pop(topic, None)  # the topic's keys are gone
@@ -358,11 +476,13 @@ class RedisBroker:
                 await self._read_stream(topic, epoch, last + 1, None)
 
     async def _read_stream(self, topic: str, epoch: bytes, first: int, last: int | None) -> None:
-        entries: Any = await self._client.xrange(
+        entries: Any = await self._commands.call(
+            "XRANGE",
             _keys(topic)[0],
-            min=f"0-{first}",
-            max="+" if last is None else f"0-{last}",
-            count=self._history_size,
+            f"0-{first}",
+            "+" if last is None else f"0-{last}",
+            "COUNT",
+            self._history_size,
         )
         for entry_id, fields in entries:  # redis-py answers bytes: no decode_responses
             self._accept(topic, epoch, int(entry_id.split(b"-")[1]), fields[b"d"])
@@ -372,6 +492,9 @@ class RedisBroker:
         if known is not None and known[0] == epoch and offset <= known[1]:
             return  # seen already (live traffic overlapping a catch-up)
         self._positions[topic] = (epoch, offset)
+        self._hand_over(topic, payload)
+
+    def _hand_over(self, topic: str, payload: bytes) -> None:
         data = _decode_data(payload)
         if data.origin == self._origin or self._handler is None:
             return

@@ -13,6 +13,10 @@ the two agree; adding prunes the scores already past, then counts and inserts,
 atomically across nodes, so an expired registration never counts and two nodes
 cannot both take the last slot. The set itself expires with its longest-lived
 member. Anonymous registrations have no set.
+
+Every command goes through :class:`~wsrelay.brokers.redis_client.Commands`, so
+the commands of many clients attaching at once share round trips. What is only
+this node's business stays here: which clients are attached (for the refresher).
 """
 
 from __future__ import annotations
@@ -24,9 +28,8 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from wsrelay.brokers.redis_client import unavailable
+from wsrelay.brokers.redis_client import FAILURES, Commands, Script, unavailable
 from wsrelay.core.registry import Client
 from wsrelay.errors import BrokerUnavailable
 
@@ -104,15 +107,11 @@ return removed
 class RedisRegistrations:
     """A :class:`~wsrelay.brokers.base.RegistrationStore` in Redis keys with a TTL."""
 
-    def __init__(self, client: aioredis.Redis, ttl: int) -> None:
-        self._client = client
+    def __init__(self, client: aioredis.Redis | Commands, ttl: int) -> None:
+        self._commands = client if isinstance(client, Commands) else Commands.over(client)
         self._ttl = ttl
         self._attached: dict[str, str | None] = {}  # id -> user, of clients attached here
         self._refresher: asyncio.Task[None] | None = None
-        # register_script: EVALSHA, loading the script again if Redis lost it
-        self._add_script = client.register_script(ADD_REGISTRATION_SCRIPT)
-        self._touch_script = client.register_script(TOUCH_REGISTRATION_SCRIPT)
-        self._remove_script = client.register_script(REMOVE_REGISTRATION_SCRIPT)
 
     def start(self) -> None:
         self._refresher = asyncio.create_task(self._refresh_forever(), name="wsrelay-reg-ttl")
@@ -141,10 +140,10 @@ class RedisRegistrations:
     async def add(self, client: Client, limit: int = 0) -> bool:
         keys = self._keys(client.id, client.user)
         args: list[bytes | int | str] = [self._value(client), self._ttl, limit, client.id]
-        return bool(await self._run(self._add_script(keys, args)))
+        return bool(await self._run(self._commands.script(_ADD, keys, args)))
 
     async def get(self, client_id: str) -> Client | None:
-        raw = await self._run(self._client.get(self._key(client_id)))
+        raw = await self._run(self._commands.call("GET", self._key(client_id)))
         if raw is None:
             return None
         user, topics = msgspec.json.decode(raw, type=tuple[str | None, list[str]])
@@ -156,12 +155,11 @@ class RedisRegistrations:
         if stored is None:
             return False
         keys = self._keys(client_id, stored.user)
-        return bool(await self._run(self._remove_script(keys, [client_id])))
+        return bool(await self._run(self._commands.script(_REMOVE, keys, [client_id])))
 
     async def save_topics(self, client: Client) -> None:
-        await self._run(
-            self._client.set(self._key(client.id), self._value(client), xx=True, keepttl=True)
-        )
+        key, value = self._key(client.id), self._value(client)
+        await self._run(self._commands.call("SET", key, value, "XX", "KEEPTTL"))
 
     async def attached(self, client: Client) -> bool:
         exists = bool(await self._run(self._touch(client.id, client.user)))
@@ -174,9 +172,9 @@ class RedisRegistrations:
         with contextlib.suppress(BrokerUnavailable):  # the TTL runs on regardless
             await self._run(self._touch(client.id, client.user))
 
-    def _touch(self, client_id: str, user: str | None, pipe: Any = None) -> Any:
+    def _touch(self, client_id: str, user: str | None) -> asyncio.Future[Any]:
         """Restart the registration's TTL and its score in its user's set together."""
-        return self._touch_script(self._keys(client_id, user), [self._ttl, client_id], pipe)
+        return self._commands.script(_TOUCH, self._keys(client_id, user), [self._ttl, client_id])
 
     async def count(self) -> int | None:
         return None  # counting keys would need a SCAN of the keyspace
@@ -187,17 +185,21 @@ class RedisRegistrations:
             attached = list(self._attached.items())
             if not attached:
                 continue
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for client_id, user in attached:
-                        await self._touch(client_id, user, pipe)
-                    await pipe.execute()
-            except (RedisError, OSError) as exc:
-                log.debug("could not refresh registration TTLs: %s", exc)
+            # Queued at once: they go in as few pipelines as the queue allows.
+            touches = [self._touch(client_id, user) for client_id, user in attached]
+            for outcome in await asyncio.gather(*touches, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.debug("could not refresh registration TTLs: %s", outcome)
+                    break
 
     @staticmethod
     async def _run(awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise unavailable(exc) from None
+
+
+_ADD = Script(ADD_REGISTRATION_SCRIPT)
+_TOUCH = Script(TOUCH_REGISTRATION_SCRIPT)
+_REMOVE = Script(REMOVE_REGISTRATION_SCRIPT)

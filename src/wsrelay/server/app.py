@@ -59,6 +59,8 @@ def create_app(
             settings.broker,
             registration_ttl=settings.registration_ttl,
             history_size=settings.history_size,
+            pool_size=settings.broker_pool_size,
+            timeout=settings.broker_timeout,
         )
     app[RELAY] = Relay(settings, frame_text, backend)
     connections: set[Connection] = set()
