@@ -178,6 +178,82 @@ async def test_origin_allowlist_from_the_variable(start_server) -> None:
             assert info.value.response.status_code == 403
 
 
+# -- CORS: the WebSocket routes' refusals are readable from any page, nothing else is -------
+
+WEBSOCKET_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Retry-After",
+}
+
+
+@pytest.mark.parametrize("stack", ["native", "aiohttp"])
+async def test_websocket_refusals_carry_cors_and_no_other_route_does(start_server, stack) -> None:
+    """A plain GET on /ws/<id> or /ws (wsrelay.js's check after a failed connection) is
+    answered as the upgrade would be, readable by a page of any origin; an ``origin``
+    query parameter is checked like the Origin header (a browser sends none with a
+    same-origin GET). The API key's routes send no CORS header, and their preflight
+    fails. On the native stack each request is a fresh connection's first: the native
+    WebSocket driver answers it; on aiohttp, aiohttp's route does."""
+    server = start_server("--stack", stack, "--allowed-origin", "https://app.test")
+    open_server = start_server("--stack", stack)
+    unknown = "0123456789abcdef0123456789abcdef"
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client_id = (await Api(session, server.url).register(1))["id"]
+        cases = [
+            ("https://evil.test", f"/ws/{client_id}", 403, "origin_not_allowed"),
+            ("https://app.test", f"/ws/{client_id}", 426, "upgrade_required"),
+            ("https://app.test", f"/ws/{unknown}", 404, "unknown_client"),
+            (None, f"/ws/{client_id}?origin=https%3A%2F%2Fevil.test", 403, "origin_not_allowed"),
+            (None, f"/ws/{client_id}?origin=https%3A%2F%2Fapp.test", 426, "upgrade_required"),
+            ("https://app.test", f"/ws/{client_id}?origin=https://evil.test", 403, None),
+            ("https://evil.test", "/ws", 403, "origin_not_allowed"),
+            ("https://app.test", "/ws", 404, "not_found"),  # tokens are not enabled
+        ]
+        for origin, path, status, code in cases:
+            headers = {"Origin": origin} if origin else {}
+            async with session.get(server.url + path, headers=headers) as response:
+                assert response.status == status, (origin, path)
+                body = await response.json()
+                assert code is None or body["error"]["code"] == code, (origin, path, body)
+                cors = {name: response.headers.get(name) for name in WEBSOCKET_CORS}
+                assert cors == WEBSOCKET_CORS, (origin, path)
+        # Without --allowed-origin there is nothing to refuse.
+        open_id = (await Api(session, open_server.url).register(1))["id"]
+        path = f"/ws/{open_id}?origin=https%3A%2F%2Fevil.test"
+        async with session.get(open_server.url + path) as response:
+            assert response.status == 426
+            assert response.headers.get("Access-Control-Allow-Origin") == "*"
+
+        from_app = {"Origin": "https://app.test"}
+        others = [
+            ("POST", "/register", {"user_id": 1}),
+            ("POST", "/publish", {"topic": "t", "message": "m"}),
+            ("POST", "/publish/batch", {"messages": [{"topic": "t", "message": "m"}]}),
+            ("GET", "/stats", None),
+            ("GET", "/topics", None),
+            ("GET", "/metrics", None),
+            ("GET", "/health", None),
+            ("GET", "/register/nothing", None),  # no such route: 404 or 405
+        ]
+        for method, path, body in others:
+            async with session.request(
+                method, server.url + path, json=body, headers=from_app
+            ) as response:
+                assert "Access-Control-Allow-Origin" not in response.headers, (method, path)
+                assert "Access-Control-Expose-Headers" not in response.headers, (method, path)
+        # A page of another origin cannot send the API key: the preflight fails.
+        preflight = {
+            **from_app,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
+        for path in ("/publish", "/register", "/ws/" + client_id):
+            async with session.options(server.url + path, headers=preflight) as response:
+                assert response.status == 405, path
+                assert "Access-Control-Allow-Origin" not in response.headers, path
+
+
 # -- connection tokens ----------------------------------------------------------------------
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"

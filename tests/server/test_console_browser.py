@@ -17,11 +17,13 @@ import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect
 
 from tests.utils import TIMEOUT, Api, ServerProcess, free_port
@@ -256,6 +258,35 @@ async def test_the_browser_client_reconnects_and_resubscribes_after_a_restart(
     await expect(page.locator("#api-status")).to_have_text("live")
 
 
+async def test_console_message_text_keeps_its_width_on_a_phone(
+    start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
+) -> None:
+    """At 390 px (a phone) each message's text gets a line of its own under its time and
+    topic: at least 24 characters wide (it used to be one), and nothing scrolls sideways."""
+    await page.set_viewport_size({"width": 390, "height": 844})
+    server = start_server()
+    await page.goto(server.url + "/console")
+    await subscribe_in_page(page, "phone.updates.with.a.long.topic.name")
+    text = "hello from a phone, a sentence long enough to need several lines " * 2
+    api = Api(session, server.url)
+    assert await api.publish("phone.updates.with.a.long.topic.name", text) == 1
+    await expect(messages(page).first.locator(".text")).to_have_text(text)
+    await messages(page).first.scroll_into_view_if_needed()
+    measured = await page.evaluate(
+        """() => {
+          const text = document.querySelector("#messages .text");
+          const ctx = document.createElement("canvas").getContext("2d");
+          ctx.font = getComputedStyle(text).font;
+          return {
+            chars: text.getBoundingClientRect().width / ctx.measureText("0").width,
+            scrollWidth: document.documentElement.scrollWidth,
+          };
+        }"""
+    )
+    assert measured["chars"] >= 24, measured
+    assert measured["scrollWidth"] <= 390, measured
+
+
 # -- wsrelay.js on its own ----------------------------------------------------------------
 
 CLIENT_SCRIPT = """
@@ -480,7 +511,7 @@ async () => {
     async with asyncio.timeout(TIMEOUT * 4):
         first_url = await page.evaluate(script)
     # Only plain GETs are routed: a page's WebSocket is not.
-    await page.route(re.compile(r".*/ws/[0-9a-f]+$"), refusals)
+    await page.route(re.compile(r".*/ws/[0-9a-f]+(\?[^/]*)?$"), refusals)
     assert await asyncio.to_thread(server.stop) == 0  # 1001; the registration dies with it
     await asyncio.to_thread(start_server, "--port", str(port))
     async with asyncio.timeout(TIMEOUT * 4):
@@ -489,3 +520,171 @@ async () => {
     statuses = [status for _, status in refusals.seen]
     assert statuses[:2] == [503, 503] and statuses[2:] and 503 not in statuses[2:]
     check_retry_after_waits(result, refusals, 50)
+
+
+# -- wsrelay.js on a page of another origin -----------------------------------------------
+#
+# After a failed connection wsrelay.js asks the relay with a plain GET on its URL (a
+# browser shows a page nothing of a refused upgrade but a close 1006). The relay lets any
+# origin read that answer, so a page elsewhere tells 404 (register again), 403
+# origin_not_allowed (stop) and the rest apart.
+
+APP_PAGE = "<!doctype html><meta charset=utf-8><title>app</title><p>a page of another origin"
+
+
+@asynccontextmanager
+async def other_origin(relay_url: str) -> AsyncIterator[str]:
+    """A web app on another port of 127.0.0.1 (so another origin than the relay's): its
+    page, and its backend's ``POST /backend/relay``, which registers with the relay as a
+    real backend would and passes the answer on."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=APP_PAGE, content_type="text/html")
+
+    async def backend(request: web.Request) -> web.Response:
+        async with client.post(relay_url + "/register", json={}) as answer:
+            return web.Response(
+                status=answer.status, body=await answer.read(), content_type="application/json"
+            )
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_post("/backend/relay", backend)
+    runner = web.AppRunner(app, access_log=None)
+    async with aiohttp.ClientSession() as client:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            host, port = runner.addresses[0][:2]
+            yield f"http://{host}:{port}"
+        finally:
+            await runner.cleanup()
+
+
+CROSS_ORIGIN_CLIENTS = """
+async (relayUrl) => {
+  const { Relay } = await import(`${relayUrl}/client/wsrelay.js`);
+  const register = () => fetch("/backend/relay", { method: "POST" });
+  window.received = [];
+  window.errors = [];
+  window.acknowledged = [];
+  // the page's client: registers through its backend
+  const relay = new Relay({ register, minDelay: 50, maxDelay: 500 });
+  relay.on("*", (message) => window.received.push(message));
+  relay.addEventListener("error", (e) => window.errors.push(e.detail.error.code));
+  relay.addEventListener("subscribed", (e) => window.acknowledged.push(e.detail.topics));
+  window.relay = relay;
+  await relay.connect();
+  const first = relay.url;
+  await relay.subscribe("xo.news");
+  // a client given only a URL: nothing can bring it back once its registration is gone
+  const { url } = await (await register()).json();
+  const orphan = new Relay({ url, minDelay: 50, maxDelay: 500 });
+  window.orphanErrors = [];
+  orphan.addEventListener("error", (e) => {
+    const { code, status } = e.detail.error;
+    window.orphanErrors.push({ code, status });
+  });
+  window.orphan = orphan;
+  await orphan.connect();
+  return first;
+}
+"""
+
+
+async def test_wsrelay_js_on_another_origin_registers_again_after_a_restart(
+    start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
+) -> None:
+    """The relay restarts on the memory broker: the registration is gone. A page of
+    another origin sees 1006, its check reads the relay's 404 (allowed by CORS), it
+    registers again through its backend and resubscribes; a client with only a URL stops
+    with ``unknown_client`` instead of retrying a dead URL forever."""
+    port = free_port()
+    server = start_server("--port", str(port))
+    async with other_origin(server.url) as app:
+        assert app != server.url
+        await page.goto(app + "/")
+        first = await page.evaluate(CROSS_ORIGIN_CLIENTS, server.url)
+        api = Api(session, server.url)
+        assert await api.publish("xo.news", "before") == 1
+        await page.wait_for_function("window.received.includes('before')", timeout=WAIT)
+
+        assert await asyncio.to_thread(server.stop) == 0
+        restarted = await asyncio.to_thread(start_server, "--port", str(port))
+        assert restarted.url == server.url
+        await page.wait_for_function(
+            f"window.relay.state === 'open' && window.relay.url !== {json.dumps(first)}",
+            timeout=RECONNECT_WAIT,
+        )
+        await page.wait_for_function("window.orphan.state === 'closed'", timeout=RECONNECT_WAIT)
+        # resubscribed (the server acknowledged the whole set again): it delivers to it
+        await page.wait_for_function("window.acknowledged.length === 2", timeout=WAIT)
+        assert await page.evaluate("window.acknowledged") == [["xo.news"], ["xo.news"]]
+        api = Api(session, restarted.url)
+        assert await api.publish("xo.news", "after") == 1
+        await page.wait_for_function("window.received.includes('after')", timeout=WAIT)
+        assert await page.evaluate("window.errors") == []
+        assert await page.evaluate("window.orphanErrors") == [
+            {"code": "unknown_client", "status": 404}
+        ]
+
+
+REFUSED_ORIGIN_CLIENT = """
+async (relayUrl) => {
+  const { Relay } = await import(`${relayUrl}/client/wsrelay.js`);
+  const relay = new Relay({
+    register: () => fetch("/backend/relay", { method: "POST" }),
+    minDelay: 50,
+    maxDelay: 200,
+  });
+  const states = [];
+  const errors = [];
+  relay.addEventListener("state", (e) => states.push(e.detail.state));
+  relay.addEventListener("error", (e) => errors.push(e.detail.error.code));
+  const error = await relay.connect().then(
+    () => null,
+    ({ code, status, message }) => ({ code, status, message }),
+  );
+  return { error, states, errors, state: relay.state };
+}
+"""
+
+
+async def test_wsrelay_js_stops_on_a_refused_origin(
+    start_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    """``--allowed-origin`` leaves this page's origin out: its upgrade gets 403, which the
+    page sees as 1006; its check reads ``origin_not_allowed`` and the client stops, after
+    one attempt, with that error (it used to retry forever)."""
+    server = start_server("--allowed-origin", "https://app.example.com")
+    attempts: list[str] = []
+    page.on("websocket", lambda ws: attempts.append(ws.url))
+    async with other_origin(server.url) as app:
+        await page.goto(app + "/")
+        async with asyncio.timeout(TIMEOUT * 4):
+            result = await page.evaluate(REFUSED_ORIGIN_CLIENT, server.url)
+    assert result["error"]["code"] == "origin_not_allowed", result
+    assert result["error"]["status"] == 403
+    assert app in result["error"]["message"]  # the server names the refused origin
+    assert result["state"] == "closed"
+    assert result["states"] == ["connecting", "reconnecting", "connecting", "closed"]
+    assert result["errors"] == ["origin_not_allowed"]
+    assert len(attempts) == 1
+
+
+async def test_console_shows_a_refused_origin_and_stops(
+    start_server: Callable[..., ServerProcess], page: Page
+) -> None:
+    """The console's own origin left out of ``--allowed-origin``: its subscriber says
+    ``origin_not_allowed`` and what to change, and stops (it used to show "closed (1006);
+    retrying" forever)."""
+    server = start_server("--allowed-origin", "https://app.example.com")
+    await page.goto(server.url + "/console")
+    await page.get_by_label("Topics to subscribe to").fill("refused")
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    await expect(page.locator("#client-state")).to_have_text("stopped")
+    detail = page.locator("#client-detail")
+    await expect(detail).to_contain_text("origin_not_allowed")
+    await expect(detail).to_contain_text(f"--allowed-origin must include {server.url}")
+    await expect(detail).to_have_class(re.compile(r"\bbad-text\b"))

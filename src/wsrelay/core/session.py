@@ -159,7 +159,8 @@ async def admit(
     check_upgrade: Callable[[], None],
 ) -> Session:
     """Decide a handshake for ``/ws/<client_id>`` (or, if ``client_id`` is None,
-    ``/ws?token=...``), in the order a client can act on: origin (403), the
+    ``/ws?token=...``), in the order a client can act on: origin (403: the ``Origin``
+    header, and the ``origin`` query parameter if there is one), the
     registration or token (404/401), the format (400), the upgrade itself (426,
     ``check_upgrade``), a connection slot (503), and only then any registration
     made from a token. ``headers`` is read with lower-case names.
@@ -169,6 +170,10 @@ async def admit(
         ServerError: the registration store is unreachable or the node is full (503).
     """
     gate.check_origin(headers.get("origin"))  # 403 before anything
+    if "origin" in query:
+        # The page wsrelay.js's check (a plain GET) speaks for: a browser sends no Origin
+        # header with a GET to the page's own origin. It can only make a request refused.
+        gate.check_origin(query["origin"])
     relay = gate.relay
     if client_id is not None:
         client = await relay.lookup(client_id)  # 404

@@ -12,6 +12,9 @@
 * **Connection tokens** (``--jwt-secret`` / ``--jwt-public-key-file``): a
   backend signs ``{"sub": user_id, "topics": [...], "exp": ...}`` and the browser
   connects to ``/ws?token=...`` with no registration step.
+* **CORS** (:func:`cors_headers`): a page of any origin may read the plain-HTTP
+  answers of the two WebSocket routes (``GET /ws/<id>`` and ``GET /ws``), never
+  those of the routes behind the API key.
 
 See docs/security.md for the threat model these answer.
 """
@@ -26,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from aiohttp import web
@@ -42,6 +45,7 @@ from wsrelay.errors import (
     TooManyTopics,
     Unauthorized,
 )
+from wsrelay.server import routes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -158,6 +162,36 @@ def check_origin(origin: str | None, patterns: tuple[str, ...]) -> None:
             f"WebSocket connections from origin {origin[:200]!r} are not allowed",
             code="origin_not_allowed",
         )
+
+
+# -- CORS -------------------------------------------------------------------------------------
+
+WEBSOCKET_CORS: Final = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Retry-After",
+}
+"""What every plain-HTTP answer of a WebSocket route carries (docs/security.md, "CORS").
+
+Such an answer is always a refusal: 403 ``origin_not_allowed``, 404 (no such
+registration), 401 (the token), 400, 426 (not an upgrade), 503 with ``Retry-After``.
+wsrelay.js reads it after a failed connection, because a browser shows a page nothing
+of a refused handshake but a close 1006: a 404 means "register again", a 403 "stop".
+It holds nothing the page could not learn by connecting: the id or token in the URL
+is the capability, and a disallowed origin only ever gets the 403 (the Origin is
+checked first). ``*`` rather than the request's Origin: the same for every origin, so
+nothing varies by Origin for a cache, and a browser never lets a page read a ``*``
+answer to a request sent with cookies, which the relay ignores anyway. No other route
+sends a CORS header (``/client/wsrelay.js`` aside, a public file): a page of another
+origin can read none of the API key's routes' answers, nor send them an
+``Authorization`` header (its preflight, an ``OPTIONS``, gets a 405 without CORS)."""
+
+
+def cors_headers(route: str) -> dict[str, str]:
+    """The CORS headers of an answer on ``route`` (a template of :mod:`routes`): those of
+    :data:`WEBSOCKET_CORS` for the WebSocket routes, none for any other."""
+    if route in (routes.WEBSOCKET_BY_ID, routes.WEBSOCKET_BY_TOKEN):
+        return dict(WEBSOCKET_CORS)
+    return {}
 
 
 # -- connection tokens ----------------------------------------------------------------------

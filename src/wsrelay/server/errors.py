@@ -23,26 +23,29 @@ from wsrelay.errors import (
     ServerError,
     Unauthorized,
 )
+from wsrelay.server.auth import cors_headers
 from wsrelay.server.keys import SETTINGS
 from wsrelay.server.logs import route_of
 
 log = logging.getLogger("wsrelay.server")
 
 
-def error_response(error: RelayError) -> web.Response:
+def error_response(error: RelayError, route: str | None = None) -> web.Response:
+    """``error`` as a JSON response; ``route`` is the template of the route refused."""
     response = web.Response(
         body=encode(error.to_dict()), status=error.http_status, content_type="application/json"
     )
     if isinstance(error, PayloadTooLarge | RequestTimeout):
         # The rest of the body was not read; the connection cannot be reused.
         response.force_close()
-    response.headers.update(error_headers(error))
+    response.headers.update(error_headers(error, route))
     return response
 
 
-def error_headers(error: RelayError) -> dict[str, str]:
-    """Headers an error response carries besides its JSON body."""
-    headers: dict[str, str] = {}
+def error_headers(error: RelayError, route: str | None = None) -> dict[str, str]:
+    """Headers an error response carries besides its JSON body, on either stack;
+    ``route`` (a template of :mod:`wsrelay.server.routes`) decides the CORS headers."""
+    headers: dict[str, str] = cors_headers(route) if route is not None else {}
     if isinstance(error, Unauthorized):  # RFC 6750 section 3
         challenge = 'Bearer realm="wsrelay"'
         if error.code != Unauthorized.code:  # a connection token was refused
@@ -74,13 +77,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except RelayError as exc:
         _log_refused(request, exc)
-        return error_response(exc)
+        return error_response(exc, route_of(request))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = _from_http_exception(exc, request)
         _log_refused(request, error)
-        response = error_response(error)
+        response = error_response(error, route_of(request))
         if isinstance(exc, web.HTTPMethodNotAllowed):
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response

@@ -519,7 +519,7 @@ class NativeConnection(Connection, asyncio.Protocol):
                 "Content-Type": "application/json",
                 "Content-Length": str(len(body)),
                 "Connection": "close",
-                **error_headers(error),
+                **error_headers(error, route),
             }
         )
         status = HTTPStatus(error.http_status)

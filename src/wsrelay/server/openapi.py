@@ -100,6 +100,18 @@ def document(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string", "enum": ["json", "raw"]},
         "description": "json (default): envelopes; raw: message text only.",
     }
+    origin = {
+        "name": "origin",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "An origin (scheme://host[:port]) checked against --allowed-origin "
+        "like the Origin header: wsrelay.js names its page's origin on its check, a plain "
+        "GET after a failed connection, because a browser sends no Origin header with a "
+        "same-origin GET. It can only make a request refused (403 origin_not_allowed). "
+        "Refusals on this route carry Access-Control-Allow-Origin: * so that a page of any "
+        "origin can read them.",
+    }
     topic_rule = (
         f"Topics are 1 to {settings.max_topic_length} characters from {TOPIC_ALPHABET}; "
         f"a client may hold at most {settings.max_topics_per_client}."
@@ -235,7 +247,7 @@ def document(settings: Settings) -> dict[str, Any]:
             "/ws/{client_id}": {
                 "get": {
                     "summary": "Open the client's WebSocket (see README: WebSocket protocol)",
-                    "parameters": [client_id, fmt],
+                    "parameters": [client_id, fmt, origin],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},
                         **_errors(400, 403, 404, 426, 503),
@@ -255,6 +267,7 @@ def document(settings: Settings) -> dict[str, Any]:
                             "id), exp and optionally topics.",
                         },
                         fmt,
+                        origin,
                     ],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},

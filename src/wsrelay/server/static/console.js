@@ -300,6 +300,15 @@ function showClientState(state) {
   el.classList.toggle("bad", ok === false);
 }
 
+// What went wrong, for the detail line: the server's message, and for a refusal that
+// stops the client for good, what to do about it.
+function describe(error) {
+  if (error?.code === "origin_not_allowed") {
+    return `${error.message} (origin_not_allowed): the relay's --allowed-origin must include ${location.origin}`;
+  }
+  return error?.message ?? String(error);
+}
+
 function detail(text, bad = false) {
   const el = $("client-detail");
   el.textContent = text;
@@ -361,7 +370,7 @@ function newRelay(user) {
   client.addEventListener("state", (event) => showClientState(event.detail.state));
   client.addEventListener("open", (event) => detail(`on ${shortUrl(event.detail.url)}`));
   client.addEventListener("subscribed", (event) => showSubscribed(event.detail.topics));
-  client.addEventListener("error", (event) => detail(event.detail.error.message, true));
+  client.addEventListener("error", (event) => detail(describe(event.detail.error), true));
   client.addEventListener("close", ({ detail: d }) => {
     const why = `closed (${d.code ?? "no connection"}${d.reason ? `: ${d.reason}` : ""})`;
     detail(d.reconnect ? `${why}; retrying in ${(d.delay / 1000).toFixed(1)} s` : why, !d.reconnect);
@@ -390,7 +399,7 @@ $("subscribe-form").addEventListener("submit", async (event) => {
     input.value = "";
     await pending;
   } catch (error) {
-    detail(error.message, true);
+    detail(describe(error), true);
   }
 });
 

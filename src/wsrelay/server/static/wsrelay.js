@@ -6,19 +6,29 @@
  * exponential backoff and full jitter, and after each reconnect sends the whole
  * topic set again, so a client never has to track what the server remembers.
  *
+ * The check: a browser shows a page neither the status nor the headers of a refused
+ * WebSocket upgrade, only a close with 1006. So after a connection that failed before
+ * opening, wsrelay.js asks the relay with a plain `GET` on the same URL, its query
+ * replaced by `?origin=<the page's origin>` (which the relay checks like the `Origin`
+ * header, which a browser leaves out of a GET to the page's own origin). The relay
+ * answers it as it would have answered the upgrade: 404 (the registration is gone:
+ * `register` again, or stop without one), 403 `origin_not_allowed` (the page's origin is
+ * not in the relay's `--allowed-origin`: stop, with that error), 503 with `Retry-After`
+ * (below), else 426 (not an upgrade: just try again). The relay lets pages of any origin
+ * read these answers (`Access-Control-Allow-Origin: *` on its two WebSocket routes
+ * only), so the check works from any page; it is sent without cookies.
+ *
  * Retry-After: a node shedding load refuses with 503 (or 429) and `Retry-After`.
  * wsrelay.js honours it (waits that long, at most `maxRetryAfter`, plus a random 0 to
  * 20%, at least 0 to `minDelay`, instead of its backoff) wherever it can read it: a
  * `register` callback that returns the `fetch` Response of your backend (which passes
  * on the relay's status and header), a `register` or `token` callback that throws an
- * error with a `retryAfter` (seconds), and its own `GET` on the registration's URL
- * after a failed connection (the relay answers that 503 when its registration store is
- * unreachable; a full node answers it 426 like any plain GET). It cannot for a refused
- * WebSocket upgrade (e.g. 503 `too_many_connections`): a browser shows a page neither
- * the status nor the headers of a refused handshake, only a close with 1006, so a
- * refused upgrade is followed by the backoff like any other drop.
- * Cross-origin, a Response's `Retry-After` is readable only if the server sends
- * `Access-Control-Expose-Headers: Retry-After`.
+ * error with a `retryAfter` (seconds), and the check (the relay answers it 503 when its
+ * registration store is unreachable). It cannot for a refused WebSocket upgrade as
+ * such (e.g. 503 `too_many_connections`, which a plain GET is not refused with: a full
+ * node answers the check 426), so that one is followed by the backoff like any other
+ * drop. Cross-origin, your backend's `Retry-After` is readable only if it sends
+ * `Access-Control-Expose-Headers: Retry-After` (the relay does, on the check).
  *
  * @example
  * import { Relay } from "/client/wsrelay.js";
@@ -34,7 +44,9 @@
  *
  * Close codes (see the server's README): 1000 (registration deleted), 1002, 1003, 1007,
  * 1008, 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
- * else (1001 going away, 1006 dropped, 1011 server error, 4000-4499) reconnects.
+ * else (1001 going away, 1006 dropped, 1011 server error, 4000-4499) reconnects. The
+ * check also stops it: on 403 `origin_not_allowed`, and on 404 when it has no `register`
+ * to call (a `url` whose registration is gone, or `token` on a relay without tokens).
  * @module wsrelay
  */
 
@@ -134,9 +146,10 @@ export async function responseError(response) {
  *   backend's `fetch` Response itself (`register: () => fetch("/my-backend/relay")`):
  *   a 2xx holds the `POST /register` answer, anything else is an error, and a 429 or
  *   5xx with `Retry-After` sets the wait before the next try. An error it throws with
- *   a numeric `retryAfter` (seconds) does the same. The 404 is detected with a plain
- *   `GET` on the URL, which needs the relay to be same-origin (or to allow CORS); a
- *   503 with `Retry-After` to that `GET` also sets the wait.
+ *   a numeric `retryAfter` (seconds) does the same. The 404 is detected by the check
+ *   (a plain `GET` on the URL, which the relay lets pages of any origin read); a 503
+ *   with `Retry-After` to it also sets the wait. Without `register`, a 404 stops the
+ *   client with that error (`unknown_client`): nothing can bring the URL back.
  * @property {string | (() => Promise<string>)} [token] a signed connection token
  *   for `GET /ws?token=`; a function is called again before every connection, so it can
  *   fetch a fresh one (an error it throws with a `retryAfter` sets the wait).
@@ -162,7 +175,10 @@ export async function responseError(response) {
  * - `subscribed`: `{topics}`, the server's whole topic set, after each command.
  * - `error`: `{error}`: a {@link RelayError} from the server (with `status` and
  *   `retryAfter` for an HTTP refusal), a failed `register` or `token` call, or a frame
- *   that was not JSON. The connection carries on.
+ *   that was not JSON. The connection carries on, unless the state goes to `closed`
+ *   right after: the check's refusals that stop the client (403 `origin_not_allowed`;
+ *   404 without `register`) are this event, then `closed`, and `connect()` rejects
+ *   with the same error.
  *
  * Messages are not events: register handlers with {@link Relay#on}.
  */
@@ -193,7 +209,7 @@ export class Relay extends EventTarget {
   #waiting = [];
   /** `connect()` callers waiting for the next open. */
   #connecting = [];
-  /** Whether the previous attempt failed before opening (then check for a 404). */
+  /** Whether the previous attempt failed before opening (then run the check). */
   #checkGone = false;
 
   /** @param {RelayOptions} options */
@@ -346,8 +362,15 @@ export class Relay extends EventTarget {
     this.#setState(States.CONNECTING);
     let url;
     try {
-      if (this.#checkGone && this.#register && !this.#token && this.#url) {
-        if (await isGone(this.#url)) this.#url = null;
+      if (this.#checkGone && this.#url) {
+        const refusal = await check(this.#url);
+        if (this.#stopped) return;
+        if (refusal?.status === 404 && this.#register && !this.#token) {
+          this.#url = null; // the registration is gone: register again
+        } else if (refusal) {
+          this.#fail(refusal);
+          return;
+        }
       }
       url = await this.#socketUrl();
     } catch (error) {
@@ -475,6 +498,13 @@ export class Relay extends EventTarget {
     }
   }
 
+  /** Stop for good on `error`, a refusal no retry can change. */
+  #fail(error) {
+    this.#stopped = true;
+    this.#emit("error", { error });
+    this.#stop(error);
+  }
+
   #stop(error) {
     this.#setState(States.CLOSED);
     for (const entry of this.#waiting.splice(0)) entry.reject(error);
@@ -513,27 +543,37 @@ function toWebSocketUrl(url) {
 }
 
 /**
- * Whether the registration behind `url` is gone: a plain GET answers 404 (else 426).
- * Throws the {@link RelayError} of a refusal that says when to come back (a 503 or 429
- * with `Retry-After`, e.g. the registration store is unreachable), so the client
- * waits that long instead of opening a WebSocket the node would refuse too.
+ * The check after a failed connection: a plain GET on `url` (its query replaced by the
+ * page's origin), which the relay answers as it would the upgrade, with CORS for any
+ * origin. Returns the {@link RelayError} of a refusal that retrying the same URL cannot
+ * change: 404 (the registration is gone, or on `/ws`, tokens are off) or 403
+ * (`origin_not_allowed`); else null (426: the WebSocket may work now; or no answer at
+ * all). Throws the RelayError of a refusal that says when to come back (a 503 or 429
+ * with `Retry-After`, e.g. the registration store is unreachable), so the client waits
+ * that long instead of opening a WebSocket the node would refuse too.
+ * @param {string} url the WebSocket URL
+ * @returns {Promise<RelayError | null>}
  */
-async function isGone(url) {
+async function check(url) {
   const http = new URL(url);
   http.protocol = http.protocol === "wss:" ? "https:" : "http:";
   http.search = "";
+  // A browser sends no Origin header with a GET to the page's own origin: name it here,
+  // so that the relay's --allowed-origin answers this check as it did the WebSocket.
+  const origin = globalThis.location?.origin;
+  if (origin && origin !== "null") http.searchParams.set("origin", origin);
   let response;
   try {
     response = await fetch(http, { cache: "no-store", credentials: "omit" });
   } catch {
-    return false; // unreachable, or cross-origin without CORS: cannot tell
+    return null; // unreachable (or a relay too old to allow CORS): cannot tell
   }
-  if (response.status === 404) return true;
+  if (response.status === 404 || response.status === 403) return responseError(response);
   if (response.status === 429 || response.status >= 500) {
     const error = await responseError(response);
     if (error.retryAfter !== null) throw error;
   }
-  return false;
+  return null;
 }
 
 /** The `retryAfter` (seconds) a thrown error carries, or null. */
