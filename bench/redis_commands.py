@@ -27,10 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from private_redis import private_redis  # this directory is sys.path[0] for a script
 from wsrelay.brokers import Backend, from_url
 from wsrelay.config import Settings
 from wsrelay.core.registry import Client
@@ -290,36 +287,8 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=None)
     parser.add_argument("--delay-ms", type=float, default=0)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp()
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(1000):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                break
-            time.sleep(0.01)
-        url = f"redis://127.0.0.1:{port}/0"
+    with private_redis() as (url, _):
         asyncio.run(run(url, args.clients, args.storm, args.wave, args.pool_size, args.delay_ms))
-    finally:
-        redis.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from private_redis import private_redis  # this directory is sys.path[0] for a script
 from wsrelay.brokers.redis_client import Commands, Script, make_client
 from wsrelay.brokers.redis_registrations import TOUCH_REGISTRATION_SCRIPT
 
@@ -158,32 +154,7 @@ def main() -> None:
         "pipelined-1,pipelined-2,pipelined-4,pipelined-10,pipelined-50",
     )
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp()
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        for _ in range(1000):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                break
-            time.sleep(0.01)
+    with private_redis() as (url, _):
         asyncio.run(prepare(url, args.clients))
         strategies = args.strategies.split(",")
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
@@ -215,9 +186,6 @@ def main() -> None:
             errors = {r["first_error"] for r in results if r["first_error"]}
             if errors:
                 print(f"|  | {'; '.join(sorted(errors))[:150]} |")
-    finally:
-        redis.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 
+from private_redis import private_redis  # this directory is sys.path[0] for a script
 from wsrelay.brokers.redis import RedisBroker, make_client
 from wsrelay.core.fanout import Publication
 
@@ -60,20 +56,7 @@ def main() -> None:
     parser.add_argument("--topics", type=int, default=100)
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                break
-            time.sleep(0.01)
-        url = f"redis://127.0.0.1:{port}/0"
+    with private_redis() as (url, redis_pid):
         out: multiprocessing.Queue[int] = multiprocessing.Queue()
         procs = [
             multiprocessing.Process(
@@ -81,21 +64,18 @@ def main() -> None:
             )
             for _ in range(args.processes)
         ]
-        cpu0 = cpu_seconds(redis.pid)
+        cpu0 = cpu_seconds(redis_pid)
         for p in procs:
             p.start()
         total = sum(out.get() for _ in procs)
         for p in procs:
             p.join()
-        cpu = cpu_seconds(redis.pid) - cpu0
+        cpu = cpu_seconds(redis_pid) - cpu0
         print(
             f"{total / args.seconds:,.0f} publishes/s over {args.processes} processes x "
             f"{args.inflight} in flight, {args.topics} topics; redis-server CPU "
             f"{cpu / args.seconds:.0%} of one core"
         )
-    finally:
-        redis.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
