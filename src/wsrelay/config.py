@@ -136,6 +136,13 @@ class Settings:
         "WebSocket connections this process holds at once; past it an upgrade gets 503.",
         metavar="N",
     )
+    listen_backlog: int = _setting(
+        2048,
+        "Connections the kernel queues before the server accepts them (capped by "
+        "net.core.somaxconn). A reconnect storm after a restart arrives at once; past the "
+        "queue, clients' SYNs are dropped and retried after 1, 3, 7... seconds.",
+        metavar="N",
+    )
     jwt_secret: str | None = _setting(
         None,
         "HS256 secret that verifies connection tokens (GET /ws?token=...). Default: none.",
@@ -190,6 +197,7 @@ class Settings:
             "max_topics_per_client",
             "max_topic_length",
             "max_connections",
+            "listen_backlog",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

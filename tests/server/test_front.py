@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 
 import pytest
 
 from tests.server.rawws import TEXT, RawWebSocket, encode_frame, host_port
 from tests.utils import TIMEOUT, Api
+from wsrelay.config import STACKS
 
 
 def served_by_aiohttp(head: bytes) -> bool:
@@ -120,3 +122,16 @@ async def test_a_connection_that_stops_early_is_closed(start_server, sent: bytes
     writer.write(sent)
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
     writer.close()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_listen_backlog_is_the_setting(start_server, stack: str) -> None:
+    """A reconnect storm queues in the kernel rather than losing SYNs to a backlog of 128
+    (aiohttp's default): ``ss`` shows a listening socket's backlog as its Send-Q."""
+    server = start_server("--stack", stack, "--listen-backlog", "777")
+    port = server.url.rsplit(":", 1)[1]
+    listing = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    backlogs = {line.split()[2] for line in listing.splitlines() if line.strip()}
+    assert backlogs == {"777"}, listing

@@ -142,10 +142,21 @@ async def serve(
         if settings.stack == "native":
             # New WebSockets and publishers go to the native drivers, all else to aiohttp.
             site = RelaySite(
-                runner, app[SHARED], settings.host, settings.port, reuse_port=reuse_port
+                runner,
+                app[SHARED],
+                settings.host,
+                settings.port,
+                reuse_port=reuse_port,
+                backlog=settings.listen_backlog,
             )
         else:
-            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner,
+                settings.host,
+                settings.port,
+                reuse_port=reuse_port or None,
+                backlog=settings.listen_backlog,
+            )
         await site.start()
         # Everything alive now (modules, the app, the relay) lives as long as the process:
         # keep it out of the cyclic collector, so that full collections, which pause

@@ -156,8 +156,9 @@ class RelaySite(web.BaseSite):
         port: int,
         *,
         reuse_port: bool = False,
+        backlog: int = 128,
     ) -> None:
-        super().__init__(runner)
+        super().__init__(runner, backlog=backlog)
         self._shared = shared
         self._host = host
         self._port = port
