@@ -208,6 +208,10 @@ def _details(run: RunResult) -> str:
         per = d.get(f"redis_per_{phase}")
         if per:
             parts.append(f"Redis per {phase}: " + ", ".join(f"{k} {v:g}" for k, v in per.items()))
+    for phase in ("registering", "connecting"):
+        failed = d.get(f"redis_failed_{phase}")
+        if failed:
+            parts.append(f"Redis calls failed {phase}: {failed}")
     if d.get("closed_by_server"):
         parts.append(f"closed by the server afterwards: {d['closed_by_server']}")
     return "; ".join(parts)

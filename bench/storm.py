@@ -45,6 +45,7 @@ class RedisSnapshot:
     cpu: float  # used_cpu_user + used_cpu_sys, seconds
     by_command: dict[str, int]
     info_calls: int  # INFO commands the bench had sent when this was taken, this one included
+    failed: dict[str, int]  # commandstats failed_calls + rejected_calls (errors, NOSCRIPT)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RedisDelta:
     reads: int
     cpu: float
     by_command: dict[str, int]
+    failed: dict[str, int]
 
 
 def redis_delta(before: RedisSnapshot, after: RedisSnapshot) -> RedisDelta:
@@ -71,12 +73,18 @@ def redis_delta(before: RedisSnapshot, after: RedisSnapshot) -> RedisDelta:
         for n in sorted(names)
         if after.by_command.get(n, 0) != before.by_command.get(n, 0)
     }
+    failed = {
+        n: after.failed.get(n, 0) - before.failed.get(n, 0)
+        for n in sorted(set(before.failed) | set(after.failed))
+        if after.failed.get(n, 0) != before.failed.get(n, 0)
+    }
     return RedisDelta(
         after.commands - before.commands - ours,
         after.all_commands - before.all_commands,
         after.reads - before.reads - ours,
         after.cpu - before.cpu,
         by_command,
+        failed,
     )
 
 
@@ -112,11 +120,15 @@ class RedisInfo:
         if self._main is None:
             self._main = await asyncio.open_connection("127.0.0.1", self.port)
         info = await self._info(self._main, "everything")
-        by_command = {}
+        by_command, failed = {}, {}
         for key, value in info.items():
             if key.startswith("cmdstat_") and key != "cmdstat_info":
                 fields = dict(f.split("=", 1) for f in value.split(","))
-                by_command[key.removeprefix("cmdstat_")] = int(fields["calls"])
+                name = key.removeprefix("cmdstat_")
+                by_command[name] = int(fields["calls"])
+                failed[name] = int(fields.get("failed_calls", 0)) + int(
+                    fields.get("rejected_calls", 0)
+                )
         return RedisSnapshot(
             int(info["total_commands_processed"]),
             sum(by_command.values()),
@@ -124,6 +136,7 @@ class RedisInfo:
             float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
             by_command,
             self.calls,
+            failed,
         )
 
     async def peak_clients(self, interval: float = 0.05) -> int:
@@ -258,5 +271,9 @@ def storm_metrics(
         details["redis_per_connection"] = {
             k: round(v / n_con, 3) for k, v in on_con.by_command.items() if n_con
         }
+        # Calls Redis answered with an error (e.g. NOSCRIPT: an EVALSHA before the script
+        # was loaded, counted in the calls above as well).
+        details["redis_failed_registering"] = on_reg.failed
+        details["redis_failed_connecting"] = on_con.failed
     details["attempted"] = clients
     return m
