@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.server.rawws import host_port
+from tests.server.test_native_http import Answer, answer
 from tests.utils import TIMEOUT, ServerProcess, stop_and_check
 from wsrelay.config import STACKS
 from wsrelay.server.limits import MAX_FIELD_SIZE, MAX_HEADERS, MAX_URL_SIZE
@@ -57,34 +56,6 @@ def with_name_size(size: int) -> bytes:
     return publish(f"X-{'n' * (size - 2)}: v")
 
 
-@dataclass
-class Answer:
-    status: int
-    head: bytes
-    body: bytes
-
-    @property
-    def native(self) -> bool:
-        return re.search(rb"(?im)^server: wsrelay\r$", self.head) is not None
-
-    @property
-    def is_json(self) -> bool:
-        return re.search(rb"(?im)^content-type: application/json", self.head) is not None
-
-    def error_code(self) -> str:
-        body = json.loads(self.body)
-        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-        return str(body["error"]["code"])
-
-
-async def read_answer(reader: asyncio.StreamReader) -> Answer:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    length = re.search(rb"(?im)^content-length: *(\d+)", head)
-    assert length is not None, head
-    body = await asyncio.wait_for(reader.readexactly(int(length.group(1))), TIMEOUT)
-    return Answer(int(head.split(b" ", 2)[1]), head, body)
-
-
 async def send(url: str, data: bytes, *, after_a_publish: bool) -> Answer:
     """``data`` on a new connection, alone or after a publish (which makes the connection
     the native driver's on the native stack); the answer to ``data``."""
@@ -92,12 +63,12 @@ async def send(url: str, data: bytes, *, after_a_publish: bool) -> Answer:
     try:
         if after_a_publish:
             writer.write(publish())
-            first = await read_answer(reader)
+            first = await answer(reader)
             assert first.status == 200, first
         writer.write(data)
         with contextlib.suppress(ConnectionError):  # refused before the end: fine
             await writer.drain()
-        return await read_answer(reader)
+        return await answer(reader)
     finally:
         writer.transport.abort()
 
@@ -322,7 +293,7 @@ async def test_a_reset_mid_request_is_not_a_server_error(
     # order of arrival); the publish itself is the barrier.
     reader, writer = await asyncio.open_connection(*host_port(server.url))
     writer.write(publish())
-    assert (await read_answer(reader)).status == 200
+    assert (await answer(reader)).status == 200
     writer.close()
     text = await metrics(server.url)
     assert 'status="500"' not in text, text

@@ -31,6 +31,16 @@ class Answer:
     def json(self) -> dict[str, object]:
         return json.loads(self.body)  # type: ignore[no-any-return]
 
+    @property
+    def is_json(self) -> bool:
+        return re.search(rb"(?im)^content-type: application/json", self.head) is not None
+
+    def error_code(self) -> str:
+        """The code of a JSON error body, which must have exactly the documented shape."""
+        body = json.loads(self.body)
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        return str(body["error"]["code"])
+
 
 def post(path: str, body: bytes, *headers: str) -> bytes:
     extra = "".join(f"{h}\r\n" for h in headers)
