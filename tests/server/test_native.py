@@ -132,7 +132,16 @@ async def test_adopted_connection_whose_client_left_gives_its_slot_back(
     socket = await RawWebSocket.handshake(url, then=encode_frame(PING, b"p"))
     assert socket.head.startswith(b"HTTP/1.1 101"), socket.head
     socket.abort()
-    await asyncio.sleep(1)
+
+    async def slot_free() -> None:
+        async with aiohttp.ClientSession() as s:
+            while True:
+                async with s.get(server.url + "/health") as r:
+                    if (await r.json())["connections"] == 0:
+                        return
+                await asyncio.sleep(0.05)  # polling the count, bounded below
+
+    await asyncio.wait_for(slot_free(), TIMEOUT)
     other = await register(server.url)
     second = await RawWebSocket.handshake(f"{server.ws_url}/ws/{other}")
     second.abort()
@@ -180,7 +189,7 @@ async def test_sigterm_during_a_native_handshake_leaves_no_unclosed_transport() 
         _, writer = await asyncio.open_connection(*host_port(server.url))
         writer.write(b"GET /ws/x HTTP/1.1\r\nHost: x\r\n")  # headers not finished
         await writer.drain()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # lets the server take the bytes; no event says it has
     finally:
         stop_and_check(server)
         if writer is not None:
