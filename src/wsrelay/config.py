@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsrelay.core.history import HistoryLimits
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -56,10 +58,26 @@ class Settings:
         metavar="N",
     )
     history_size: int = _setting(
-        1000,
-        "Publications kept per topic in the Redis stream, from which a node that lost "
-        "its Redis connection catches up (Redis broker only).",
+        100,
+        "Publications kept per topic, from which clients recover what they missed while "
+        "disconnected (and nodes what they missed while cut off from Redis); 0 keeps "
+        "none: no history, no recovery.",
         metavar="N",
+    )
+    history_ttl: float = _setting(
+        300.0, "Seconds a publication stays in its topic's history.", metavar="SECONDS"
+    )
+    history_memory: int = _setting(
+        64 * MiB,
+        "Bytes the whole history may take (memory broker; Redis has its own maxmemory); "
+        "past it the topics published to least recently lose their history.",
+        metavar="BYTES",
+    )
+    idempotency_window: float = _setting(
+        300.0,
+        "Seconds a publish's idempotency_key is remembered: a repeat within it publishes "
+        "nothing and answers the first position.",
+        metavar="SECONDS",
     )
     broker_pool_size: int = _setting(
         10,
@@ -188,7 +206,6 @@ class Settings:
         problems = []
         for name in (
             "registration_ttl",
-            "history_size",
             "broker_pool_size",
             "workers",
             "max_body_size",
@@ -209,6 +226,11 @@ class Settings:
             problems.append("ping_interval must be 0 (off) or more")
         if self.request_timeout <= 0:
             problems.append("request_timeout must be more than 0")
+        if self.history_size < 0:
+            problems.append("history_size must be 0 (no history) or more")
+        for name in ("history_ttl", "history_memory", "idempotency_window"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be more than 0")
         if self.broker_timeout <= 0:
             problems.append("broker_timeout must be more than 0")
         if self.stack not in STACKS:
@@ -236,6 +258,11 @@ class Settings:
             problems.append("workers above 1 need a fixed port to share, not 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def history_limits(self) -> HistoryLimits:
+        return HistoryLimits(
+            self.history_size, self.history_ttl, self.history_memory, self.idempotency_window
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -170,6 +170,13 @@ class BrokerUnavailable(ServerError):
     retry_after = 2
 
 
+class PublishOutcomeUnknown(BrokerUnavailable):
+    """The engine stopped answering after a publish was sent to it: the publication may
+    have been published. Retrying with the same ``idempotency_key`` publishes it once."""
+
+    code = "publish_outcome_unknown"
+
+
 class ServiceUnavailable(ServerError):
     """A capacity limit of this process was reached; try again later or elsewhere."""
 

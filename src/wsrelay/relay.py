@@ -23,8 +23,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -33,9 +33,12 @@ from wsrelay.brokers import Backend, MemoryBus
 from wsrelay.config import Settings
 from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
-from wsrelay.core.registry import Client, Occupancy, Registry, Sink, user_key
+from wsrelay.core.history import MAX_REPLAY, HistoryPage, Position, Receipt, recovered
+from wsrelay.core.registry import Client, Hold, Occupancy, Registry, Sink, user_key
+from wsrelay.core.schema import GapFrame, encode
 from wsrelay.errors import (
     BrokerUnavailable,
+    InvalidField,
     InvalidTopic,
     NotFound,
     TooManyRegistrations,
@@ -50,6 +53,27 @@ CLIENT_ID_BYTES = 16
 CONTROL_TOPIC = "$control"
 """Nodes tell each other about registrations on this topic. ``$`` is outside the
 topic alphabet, so no client can subscribe or publish to it."""
+
+
+HOLD_TIMEOUT: Final = 5.0
+"""Seconds a connection opened with ``recover`` waits for its first command before the
+publications held for its topics are sent anyway."""
+
+
+class Published(NamedTuple):
+    """The outcome of one publish: this node's subscribers, and the receipt."""
+
+    recipients: int
+    receipt: Receipt
+
+
+class Followed(NamedTuple):
+    """The outcome of a subscription command: where each topic it named continues, and
+    ``recovered`` for those it asked to recover (else None); then the publications to
+    send after the acknowledgement, in order (a replay, then those held meanwhile)."""
+
+    positions: dict[str, tuple[Position, bool | None]]
+    replay: list[Publication]
 
 
 class ControlEvent(msgspec.Struct, array_like=True):
@@ -87,9 +111,11 @@ class Relay:
         """Publications accepted on this node (by publish and publish_many)."""
         self.delivered = 0
         """Hand-overs of publications to this node's connections, wherever published."""
+        self.gaps = 0
+        """Times this node's subscribers of a topic were told publications were lost."""
 
     async def start(self) -> None:
-        await self.broker.start(self._on_broker_publication, self.node_id)
+        await self.broker.start(_Inbox(self), self.node_id)
         await self.broker.subscribe(CONTROL_TOPIC)
 
     async def stop(self) -> None:
@@ -153,15 +179,20 @@ class Relay:
 
     # -- connections ----------------------------------------------------------------------
 
-    async def attach(self, client: Client, sink: Sink) -> None:
+    async def attach(self, client: Client, sink: Sink, *, hold: bool = False) -> None:
         """Make ``sink`` the client's live connection, closing any it replaces here
-        or on another node.
+        or on another node. With ``hold``, publications on the client's topics are held
+        back until its first command (which recovers them) or :data:`HOLD_TIMEOUT`.
 
         Raises:
             NotFound: the registration was deleted meanwhile (``sink`` is not attached).
             BrokerUnavailable: the backend is unreachable (``sink`` stays attached: the
                 caller detaches it).
         """
+        if hold and client.topics:
+            held = client.held = Hold(client)
+            held.hold(client.topics)
+            asyncio.get_running_loop().call_later(HOLD_TIMEOUT, self._flush_held, client, held)
         previous, change = self.registry.attach(client, sink)
         if previous is not None and previous is not sink:
             previous.close(codes.REPLACED, "replaced by a newer connection")
@@ -184,14 +215,24 @@ class Relay:
         else:
             await self._sync_broker(change)
 
-    async def set_topics(self, client: Client, topics: Iterable[str]) -> None:
+    async def set_topics(
+        self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
+    ) -> Followed:
+        """Replace the client's topics; see :meth:`subscribe` for ``since``."""
         wanted = self._validate(topics)
-        if wanted == client.topics:
-            return  # e.g. a client sending its topics again after reconnecting: no change
-        before = set(client.topics)
-        await self._save(client, before, self.registry.set_topics(client, wanted))
+        return await self._follow(client, wanted, wanted, since or {})
 
-    async def subscribe(self, client: Client, topics: Iterable[str]) -> None:
+    async def subscribe(
+        self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
+    ) -> Followed:
+        """Add to the client's topics. For each topic in ``since`` (all of them among
+        ``topics``), publications after that position are replayed if the history still
+        holds all of them, with no gap and no duplicate before the live stream.
+
+        Raises:
+            InvalidTopic, TooManyTopics: the topics break the rules.
+            BrokerUnavailable: the backend is unreachable; nothing changed.
+        """
         wanted = self._validate(topics)
         total = len(client.topics | wanted)
         if total > self.settings.max_topics_per_client:
@@ -199,10 +240,7 @@ class Relay:
                 f"subscribing would make {total} topics; a client may subscribe to at most "
                 f"{self.settings.max_topics_per_client}"
             )
-        if wanted <= client.topics:
-            return
-        before = set(client.topics)
-        await self._save(client, before, self.registry.subscribe(client, wanted))
+        return await self._follow(client, client.topics | wanted, wanted, since or {})
 
     async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None:
         unwanted = self._validate(topics)
@@ -210,6 +248,60 @@ class Relay:
             return
         before = set(client.topics)
         await self._save(client, before, self.registry.unsubscribe(client, unwanted))
+
+    async def _follow(
+        self, client: Client, after: set[str], named: set[str], since: Mapping[str, Position]
+    ) -> Followed:
+        """Make ``after`` the client's topics and answer the position of each ``named``
+        one. Named topics are held from before they are indexed until their position is
+        read, so the client gets: what was live before, the acknowledgement, the replay
+        (for ``since``), then what was published after the position, once each."""
+        unknown = set(since) - named
+        if unknown:
+            raise InvalidField(
+                f"since names topics the command does not: {', '.join(sorted(unknown))}"
+            )
+        held = client.held
+        if held is None:
+            held = client.held = Hold(client)
+        held.hold(named)
+        try:
+            if after != client.topics:
+                before = set(client.topics)
+                await self._save(client, before, self.registry.set_topics(client, after))
+            pages = await _together(*(self._read(topic, since.get(topic)) for topic in named))
+        except BaseException:
+            self._flush_held(client, held)
+            raise
+        positions: dict[str, tuple[Position, bool | None]] = {}
+        replay: list[Publication] = []
+        for topic, page in zip(named, pages, strict=True):
+            top = page.position
+            asked = since.get(topic)
+            if asked is None:
+                positions[topic] = (top, None)
+            elif recovered(page, asked):
+                positions[topic] = (asked, True)
+                replay.extend(p for p in page.publications if p.user in (None, client.user))
+            else:
+                positions[topic] = (top, False)
+            replay.extend(held.release(topic, top.epoch, top.offset))
+        replay.extend(held.release_all())
+        return Followed(positions, replay)
+
+    async def _read(self, topic: str, since: Position | None) -> HistoryPage:
+        if since is None:
+            return await self.broker.history(topic)
+        return await self.broker.history(topic, since=since.offset, limit=MAX_REPLAY + 1)
+
+    def _flush_held(self, client: Client, held: Hold) -> None:
+        """Send what ``held`` still holds as it is (a command failed, or never came)."""
+        if client.held is not held:
+            return
+        sink = client.sink
+        for publication in held.release_all():
+            if sink is not None and sink is client.sink:
+                deliver(publication, (client,), self.framer)
 
     async def _save(self, client: Client, before: set[str], change: Occupancy) -> None:
         """The client's topics changed from ``before``: follow them in the broker and store
@@ -225,57 +317,74 @@ class Relay:
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def publish(self, topic: str, message: str, user_id: int | str | None = None) -> int:
+    async def publish(
+        self,
+        topic: str,
+        message: str,
+        user_id: int | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Published:
         """Publish to every subscriber of ``topic`` (only ``user_id``'s, if given), on
-        every node; returns how many connections on this node it was handed to.
+        every node, in the topic's order; answers how many connections on this node are
+        subscribed to it, and its position.
 
         Raises:
             InvalidTopic: ``topic`` breaks the topic rules.
-            BrokerUnavailable: the other nodes could not be reached; nothing was delivered.
+            BrokerUnavailable: it was not published.
+            PublishOutcomeUnknown: it may have been published; retry with the same key.
         """
         topic_rules.validate_topic(topic, self.settings.max_topic_length)
-        publication = Publication(topic, message, user_key(user_id))
-        await self.broker.publish(publication)
+        user = user_key(user_id)
+        receipt = await self.broker.publish(Publication(topic, message, user), idempotency_key)
+        if receipt.duplicate:
+            return Published(0, receipt)
         self.published += 1
-        return self.deliver(publication)
+        return Published(self.registry.count_recipients(topic, user), receipt)
 
-    async def publish_many(self, items: Sequence[tuple[str, str, int | str | None]]) -> list[int]:
-        """Publish several ``(topic, message, user_id)`` at once, in order; returns each
-        one's local recipient count. Every topic is checked before anything is published.
+    async def publish_many(
+        self, items: Sequence[tuple[str, str, int | str | None, str | None]]
+    ) -> list[Published]:
+        """Publish several ``(topic, message, user_id, idempotency_key)`` at once, in
+        order; answers each one as :meth:`publish` does. Every topic is checked before
+        anything is published.
 
-        The broker gets them all together (the Redis broker pipelines them), and local
-        subscribers get them in the order given. If the broker fails part-way, those it
-        accepted are still delivered here (other nodes have them too) and the call raises.
+        The broker gets them all together (the Redis broker pipelines them). If it fails
+        part-way, those it accepted stay published (every node delivers them) and the
+        call raises the first failure, saying how many were published.
 
         Raises:
             InvalidTopic: an item's topic breaks the rules (its index is in the message).
-            BrokerUnavailable: some publications could not be handed to the broker.
+            BrokerUnavailable, PublishOutcomeUnknown: some were not (or maybe not) published.
         """
-        publications = []
-        for index, (topic, message, user_id) in enumerate(items):
+        publications, keys = [], []
+        for index, (topic, message, user_id, key) in enumerate(items):
             try:
                 topic_rules.validate_topic(topic, self.settings.max_topic_length)
             except InvalidTopic as exc:
                 raise InvalidTopic(f"messages[{index}]: {exc.message}") from None
             publications.append(Publication(topic, message, user_key(user_id)))
-        outcomes = await self.broker.publish_many(publications)
-        recipients = []
+            keys.append(key)
+        outcomes = await self.broker.publish_many(publications, keys)
+        answers: list[Published] = []
         failed: Exception | None = None
         for publication, outcome in zip(publications, outcomes, strict=True):
-            if outcome is None:
+            if isinstance(outcome, Exception):
+                failed = failed or outcome
+            elif outcome.duplicate:
+                answers.append(Published(0, outcome))
+            else:
                 self.published += 1
-                recipients.append(self.deliver(publication))
-            elif failed is None:
-                failed = outcome
+                count = self.registry.count_recipients(publication.topic, publication.user)
+                answers.append(Published(count, outcome))
         if failed is not None:
             if isinstance(failed, BrokerUnavailable):
-                accepted = len(recipients)
-                raise BrokerUnavailable(
-                    f"{failed.message}; {accepted} of {len(publications)} messages were "
-                    "published (the others were not)"
+                raise type(failed)(
+                    f"{failed.message}; {len(answers)} of {len(publications)} messages were "
+                    "published (the others were not, or may not have been: retry them with "
+                    "the same idempotency_key)"
                 ) from None
             raise failed
-        return recipients
+        return answers
 
     def deliver(self, publication: Publication) -> int:
         """Hand ``publication`` to local subscribers only."""
@@ -283,6 +392,18 @@ class Relay:
         handed = deliver(publication, recipients, self.framer)
         self.delivered += handed
         return handed
+
+    def _on_gap(self, topic: str, epoch: str, offset: int) -> None:
+        """Tell the topic's JSON-mode subscribers that publications were lost before the
+        stream continues after ``offset`` (those recovering the topic learn it from
+        their recovery's answer)."""
+        self.gaps += 1
+        frame = self.framer(encode(GapFrame(topic, offset, epoch)))
+        for client in list(self.registry.recipients(topic, None)):
+            sink = client.sink
+            if sink is None or sink.raw or (client.held and client.held.holding(topic)):
+                continue
+            sink.send(frame)
 
     def _on_broker_publication(self, publication: Publication) -> None:
         if publication.topic != CONTROL_TOPIC:
@@ -329,6 +450,21 @@ class Relay:
             await self.broker.subscribe(*change.occupied)
         if change.vacated:
             await self.broker.unsubscribe(*change.vacated)
+
+
+class _Inbox:
+    """The node as its broker's :class:`~wsrelay.brokers.base.Listener`."""
+
+    __slots__ = ("_relay",)
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def publication(self, publication: Publication) -> None:
+        self._relay._on_broker_publication(publication)
+
+    def gap(self, topic: str, epoch: str, offset: int) -> None:
+        self._relay._on_gap(topic, epoch, offset)
 
 
 async def _together(*steps: Awaitable[Any]) -> list[Any]:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from wsrelay.brokers.base import Backend, Broker, PublicationHandler, RegistrationStore
+from wsrelay.brokers.base import Backend, Broker, Listener, RegistrationStore
 from wsrelay.brokers.memory import MemoryBroker, MemoryBus, MemoryRegistrations
+from wsrelay.core.history import DEFAULT_LIMITS, HistoryLimits
 
 __all__ = [
     "Backend",
     "Broker",
+    "Listener",
     "MemoryBroker",
     "MemoryBus",
     "MemoryRegistrations",
-    "PublicationHandler",
     "RegistrationStore",
     "from_url",
 ]
@@ -30,7 +31,7 @@ def from_url(
     url: str,
     *,
     registration_ttl: float = 86400.0,
-    history_size: int = 1000,
+    history: HistoryLimits = DEFAULT_LIMITS,
     pool_size: int = 10,
     timeout: float = 5.0,
 ) -> Backend:
@@ -43,14 +44,14 @@ def from_url(
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryBus(registration_ttl).backend()
+        return MemoryBus(registration_ttl, history).backend()
     if scheme in ("redis", "rediss"):
         from wsrelay.brokers.redis import redis_backend
 
         return redis_backend(
             url,
             registration_ttl=registration_ttl,
-            history_size=history_size,
+            history=history,
             pool_size=pool_size,
             timeout=timeout,
         )

@@ -6,12 +6,15 @@ A backend is a :class:`Broker` and a :class:`RegistrationStore` over one engine
 The broker never sees clients. The node tells it which topics have local
 subscribers (:meth:`Broker.subscribe` on the first, :meth:`Broker.unsubscribe`
 after the last; several topics in one call, as one request to the engine) and
-hands it every publication accepted here (:meth:`Broker.publish`); the broker
-calls the node's handler with publications made on *other* nodes for topics this
-node subscribed to. Local delivery is the node's own job, so a publication
-reaches local subscribers without a round trip. Signals between nodes that only
-matter to whoever listens right now go by :meth:`Broker.announce`, which keeps
-no history.
+hands it every publication accepted here (:meth:`Broker.publish`). The broker
+gives each publication its position (:mod:`wsrelay.core.history`: an offset per
+topic, an epoch per topic history), keeps the last ones, and hands every
+publication on a subscribed topic, *this node's own included*, to the node's
+:class:`Listener`: once each, in offset order, the same order on every node.
+Where it cannot (the history was lost, or a gap could not be filled), it says
+so with :meth:`Listener.gap` instead of skipping silently. Signals between
+nodes that only matter to whoever listens right now go by
+:meth:`Broker.announce`, which keeps no history and has no position.
 
 The store keeps registrations, so that a client may register on one node and
 connect to another, and survive a node's restart. It also counts each user's
@@ -20,14 +23,28 @@ registrations, so that ``max_registrations_per_user`` holds across all nodes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from wsrelay.core.fanout import Publication
+from wsrelay.core.history import HistoryPage, Receipt
 from wsrelay.core.registry import Client
 
-PublicationHandler = Callable[[Publication], None]
+
+class Listener(Protocol):
+    """What a broker hands publications to: the node."""
+
+    def publication(self, publication: Publication) -> None:
+        """A publication on a subscribed topic, with its position (an announcement:
+        offset 0). Per topic, in offset order, each once."""
+        ...
+
+    def gap(self, topic: str, epoch: str, offset: int) -> None:
+        """Publications of ``topic`` before the next one handed over could not be
+        delivered (its history was lost: a new epoch; or a gap could not be filled);
+        the stream continues after ``offset`` in ``epoch``."""
+        ...
 
 
 class Broker(Protocol):
@@ -38,9 +55,9 @@ class Broker(Protocol):
         """False while the engine is unreachable (publishes then raise)."""
         ...
 
-    async def start(self, handler: PublicationHandler, origin: str) -> None:
-        """Connect; from now on deliver other nodes' publications to ``handler``.
-        ``origin`` names this node, so that its own publications are not handed back."""
+    async def start(self, listener: Listener, origin: str) -> None:
+        """Connect; from now on hand publications on subscribed topics to ``listener``.
+        ``origin`` names this node."""
         ...
 
     async def stop(self) -> None:
@@ -59,12 +76,31 @@ class Broker(Protocol):
         """Stop receiving publications on each of ``topics`` (none: no-op)."""
         ...
 
-    async def publish(self, publication: Publication) -> None:
-        """Send ``publication`` to the other nodes subscribed to its topic.
+    async def publish(self, publication: Publication, key: str | None = None) -> Receipt:
+        """Give ``publication`` its position, keep it in the topic's history and send it
+        to every node subscribed to its topic, this one included (whose listener may get
+        it before or after this returns). With ``key``, a publish with the same key on
+        the same topic within the idempotency window is not made again: its receipt is
+        answered, marked duplicate.
 
         Raises:
-            wsrelay.errors.BrokerUnavailable: it could not be handed over; the
-                caller must not report the publish as accepted.
+            wsrelay.errors.BrokerUnavailable: it was not published; the caller must
+                not report the publish as accepted.
+            wsrelay.errors.PublishOutcomeUnknown: the engine stopped answering after the
+                publish was sent: it may have been published (retry with the same key).
+        """
+        ...
+
+    async def history(
+        self, topic: str, *, since: int | None = None, limit: int = 0, reverse: bool = False
+    ) -> HistoryPage:
+        """Up to ``limit`` kept publications of ``topic`` with an offset above ``since``,
+        oldest first (newest first if ``reverse``), and the topic's current position,
+        read together (``limit`` 0: only the position). A topic never published to gets
+        its epoch here, so that the position answered stays valid.
+
+        Raises:
+            wsrelay.errors.BrokerUnavailable: the engine is unreachable.
         """
         ...
 
@@ -79,11 +115,13 @@ class Broker(Protocol):
         """
         ...
 
-    async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
-        """Send several publications at once, in order, as ``publish`` would one by one.
-
-        Returns each one's outcome: None if it was handed over, else the error (a
-        :class:`~wsrelay.errors.BrokerUnavailable`) that kept it back.
+    async def publish_many(
+        self, publications: Sequence[Publication], keys: Sequence[str | None] | None = None
+    ) -> list[Receipt | Exception]:
+        """Publish several at once, in order, as ``publish`` would one by one (``keys``:
+        each one's idempotency key). Returns each one's receipt, or the error (a
+        :class:`~wsrelay.errors.BrokerUnavailable` or ``PublishOutcomeUnknown``) that
+        kept it back.
         """
         ...
 

@@ -5,6 +5,10 @@ which is what lets the broker conformance suite (and tests of multi-node logic)
 run without any external service. A backend made without a bus gets its own,
 so a single node does no work at all per publish.
 
+Positions and history live in the bus (:class:`~wsrelay.core.history.MemoryHistory`),
+shared by its nodes as Redis is; a publish hands the publication to every node
+subscribed to its topic, its own included, at once and so in offset order.
+
 Registrations expire as they do in Redis: ``registration_ttl`` seconds after they
 were made or their last connection closed, and never while a connection is open.
 """
@@ -16,17 +20,33 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from wsrelay.brokers.base import Backend, PublicationHandler
+from wsrelay.brokers.base import Backend, Listener
 from wsrelay.core.fanout import Publication
+from wsrelay.core.history import (
+    DEFAULT_LIMITS,
+    HistoryLimits,
+    HistoryPage,
+    IdempotencyCache,
+    MemoryHistory,
+    Position,
+    Receipt,
+)
 from wsrelay.core.registry import Client
 
 
 class MemoryBus:
-    """The shared medium of in-process brokers, and their shared registrations."""
+    """The shared medium of in-process brokers: their history, publish keys and
+    registrations."""
 
-    def __init__(self, registration_ttl: float | None = None) -> None:
+    def __init__(
+        self,
+        registration_ttl: float | None = None,
+        limits: HistoryLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.members: list[MemoryBroker] = []
         self.registrations = MemoryRegistrations(registration_ttl)
+        self.history = MemoryHistory(limits.size, limits.ttl, limits.memory)
+        self.keys = IdempotencyCache(limits.idempotency_window)
 
     def backend(self) -> Backend:
         """A new node's view of this bus."""
@@ -41,15 +61,15 @@ class MemoryBroker:
     def __init__(self, bus: MemoryBus | None = None) -> None:
         self.bus = bus if bus is not None else MemoryBus()
         self.topics: set[str] = set()
-        self._handler: PublicationHandler | None = None
+        self._listener: Listener | None = None
 
-    async def start(self, handler: PublicationHandler, origin: str = "") -> None:
-        self._handler = handler
+    async def start(self, listener: Listener, origin: str = "") -> None:
+        self._listener = listener
         if self not in self.bus.members:
             self.bus.members.append(self)
 
     async def stop(self) -> None:
-        self._handler = None
+        self._listener = None
         if self in self.bus.members:
             self.bus.members.remove(self)
         self.topics.clear()
@@ -60,25 +80,41 @@ class MemoryBroker:
     async def unsubscribe(self, *topics: str) -> None:
         self.topics.difference_update(topics)
 
-    async def publish(self, publication: Publication) -> None:
+    async def publish(self, publication: Publication, key: str | None = None) -> Receipt:
+        return self._publish(publication, key)
+
+    def _publish(self, publication: Publication, key: str | None) -> Receipt:
+        bus = self.bus
+        if key is not None:
+            earlier = bus.keys.get(publication.topic, key)
+            if earlier is not None:
+                return earlier
+        stored = bus.history.append(publication)
+        receipt = Receipt(Position(stored.epoch, stored.offset))
+        if key is not None:
+            bus.keys.put(publication.topic, key, receipt)
+        self._hand_over(stored)
+        return receipt
+
+    def _hand_over(self, publication: Publication) -> None:
         for member in self.bus.members:
-            handler = member._handler
-            if member is not self and handler is not None and publication.topic in member.topics:
-                handler(publication)
+            listener = member._listener
+            if listener is not None and publication.topic in member.topics:
+                listener.publication(publication)
 
     async def announce(self, publication: Publication) -> None:
-        await self.publish(publication)  # nothing is kept either way
+        self._hand_over(publication)  # no position, nothing kept
 
-    async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
-        outcomes: list[Exception | None] = []
-        for publication in publications:
-            try:
-                await self.publish(publication)
-            except Exception as exc:
-                outcomes.append(exc)
-            else:
-                outcomes.append(None)
-        return outcomes
+    async def publish_many(
+        self, publications: Sequence[Publication], keys: Sequence[str | None] | None = None
+    ) -> list[Receipt | Exception]:
+        keys = keys if keys is not None else [None] * len(publications)
+        return [self._publish(p, k) for p, k in zip(publications, keys, strict=True)]
+
+    async def history(
+        self, topic: str, *, since: int | None = None, limit: int = 0, reverse: bool = False
+    ) -> HistoryPage:
+        return self.bus.history.read(topic, since, limit, reverse)
 
 
 class _Stored:

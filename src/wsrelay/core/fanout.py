@@ -20,25 +20,34 @@ Framer = Callable[[bytes], bytes]
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """A message on its way to subscribers. ``user`` is a user key or None (everyone)."""
+    """A message on its way to subscribers. ``user`` is a user key or None (everyone).
+    ``offset`` and ``epoch`` are its position in the topic's stream, once the broker
+    gave it one (0 and "" before, and for announcements, which have none)."""
 
     topic: str
     message: str
     user: str | None = None
+    offset: int = 0
+    epoch: str = ""
 
     def envelope(self) -> bytes:
-        """The JSON-mode payload: ``{"type":"message","topic":...,"message":...}``."""
-        return encode(MessageFrame(self.topic, self.message))
+        """The JSON-mode payload: ``{"type":"message","topic":...,"message":...,"offset":...}``."""
+        return encode(MessageFrame(self.topic, self.message, self.offset))
 
 
 def deliver(publication: Publication, recipients: Iterable[Client], framer: Framer) -> int:
-    """Queue ``publication`` to each recipient's connection; returns how many accepted it."""
+    """Queue ``publication`` to each recipient's connection; returns how many accepted it.
+
+    A recipient recovering the topic (:attr:`Client.held`) gets it later, in order, or
+    not at all if its recovery already replayed it."""
     json_frame: bytes | None = None
     raw_frame: bytes | None = None
     accepted = 0
     for client in recipients:
         sink = client.sink
         if sink is None:
+            continue
+        if client.held is not None and not client.held.admit(publication):
             continue
         if sink.raw:
             if raw_frame is None:

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from wsrelay.core.fanout import Publication
 
 
 class Sink(Protocol):
@@ -49,17 +52,88 @@ class Sink(Protocol):
 class Client:
     """A registration. ``user`` is the user id as a string, or None if anonymous."""
 
-    __slots__ = ("id", "sink", "topics", "user")
+    __slots__ = ("held", "id", "sink", "topics", "user")
 
     def __init__(self, client_id: str, user: str | None, topics: set[str]) -> None:
         self.id = client_id
         self.user = user
         self.topics = topics
         self.sink: Sink | None = None
+        self.held: Hold | None = None
+        """Topics being recovered: their live publications wait (see :class:`Hold`)."""
 
     def __repr__(self) -> str:
         # The id is the client's secret: show only a prefix.
         return f"<Client {self.id[:6]}… user={self.user!r} topics={len(self.topics)}>"
+
+
+class Hold:
+    """The seam between a recovery's replay and the live stream, for one client.
+
+    While a topic is *held* its live publications are kept back (:meth:`admit` says
+    False and keeps them) until the replay has been read; :meth:`release` then returns
+    those the replay did not include, and leaves a *floor* behind: live publications
+    at or below the replay's last offset that are still on their way (another node's,
+    over Redis) are dropped rather than sent twice. The first one above it removes the
+    floor. So the client gets the replay, then the live stream, with no gap and no
+    duplicate.
+    """
+
+    __slots__ = ("_client", "_topics")
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._topics: dict[str, list[Publication] | tuple[str, int]] = {}
+
+    def hold(self, topics: Iterable[str]) -> None:
+        """Keep back the live publications of ``topics`` from now on."""
+        for topic in topics:
+            self._topics[topic] = []
+
+    def holding(self, topic: str) -> bool:
+        return isinstance(self._topics.get(topic), list)
+
+    def admit(self, publication: Publication) -> bool:
+        """Whether a live publication goes to the client now (else it is kept or dropped)."""
+        state = self._topics.get(publication.topic)
+        if state is None:
+            return True
+        if isinstance(state, list):
+            state.append(publication)
+            return False
+        epoch, floor = state
+        if publication.epoch == epoch and publication.offset <= floor:
+            return False
+        self._forget(publication.topic)
+        return True
+
+    def release(self, topic: str, epoch: str, floor: int) -> list[Publication]:
+        """Stop holding ``topic``, replayed up to ``floor`` in ``epoch``: the kept
+        publications that come after the replay, in order."""
+        kept = self._topics.get(topic)
+        if not isinstance(kept, list):
+            return []
+        after = [p for p in kept if p.epoch != epoch or p.offset > floor]
+        if floor > 0:
+            self._topics[topic] = (epoch, floor)
+        else:
+            self._forget(topic)
+        return after
+
+    def release_all(self) -> list[Publication]:
+        """Stop holding every topic still held: their kept publications, in the order
+        they arrived."""
+        kept: list[Publication] = []
+        for topic, state in list(self._topics.items()):
+            if isinstance(state, list):
+                kept.extend(state)
+                self._forget(topic)
+        return kept
+
+    def _forget(self, topic: str) -> None:
+        self._topics.pop(topic, None)
+        if not self._topics and self._client.held is self:
+            self._client.held = None
 
 
 @dataclass(slots=True)
@@ -180,6 +254,12 @@ class Registry:
         if len(users_clients) < len(subscribers):
             return (c for c in users_clients if c in subscribers)
         return (c for c in subscribers if c.user == user)
+
+    def count_recipients(self, topic: str, user: str | None) -> int:
+        """How many attached clients a publication on ``topic`` (for ``user``) goes to."""
+        if user is None:
+            return self.subscriber_count(topic)
+        return sum(1 for _ in self.recipients(topic, user))
 
     def subscriber_count(self, topic: str) -> int:
         """Attached clients subscribed to ``topic``."""

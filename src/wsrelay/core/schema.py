@@ -48,18 +48,43 @@ class UnregisterResponse(msgspec.Struct):
     unregistered: bool = True
 
 
+IdempotencyKey = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=200,
+        description="Publishes with the same key on the same topic within the "
+        "idempotency window are published once; repeats answer the first position.",
+    ),
+]
+
+
 class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``POST /publish``. With ``user_id``, only that user's clients receive it."""
 
     topic: Topic
     message: str
     user_id: UserId = None
+    idempotency_key: IdempotencyKey | None = None
 
 
-class PublishResponse(msgspec.Struct):
-    """Answer to ``POST /publish``: the number of connections on this node it was handed to."""
+class PositionBody(msgspec.Struct):
+    """A place in a topic's stream: ``offset`` of the last publication (0: none yet) in
+    ``epoch``, a random id that changes whenever the topic's history is lost."""
+
+    offset: int
+    epoch: str
+
+
+class PublishResponse(msgspec.Struct, omit_defaults=True):
+    """Answer to ``POST /publish``: the number of connections on this node subscribed to
+    it, and its position. ``duplicate``: a publish with the same idempotency key was
+    accepted before; this one published nothing and answers that one's position."""
 
     recipients: int
+    offset: int
+    epoch: str
+    duplicate: bool = False
 
 
 MAX_BATCH_MESSAGES = 1000
@@ -75,10 +100,32 @@ class BatchPublishRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class BatchPublishResponse(msgspec.Struct):
-    """Answer to ``POST /publish/batch``: each message's recipient count on this node,
-    in the order of the request."""
+    """Answer to ``POST /publish/batch``: each message's recipient count on this node and
+    position, in the order of the request."""
 
     recipients: list[int]
+    positions: list[PositionBody]
+
+
+MAX_HISTORY_PAGE = 1000
+"""Most publications one ``GET /history`` answers."""
+
+
+class HistoryItem(msgspec.Struct):
+    offset: int
+    message: str
+    user_id: str | None
+    """The user it was published for, as a string; null: everyone."""
+
+
+class HistoryResponse(msgspec.Struct):
+    """Answer to ``GET /history``: kept publications of ``topic`` and its current
+    position (``offset`` of the newest publication, ``epoch``)."""
+
+    topic: str
+    offset: int
+    epoch: str
+    publications: list[HistoryItem]
 
 
 class StatsResponse(msgspec.Struct):
@@ -151,29 +198,62 @@ class ErrorBody(msgspec.Struct):
 # -- WebSocket frames -----------------------------------------------------------------------
 
 
+class SincePosition(msgspec.Struct, forbid_unknown_fields=True):
+    """The last publication a client saw on a topic."""
+
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+    epoch: Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class ClientCommand(msgspec.Struct, forbid_unknown_fields=True):
-    """A frame from client to server; exactly one field must be present.
+    """A frame from client to server; exactly one of the topic fields must be present.
 
     ``{"topics": [...]}`` replaces the subscriptions (the seed's command),
     ``{"subscribe": [...]}`` adds to them, ``{"unsubscribe": [...]}`` removes from them.
+    ``since`` (with ``topics`` or ``subscribe``) asks, per topic, for every publication
+    after the given position before the live stream.
     """
 
     topics: list[Topic] | None = None
     subscribe: list[Topic] | None = None
     unsubscribe: list[Topic] | None = None
+    since: dict[Topic, SincePosition] | None = None
 
 
 class MessageFrame(msgspec.Struct, tag_field="type", tag="message"):
-    """A publication, as JSON-mode clients receive it."""
+    """A publication, as JSON-mode clients receive it, with its offset in the topic."""
 
     topic: str
     message: str
+    offset: int
+
+
+class TopicPosition(msgspec.Struct, omit_defaults=True):
+    """Where a topic's stream continues for the client: publications after ``offset``
+    in ``epoch`` follow. ``recovered`` answers a ``since``: true if every publication
+    after it follows (replayed, then live), false if some are lost (the epoch changed,
+    or the history no longer reaches back)."""
+
+    offset: int
+    epoch: str
+    recovered: bool | None = None
 
 
 class SubscribedFrame(msgspec.Struct, tag_field="type", tag="subscribed"):
-    """Sent after each subscription command: the client's whole topic set, sorted."""
+    """Sent after each subscription command: the client's whole topic set, sorted, and
+    the position of each topic the command subscribed to."""
 
     topics: list[str]
+    positions: dict[str, TopicPosition] = {}
+
+
+class GapFrame(msgspec.Struct, tag_field="type", tag="gap"):
+    """Publications of ``topic`` were lost on the way to this client (the topic's history
+    was lost or could not be read); the stream continues after ``offset`` in ``epoch``."""
+
+    topic: str
+    offset: int
+    epoch: str
 
 
 class ErrorFrame(msgspec.Struct, tag_field="type", tag="error"):

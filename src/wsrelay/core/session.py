@@ -31,8 +31,18 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from wsrelay import codes
+from wsrelay.core.fanout import Publication
+from wsrelay.core.history import Position
 from wsrelay.core.registry import Client
-from wsrelay.core.schema import ClientCommand, ErrorDetail, ErrorFrame, SubscribedFrame, decode
+from wsrelay.core.schema import (
+    ClientCommand,
+    ErrorDetail,
+    ErrorFrame,
+    SincePosition,
+    SubscribedFrame,
+    TopicPosition,
+    decode,
+)
 from wsrelay.core.schema import encode as encode_json
 from wsrelay.errors import (
     BadRequest,
@@ -80,9 +90,11 @@ def close_reason(reason: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``payload`` to the client as one text message (after what is queued)."""
+    """Send ``payload`` to the client as one text message (after what is queued), then
+    each of ``more``, each as one text message."""
 
     payload: bytes
+    more: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,14 +140,28 @@ class Slots(Protocol):
     def release(self) -> None: ...
 
 
+class Followed(Protocol):
+    """What a subscription command answers (:class:`wsrelay.relay.Followed`)."""
+
+    @property
+    def positions(self) -> Mapping[str, tuple[Position, bool | None]]: ...
+
+    @property
+    def replay(self) -> Iterable[Publication]: ...
+
+
 class RelayLike(Protocol):
     """The part of :class:`wsrelay.relay.Relay` a session uses."""
 
     async def lookup(self, client_id: str) -> Client: ...
     async def register(self, user_id: int | str | None, topics: Iterable[str] = ()) -> Client: ...
     async def unregister(self, client_id: str) -> None: ...
-    async def set_topics(self, client: Client, topics: Iterable[str]) -> None: ...
-    async def subscribe(self, client: Client, topics: Iterable[str]) -> None: ...
+    async def set_topics(
+        self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
+    ) -> Followed: ...
+    async def subscribe(
+        self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
+    ) -> Followed: ...
     async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None: ...
 
 
@@ -177,10 +203,10 @@ async def admit(
     relay = gate.relay
     if client_id is not None:
         client = await relay.lookup(client_id)  # 404
-        raw = _is_raw(query)
+        raw, recover = _format(query)
         check_upgrade()
         gate.slots.acquire()
-        return Session(gate, client, raw, temporary=False)
+        return Session(gate, client, raw, temporary=False, recover=recover)
     if gate.verify_token is None:
         raise NotFound(
             "connection tokens are not enabled on this server (--jwt-secret or "
@@ -190,7 +216,7 @@ async def admit(
     if not token:
         raise InvalidToken("pass the connection token as /ws?token=<token>")
     claims = gate.verify_token(token)  # 401 token_expired / invalid_token
-    raw = _is_raw(query)  # refuse a doomed request before registering anything
+    raw, recover = _format(query)  # refuse a doomed request before registering anything
     check_upgrade()
     gate.slots.acquire()
     try:
@@ -198,14 +224,24 @@ async def admit(
     except BaseException:
         gate.slots.release()
         raise
-    return Session(gate, client, raw, temporary=True)
+    return Session(gate, client, raw, temporary=True, recover=recover)
 
 
-def _is_raw(query: Mapping[str, str]) -> bool:
+def _format(query: Mapping[str, str]) -> tuple[bool, bool]:
+    """``format`` (raw or not) and ``recover`` (hold the topics' publications until the
+    first command, which recovers them) of a handshake's query."""
     fmt = query.get("format", "json")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    return fmt == "raw"
+    recover = query.get("recover", "false")
+    if recover not in RECOVER_VALUES:
+        raise BadRequest(f"recover must be true or false, not {recover!r}")
+    if fmt == "raw" and recover in ("true", "1"):
+        raise BadRequest("recover needs format=json: raw messages carry no offsets")
+    return fmt == "raw", recover in ("true", "1")
+
+
+RECOVER_VALUES: Final = ("true", "false", "1", "0")
 
 
 _COMMANDS: Final = ("topics", "subscribe", "unsubscribe")
@@ -227,16 +263,21 @@ class Session:
         "gate",
         "opened_at",
         "raw",
+        "recover",
         "temporary",
     )
 
-    def __init__(self, gate: Gate, client: Client, raw: bool, *, temporary: bool) -> None:
+    def __init__(
+        self, gate: Gate, client: Client, raw: bool, *, temporary: bool, recover: bool = False
+    ) -> None:
         self.gate = gate
         self.client = client
         self.raw = raw
         """Raw mode: publications are the bare message; errors close the connection."""
         self.temporary = temporary
         """Registered from a connection token: unregistered when the connection ends."""
+        self.recover = recover
+        """The client will recover its topics with its first command: hold them until then."""
         self.opened_at = 0.0
         self.closed_with: tuple[int, str] | None = None
         """The code and reason this side closed with, once it did."""
@@ -265,13 +306,14 @@ class Session:
                     f"invalid UTF-8 in a text message at byte {exc.start}",
                     fail=True,
                 )
+        followed: Followed | None = None
         try:
-            name, topics = _decode_command(data)
+            name, topics, since = _decode_command(data)
             relay, client = self.gate.relay, self.client
             if name == "topics":
-                await relay.set_topics(client, topics)
+                followed = await relay.set_topics(client, topics, since)
             elif name == "subscribe":
-                await relay.subscribe(client, topics)
+                followed = await relay.subscribe(client, topics, since)
             else:
                 await relay.unsubscribe(client, topics)
         except ClientError as exc:
@@ -283,7 +325,14 @@ class Session:
             return self.closing(codes.INTERNAL_ERROR, "internal error")
         if self.raw:
             return None
-        return Send(encode_json(SubscribedFrame(sorted(self.client.topics))))
+        if followed is None:
+            return Send(encode_json(SubscribedFrame(sorted(self.client.topics))))
+        positions = {
+            topic: TopicPosition(position.offset, position.epoch, recovered)
+            for topic, (position, recovered) in followed.positions.items()
+        }
+        ack = encode_json(SubscribedFrame(sorted(self.client.topics), positions))
+        return Send(ack, tuple(publication.envelope() for publication in followed.replay))
 
     def on_binary(self) -> Action:
         """A binary message arrived (whole): refused."""
@@ -367,7 +416,7 @@ class Session:
                 await self.gate.relay.unregister(self.client.id)
 
 
-def _decode_command(text: str) -> tuple[str, list[str]]:
+def _decode_command(text: str) -> tuple[str, list[str], dict[str, Position] | None]:
     command = decode(text, ClientCommand)
     present = [
         (name, topics)
@@ -378,4 +427,13 @@ def _decode_command(text: str) -> tuple[str, list[str]]:
     ]
     if len(present) != 1:
         raise InvalidField('send exactly one of "topics", "subscribe" or "unsubscribe"')
-    return present[0]
+    name, topics = present[0]
+    if command.since is None:
+        return name, topics, None
+    if name == "unsubscribe":
+        raise InvalidField('"since" goes with "topics" or "subscribe", not "unsubscribe"')
+    return name, topics, {t: _position(p) for t, p in command.since.items()}
+
+
+def _position(since: SincePosition) -> Position:
+    return Position(since.epoch, since.offset)

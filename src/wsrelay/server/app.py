@@ -58,7 +58,7 @@ def create_app(
         backend = from_url(
             settings.broker,
             registration_ttl=settings.registration_ttl,
-            history_size=settings.history_size,
+            history=settings.history_limits(),
             pool_size=settings.broker_pool_size,
             timeout=settings.broker_timeout,
         )
@@ -73,6 +73,7 @@ def create_app(
     app.router.add_post(routes.PUBLISH_BATCH, protected(http.publish_batch))
     app.router.add_get(routes.STATS, protected(http.stats))
     app.router.add_get(routes.TOPICS, protected(http.topics))
+    app.router.add_get(routes.HISTORY, protected(http.history))
     app.router.add_get(routes.WEBSOCKET_BY_ID, ws.websocket)
     app.router.add_get(routes.WEBSOCKET_BY_TOKEN, ws.token_websocket)
     app.router.add_get(routes.METRICS, protected(metrics.metrics))

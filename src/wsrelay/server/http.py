@@ -11,9 +11,13 @@ from aiohttp import web
 
 from wsrelay import __version__
 from wsrelay.core.schema import (
+    MAX_HISTORY_PAGE,
     BatchPublishRequest,
     BatchPublishResponse,
     HealthResponse,
+    HistoryItem,
+    HistoryResponse,
+    PositionBody,
     PublishRequest,
     PublishResponse,
     ReadyResponse,
@@ -26,6 +30,7 @@ from wsrelay.core.schema import (
     decode,
     encode,
 )
+from wsrelay.core.topics import validate_topic
 from wsrelay.errors import (
     BadRequest,
     BrokerUnavailable,
@@ -137,22 +142,74 @@ async def publish_batch(request: web.Request) -> web.Response:
 async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
     """``POST /publish`` once its body has arrived."""
     request = decode(body, PublishRequest)
-    recipients = await app[RELAY].publish(request.topic, request.message, request.user_id)
+    recipients, receipt = await app[RELAY].publish(
+        request.topic, request.message, request.user_id, request.idempotency_key
+    )
     metrics = app[METRICS]
-    metrics.publishes.inc()
-    metrics.deliveries.inc(recipients)
-    return PublishResponse(recipients=recipients)
+    if not receipt.duplicate:
+        metrics.publishes.inc()
+        metrics.deliveries.inc(recipients)
+    position = receipt.position
+    return PublishResponse(recipients, position.offset, position.epoch, receipt.duplicate)
 
 
 async def publish_many(app: web.Application, body: bytes) -> BatchPublishResponse:
     """``POST /publish/batch`` once its body has arrived."""
     request = decode(body, BatchPublishRequest)
-    items = [(m.topic, m.message, m.user_id) for m in request.messages]
-    recipients = await app[RELAY].publish_many(items)
+    items = [(m.topic, m.message, m.user_id, m.idempotency_key) for m in request.messages]
+    answers = await app[RELAY].publish_many(items)
     metrics = app[METRICS]
-    metrics.publishes.inc(len(recipients))
-    metrics.deliveries.inc(sum(recipients))
-    return BatchPublishResponse(recipients=recipients)
+    fresh = [recipients for recipients, receipt in answers if not receipt.duplicate]
+    metrics.publishes.inc(len(fresh))
+    metrics.deliveries.inc(sum(fresh))
+    return BatchPublishResponse(
+        recipients=[recipients for recipients, _ in answers],
+        positions=[PositionBody(r.position.offset, r.position.epoch) for _, r in answers],
+    )
+
+
+async def history(request: web.Request) -> web.Response:
+    """``GET /history?topic=&since=&limit=&reverse=``."""
+    query = request.query
+    topic = query.get("topic")
+    if not topic:
+        raise InvalidField("topic is required: GET /history?topic=<topic>")
+    relay = request.app[RELAY]
+    validate_topic(topic, relay.settings.max_topic_length)
+    since = _integer(query, "since", None, 0, 2**63 - 1)
+    limit = _integer(query, "limit", HISTORY_LIMIT, 0, MAX_HISTORY_PAGE) or 0
+    reverse = parse_flag(query.get("reverse", "false"), "reverse")
+    page = await relay.broker.history(topic, since=since, limit=limit, reverse=reverse)
+    return json_response(
+        HistoryResponse(
+            topic=topic,
+            offset=page.position.offset,
+            epoch=page.position.epoch,
+            publications=[HistoryItem(p.offset, p.message, p.user) for p in page.publications],
+        )
+    )
+
+
+HISTORY_LIMIT = 100
+"""How many publications ``GET /history`` answers unless ``?limit=`` says otherwise."""
+
+
+def _integer(query: Any, name: str, default: int | None, least: int, most: int) -> int | None:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= 19
+    if not digits or not least <= int(raw) <= most:
+        raise InvalidField(f"{name} must be an integer from {least} to {most}")
+    return int(raw)
+
+
+def parse_flag(raw: str, name: str) -> bool:
+    if raw in ("true", "1"):
+        return True
+    if raw in ("false", "0"):
+        return False
+    raise InvalidField(f"{name} must be true or false, not {raw!r}")
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -447,6 +447,8 @@ class NativeConnection(Connection, asyncio.Protocol):
     def _apply(self, action: Action) -> None:
         if isinstance(action, Send):
             self.send(frame_text(action.payload))
+            for payload in action.more:
+                self.send(frame_text(payload))
         elif action.fail:
             self._fail(action)
         else:
@@ -499,7 +501,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         self.held = True
         relay = self._shared.relay
         try:
-            await relay.attach(session.client, self)
+            await relay.attach(session.client, self, hold=session.recover)
         except Exception as exc:
             refusal = session.refusal(exc)
         else:
