@@ -25,15 +25,23 @@ from wsrelay.core.registry import Client
 
 
 class Inbox:
-    """Collects what a broker hands to a node."""
+    """Collects what a broker hands to a node (a :class:`~wsrelay.brokers.Listener`)."""
 
     def __init__(self) -> None:
         self.items: list[Publication] = []
+        self.gaps: list[tuple[str, str, int]] = []
         self._changed = asyncio.Event()
 
-    def __call__(self, publication: Publication) -> None:
+    def publication(self, publication: Publication) -> None:
         self.items.append(publication)
         self._changed.set()
+
+    def gap(self, topic: str, epoch: str, offset: int) -> None:
+        self.gaps.append((topic, epoch, offset))
+        self._changed.set()
+
+    def on(self, topic: str) -> list[Publication]:
+        return [p for p in self.items if p.topic == topic]
 
     async def wait_for(self, count: int) -> list[Publication]:
         async def wait() -> None:
@@ -64,18 +72,95 @@ class BrokerConformance:
         [got] = await inbox.wait_for(1)
         assert (got.topic, got.message, got.user) == ("t", "hello \u2603", "42")
 
-    async def test_a_node_does_not_receive_its_own_publications(
+    async def test_every_node_receives_every_publication_in_one_order(
         self, nodes: tuple[Node, Node]
     ) -> None:
+        """Its own included: the publishing node's subscribers see what the others see."""
         (a, inbox_a), (b, inbox_b) = nodes
         await a.subscribe("t")
         await b.subscribe("t")
-        await a.publish(Publication("t", "from a"))
-        await b.publish(Publication("t", "from b"))
-        await inbox_a.wait_for(1)
-        await inbox_b.wait_for(1)
-        assert [p.message for p in inbox_a.items] == ["from b"]
-        assert [p.message for p in inbox_b.items] == ["from a"]
+        await asyncio.gather(
+            *(
+                node.publish(Publication("t", f"{name}{i}"))
+                for i in range(50)
+                for node, name in ((a, "a"), (b, "b"))
+            )
+        )
+        got_a = await inbox_a.wait_for(100)
+        got_b = await inbox_b.wait_for(100)
+        assert [p.offset for p in got_a] == list(range(1, 101))
+        assert [(p.offset, p.message) for p in got_a] == [(p.offset, p.message) for p in got_b]
+        assert len({p.epoch for p in got_a}) == 1
+        assert sorted(p.message for p in got_a) == sorted(
+            f"{n}{i}" for i in range(50) for n in "ab"
+        )
+
+    async def test_offsets_count_per_topic_and_the_receipt_says_them(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("x", "y")
+        receipts = [await a.publish(Publication(t, t)) for t in ("x", "y", "x", "x", "y")]
+        assert [r.position.offset for r in receipts] == [1, 1, 2, 3, 2]
+        assert not any(r.duplicate for r in receipts)
+        got = await inbox.wait_for(5)
+        assert [(p.topic, p.offset) for p in got] == [
+            ("x", 1),
+            ("y", 1),
+            ("x", 2),
+            ("x", 3),
+            ("y", 2),
+        ]
+        assert {p.epoch for p in got if p.topic == "x"} == {receipts[0].position.epoch}
+        assert receipts[0].position.epoch != receipts[1].position.epoch
+
+    async def test_history_pages_oldest_first_newest_first_and_position_only(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, _), (b, _) = nodes
+        receipts = await a.publish_many(
+            [Publication("h", f"m{i}", "u" if i == 3 else None) for i in range(1, 8)]
+        )
+        epoch = receipts[0].position.epoch  # type: ignore[union-attr]
+        page = await b.history("h", since=2, limit=3)
+        assert [(p.offset, p.message) for p in page.publications] == [
+            (3, "m3"),
+            (4, "m4"),
+            (5, "m5"),
+        ]
+        assert page.publications[0].user == "u"
+        assert (page.position.epoch, page.position.offset) == (epoch, 7)
+        newest = await b.history("h", limit=2, reverse=True)
+        assert [p.offset for p in newest.publications] == [7, 6]
+        only = await b.history("h")
+        assert only.publications == [] and only.position == page.position
+        assert (await b.history("h", since=7, limit=10)).publications == []
+
+    async def test_a_topic_never_published_gets_an_epoch_that_its_first_publication_keeps(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, _), (b, _) = nodes
+        before = (await b.history("fresh")).position
+        assert before.offset == 0 and before.epoch
+        receipt = await a.publish(Publication("fresh", "first"))
+        assert receipt.position.epoch == before.epoch and receipt.position.offset == 1
+
+    async def test_an_idempotency_key_publishes_once(self, nodes: tuple[Node, Node]) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("t")
+        first = await a.publish(Publication("t", "once"), "key-1")
+        again = await b.publish(Publication("t", "once"), "key-1")
+        other_topic = await a.publish(Publication("u", "same key, other topic"), "key-1")
+        assert again.duplicate and not first.duplicate and not other_topic.duplicate
+        assert again.position == first.position
+        await a.publish(Publication("t", "fence"))
+        got = await inbox.wait_for(2)
+        assert [p.message for p in got] == ["once", "fence"]
+        [repeat, fresh] = await a.publish_many(
+            [Publication("t", "once"), Publication("t", "new")], ["key-1", "key-2"]
+        )
+        assert repeat.duplicate and repeat.position == first.position  # type: ignore[union-attr]
+        assert not fresh.duplicate  # type: ignore[union-attr]
 
     async def test_only_subscribed_topics_arrive(self, nodes: tuple[Node, Node]) -> None:
         (a, _), (b, inbox) = nodes
@@ -110,7 +195,8 @@ class BrokerConformance:
         await b.subscribe("x")
         await b.subscribe("y")
         batch = [Publication("xy"[i % 2], str(i), "u" if i % 3 else None) for i in range(200)]
-        assert await a.publish_many(batch) == [None] * 200
+        receipts = await a.publish_many(batch)
+        assert [r.position.offset for r in receipts] == [i // 2 + 1 for i in range(200)]  # type: ignore[union-attr]
         got = await inbox.wait_for(200)
         assert [(p.topic, p.message, p.user) for p in got] == [
             (p.topic, p.message, p.user) for p in batch
@@ -154,7 +240,8 @@ class BrokerConformance:
         (a, _), (b, inbox) = nodes
         topics = [f"t{i}" for i in range(1500)]
         await b.subscribe(*topics)
-        assert await a.publish_many([Publication(t, t) for t in topics]) == [None] * 1500
+        receipts = await a.publish_many([Publication(t, t) for t in topics])
+        assert [r.position.offset for r in receipts] == [1] * 1500  # type: ignore[union-attr]
         got = await inbox.wait_for(1500)
         assert sorted(p.message for p in got) == sorted(topics)
 
@@ -220,13 +307,12 @@ class BrokerConformance:
         await b.stop()
         await b.stop()
         await a.publish(Publication("t", "after stop"))
-        # a publishes to itself nothing, so fence through a second subscriber: b restarts
         await b.start(inbox_b, "node-b")
         await b.subscribe("t")
         await a.publish(Publication("t", "fence"))
         await inbox_b.wait_for(1)
         assert [p.message for p in inbox_b.items] == ["fence"]
-        assert inbox_a.items == []
+        assert [p.message for p in await inbox_a.wait_for(2)] == ["after stop", "fence"]
 
 
 Stores = tuple[RegistrationStore, RegistrationStore]

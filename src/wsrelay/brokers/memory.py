@@ -96,14 +96,16 @@ class MemoryBroker:
         self._hand_over(stored)
         return receipt
 
-    def _hand_over(self, publication: Publication) -> None:
+    def _hand_over(self, publication: Publication, *, others_only: bool = False) -> None:
         for member in self.bus.members:
             listener = member._listener
+            if others_only and member is self:
+                continue
             if listener is not None and publication.topic in member.topics:
                 listener.publication(publication)
 
     async def announce(self, publication: Publication) -> None:
-        self._hand_over(publication)  # no position, nothing kept
+        self._hand_over(publication, others_only=True)  # no position, nothing kept
 
     async def publish_many(
         self, publications: Sequence[Publication], keys: Sequence[str | None] | None = None
