@@ -237,7 +237,10 @@ def test_pub_stdin_publishes_every_line_in_order_and_sub_json_prints_them(
             "delivered to 3000 connection(s) on this node in total"
         )
         received = [json.loads(out.next()) for _ in messages]
-    assert received == [{"type": "message", "topic": topic, "message": m} for m in messages]
+    assert received == [
+        {"type": "message", "topic": topic, "message": m, "offset": i}
+        for i, m in enumerate(messages, 1)
+    ]
 
 
 def test_pub_needs_a_message_or_stdin(server: ServerProcess, topic: str) -> None:
@@ -310,6 +313,8 @@ def test_unreachable_server_is_a_one_line_error(command: str) -> None:
 
 
 def test_sub_reconnects_by_itself_and_cleans_up_on_sigterm(start_server, topic: str) -> None:
+    """After a restart on the memory broker the topic's history is gone: `sub` says that
+    messages may have been missed (on stderr), then prints what comes next."""
     port = str(free_port())
     first = start_server("--port", port)
     env = {"WSRELAY_URL": first.url}
@@ -321,6 +326,12 @@ def test_sub_reconnects_by_itself_and_cleans_up_on_sigterm(start_server, topic: 
         second = start_server("--port", port)
         assert err.until("reconnected")[-1] == (
             f"wsrelay sub: reconnected (registered anew); subscribed to {topic}"
+        )
+        assert re.fullmatch(
+            f"wsrelay sub: {re.escape(topic)}: not recovered, messages may have been missed: "
+            r"the server lost its history \(e\.g\. it restarted on the memory broker\); "
+            r"continuing after offset 0 of epoch \w+",
+            err.next(),
         )
         assert "delivered to 1" in run("pub", topic, "after", env=env).stdout
         assert out.next() == "after"

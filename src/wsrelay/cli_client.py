@@ -90,8 +90,11 @@ def _add_sub(commands: Any) -> None:
         "sub",
         help="subscribe and print messages",
         description="Register, connect and print each message published to TOPIC... "
-        "until interrupted; reconnects by itself (notices go to stderr), and deletes the "
-        "registration on exit. When the server refuses with Retry-After (a 503 from a "
+        "until interrupted; reconnects by itself (notices go to stderr) and recovers what "
+        "was published meanwhile, each message once; a topic that could not be recovered "
+        "(the server lost its history, e.g. it restarted on the memory broker) gets a "
+        "notice saying messages may have been missed. Deletes the registration on exit. "
+        "When the server refuses with Retry-After (a 503 from a "
         "node shedding load), it waits that long (at most 300 s, plus a random 0 to "
         "max(20%, 0.5 s)) before trying again, the first connection included.",
         epilog="example: wsrelay sub cats dogs --json\n"
@@ -101,7 +104,7 @@ def _add_sub(commands: Any) -> None:
     sub.add_argument(
         "--json",
         action="store_true",
-        help='print one JSON object per line: {"type":"message","topic":…,"message":…}',
+        help='print one JSON object per line: {"type":"message","topic":…,"message":…,"offset":…}',
     )
     sub.add_argument("--user-id", default=None, help="subscribe as this user")
     sub.set_defaults(run=lambda args: _run_client(_sub, args))
@@ -239,7 +242,13 @@ async def _stdin_batches(limit: int = 1000, ahead: int = 10_000) -> AsyncIterato
 
 
 async def _sub(relay: Any, args: argparse.Namespace) -> int:
-    from wsrelay.client import Reconnecting, ServerError, Subscribed, TooManyRequests
+    from wsrelay.client import (
+        NotRecovered,
+        Reconnecting,
+        ServerError,
+        Subscribed,
+        TooManyRequests,
+    )
 
     topics = ", ".join(args.topics)
 
@@ -255,6 +264,8 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
         elif isinstance(event, Subscribed) and event.reconnects:
             anew = " (registered anew)" if event.registered else ""
             _note(f"reconnected{anew}; subscribed to {topics}")
+        elif isinstance(event, NotRecovered):
+            _note(_not_recovered(event))
 
     encode = msgspec.json.Encoder().encode
     prefixed = len(args.topics) > 1
@@ -277,11 +288,26 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
         print(f"subscribed to {topics}; waiting for messages", file=sys.stderr, flush=True)
         async for m in subscription:
             if args.json:
-                line = encode({"type": "message", "topic": m.topic, "message": m.message})
+                line = encode(
+                    {"type": "message", "topic": m.topic, "message": m.message, "offset": m.offset}
+                )
                 print(line.decode(), flush=True)
             else:
                 print(f"[{m.topic}] {m.message}" if prefixed else m.message, flush=True)
     return _fail("sub", "the subscription ended")  # only by an exception, in practice
+
+
+def _not_recovered(event: Any) -> str:
+    """The notice for a :class:`~wsrelay.client.NotRecovered` event."""
+    why = {
+        "epoch_changed": "the server lost its history (e.g. it restarted on the memory broker)",
+        "too_far_behind": "the server's history no longer reaches back that far",
+        "gap": "the server lost publications on their way to this client",
+    }.get(event.reason, event.reason)
+    return (
+        f"{event.topic}: not recovered, messages may have been missed: {why}; "
+        f"continuing after offset {event.position.offset} of epoch {event.position.epoch}"
+    )
 
 
 def _note(text: str) -> None:

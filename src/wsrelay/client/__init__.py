@@ -15,11 +15,12 @@
 
     asyncio.run(main())
 
-:class:`Relay` wraps the HTTP API (``publish``, ``publish_many``, ``stats``,
-``topics``, ``register``, ``unregister``); :meth:`Relay.subscribe` returns a
-:class:`Subscription` that yields :class:`Message` objects and reconnects by
-itself. Failures are :class:`RelayError` subclasses carrying the server's
-error ``code`` and HTTP ``status``.
+:class:`Relay` wraps the HTTP API (``publish``, ``publish_many``, ``history``,
+``stats``, ``topics``, ``register``, ``unregister``); :meth:`Relay.subscribe`
+returns a :class:`Subscription` that yields :class:`Message` objects, reconnects
+by itself and recovers what was published meanwhile (or reports a
+:class:`NotRecovered` event when it cannot). Failures are :class:`RelayError`
+subclasses carrying the server's error ``code`` and HTTP ``status``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from wsrelay.client._errors import (
     NotFound,
     PayloadTooLarge,
     ProtocolError,
+    PublishOutcomeUnknown,
     RelayError,
     Replaced,
     ServerError,
@@ -45,8 +47,13 @@ from wsrelay.client._errors import (
 from wsrelay.client._models import (
     Backoff,
     Event,
+    History,
+    HistoryItem,
     Message,
+    NotRecovered,
+    Position,
     Publish,
+    Published,
     Reconnecting,
     Registration,
     Stats,
@@ -68,11 +75,17 @@ __all__ = [
     "Event",
     "Forbidden",
     "HTTPError",
+    "History",
+    "HistoryItem",
     "Message",
     "NotFound",
+    "NotRecovered",
     "PayloadTooLarge",
+    "Position",
     "ProtocolError",
     "Publish",
+    "PublishOutcomeUnknown",
+    "Published",
     "Reconnecting",
     "Registration",
     "Relay",

@@ -16,6 +16,8 @@ Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
     │   ├── TooManyRequests        429 (too_many_registrations)
     │   └── ServerError            5xx
     │       └── ServiceUnavailable 503 (broker_unavailable, too_many_connections)
+    │           └── PublishOutcomeUnknown  503 publish_outcome_unknown: retry with
+    │                                      the same idempotency_key
     ├── CommandRefused             an error frame answered a subscription command
     └── ConnectionClosed           the server closed the WebSocket for good
         ├── Unregistered           1000: the registration was deleted
@@ -147,6 +149,15 @@ class ServiceUnavailable(ServerError):
     default_code = "service_unavailable"
 
 
+class PublishOutcomeUnknown(ServiceUnavailable):
+    """503 ``publish_outcome_unknown``: the server lost its broker after the publish was
+    handed to it, so the message may or may not have been published. Publishing again
+    with the same ``idempotency_key`` is safe: it is published at most once (a repeat
+    of an accepted one answers :attr:`~wsrelay.client.Published.duplicate`)."""
+
+    default_code = "publish_outcome_unknown"
+
+
 class CommandRefused(RelayError):
     """The server answered a subscription command with an error frame."""
 
@@ -192,9 +203,19 @@ _BY_STATUS: dict[int, type[HTTPError]] = {
 }
 
 
+_BY_CODE: dict[tuple[int, str], type[HTTPError]] = {
+    (503, "publish_outcome_unknown"): PublishOutcomeUnknown,
+}
+"""Codes that need a class of their own, more precise than their status's."""
+
+
 def http_error(
     status: int, code: str | None, message: str, retry_after: float | None = None
 ) -> HTTPError:
     """The exception for an HTTP error answer."""
-    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else HTTPError)
+    cls = (
+        _BY_CODE.get((status, code or ""))
+        or _BY_STATUS.get(status)
+        or (ServerError if status >= 500 else HTTPError)
+    )
     return cls(message, code=code, status=status, retry_after=retry_after)

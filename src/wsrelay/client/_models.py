@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, Self
 
 import msgspec
 
@@ -21,18 +21,114 @@ UserId = int | str | None
 
 
 class Message(msgspec.Struct, frozen=True):
-    """One publication received on a subscription."""
+    """One publication received on a subscription.
+
+    ``offset`` is its place in the topic (1 for the topic's first publication, +1 per
+    publication) and ``epoch`` the topic history it belongs to: together they are the
+    topic's :class:`Position` after this message. Offsets are comparable only within
+    one epoch, and a client sees gaps between them when publications were targeted at
+    other users. Both are 0 and ``""`` from a server too old to send them.
+    """
 
     topic: str
     message: str
+    offset: int = 0
+    epoch: str = ""
+
+
+class Position(msgspec.Struct, frozen=True):
+    """A place in a topic's stream: the publication at ``offset`` (0: none yet) of
+    ``epoch``, a random id of the topic's history that changes when the history is
+    lost (e.g. a relay on the memory broker restarted)."""
+
+    offset: int
+    epoch: str
 
 
 class Publish(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One message of :meth:`Relay.publish_many`; with ``user_id`` only that user gets it."""
+    """One message of :meth:`Relay.publish_many`; with ``user_id`` only that user gets it.
+
+    ``idempotency_key``: publishes with the same key on the same topic within the
+    server's idempotency window are published once; a repeat answers the first one's
+    position (:attr:`Published.duplicate`). Retrying a publish that failed with
+    :class:`~wsrelay.client.PublishOutcomeUnknown` with the same key is safe.
+    """
 
     topic: str
     message: str
     user_id: UserId = None
+    idempotency_key: str | None = None
+
+
+class Published(int):
+    """What :meth:`Relay.publish` and :meth:`Relay.publish_many` return for a message.
+
+    It *is* the recipient count (an ``int``: ``await relay.publish(...) == 1`` works as
+    it always did), with the publication's place in its topic added:
+
+    Attributes:
+        recipients: connections on the answering node it was handed to (the int's value).
+        offset: its offset in the topic.
+        epoch: the topic history that offset belongs to.
+        duplicate: a publish with the same ``idempotency_key`` was accepted before;
+            this one published nothing, and offset and epoch are the first one's.
+    """
+
+    offset: int
+    epoch: str
+    duplicate: bool
+
+    def __new__(cls, recipients: int, offset: int, epoch: str, duplicate: bool = False) -> Self:
+        value = super().__new__(cls, recipients)
+        value.offset = offset
+        value.epoch = epoch
+        value.duplicate = duplicate
+        return value
+
+    @property
+    def recipients(self) -> int:
+        """The recipient count, as a plain int."""
+        return int(self)
+
+    @property
+    def position(self) -> Position:
+        """Where the publication is in its topic."""
+        return Position(self.offset, self.epoch)
+
+    def __str__(self) -> str:
+        # The count, as print(), f-strings and str() always showed it.
+        return int.__repr__(self)
+
+    def __repr__(self) -> str:
+        more = ", duplicate=True" if self.duplicate else ""
+        return (
+            f"Published(recipients={int(self)}, offset={self.offset}, epoch={self.epoch!r}{more})"
+        )
+
+
+class HistoryItem(msgspec.Struct, frozen=True):
+    """One kept publication of :meth:`Relay.history`: its offset, its text, and the
+    user it was published for (as a string; None: everyone)."""
+
+    offset: int
+    message: str
+    user_id: str | None = None
+
+
+class History(msgspec.Struct, frozen=True):
+    """Answer to ``GET /history``: kept publications of ``topic`` (oldest first, or
+    newest first with ``reverse``) and the topic's current position (``offset`` of its
+    newest publication, ``epoch``)."""
+
+    topic: str
+    offset: int
+    epoch: str
+    publications: list[HistoryItem]
+
+    @property
+    def position(self) -> Position:
+        """The topic's current position."""
+        return Position(self.offset, self.epoch)
 
 
 class Registration(msgspec.Struct, frozen=True):
@@ -167,5 +263,37 @@ class Reconnecting:
     retry_after: float | None = None
 
 
-Event = Subscribed | Reconnecting
+NotRecoveredReason = Literal["epoch_changed", "too_far_behind", "gap"]
+
+
+@dataclass(frozen=True)
+class NotRecovered:
+    """Event: publications of ``topic`` may have been missed, so the application should
+    reload what it derives from that topic from its own data (or from
+    :meth:`Relay.history`).
+
+    A subscription recovers by itself: after every reconnect it asks the server for
+    every publication after the last one it delivered, and gets them before the live
+    stream, each once. This event says that this failed for one topic:
+
+    * ``"epoch_changed"``: the topic's history was lost (``position.epoch`` differs from
+      ``previous.epoch``), e.g. the relay restarted on the memory broker;
+    * ``"too_far_behind"``: the history no longer reaches back to ``previous`` (the
+      server keeps a bounded history and replays at most 1000 publications);
+    * ``"gap"``: while connected, the server reported publications lost on their way to
+      this client.
+
+    ``position`` is where the stream continues: the messages that follow come after it.
+    ``previous`` is the last position the client had (None only for a gap on a topic
+    it had no position for yet). The event arrives before any message after
+    ``position``.
+    """
+
+    topic: str
+    position: Position
+    previous: Position | None
+    reason: NotRecoveredReason
+
+
+Event = Subscribed | Reconnecting | NotRecovered
 """What a subscription's ``on_event`` callback receives."""

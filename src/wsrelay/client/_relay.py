@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
@@ -39,8 +40,13 @@ from wsrelay.client._errors import (
 from wsrelay.client._models import (
     Backoff,
     Event,
+    History,
     Message,
+    NotRecovered,
+    NotRecoveredReason,
+    Position,
     Publish,
+    Published,
     Reconnecting,
     Registration,
     Stats,
@@ -85,22 +91,35 @@ class _ErrorBody(msgspec.Struct):
     error: _ErrorDetail
 
 
+class _TopicPosition(msgspec.Struct):
+    offset: int
+    epoch: str
+    recovered: bool | None = None
+
+
 class _Frame(msgspec.Struct):
     """Any frame the server sends in JSON mode; unknown types are skipped."""
 
     type: str
     topic: str = ""
     message: str = ""
+    offset: int = 0
+    epoch: str = ""
     topics: list[str] = []
+    positions: dict[str, _TopicPosition] = {}
     error: _ErrorDetail | None = None
 
 
-class _Recipients(msgspec.Struct):
+class _PublishAnswer(msgspec.Struct):
     recipients: int
+    offset: int = 0
+    epoch: str = ""
+    duplicate: bool = False
 
 
-class _BatchRecipients(msgspec.Struct):
+class _BatchAnswer(msgspec.Struct):
     recipients: list[int]
+    positions: list[Position] = []
 
 
 def normalize_url(url: str) -> str:
@@ -191,23 +210,41 @@ class Relay:
 
     # -- HTTP API ---------------------------------------------------------------------------
 
-    async def publish(self, topic: str, message: str, *, user_id: UserId = None) -> int:
+    async def publish(
+        self,
+        topic: str,
+        message: str,
+        *,
+        user_id: UserId = None,
+        idempotency_key: str | None = None,
+    ) -> Published:
         """Publish ``message`` to ``topic``; with ``user_id`` only that user's clients get
-        it. Returns the number of connections on the server's node it was handed to."""
-        body = Publish(topic, message, user_id)
-        answer = await self._request("POST", "/publish", _Recipients, body=_encode(body))
-        return answer.recipients
+        it. Returns the number of connections on the server's node it was handed to, as a
+        :class:`Published` (an ``int``) that also holds the publication's ``offset`` and
+        ``epoch`` in the topic.
 
-    async def publish_many(self, messages: Iterable[Item]) -> list[int]:
+        With ``idempotency_key``, publishes with the same key on the same topic within the
+        server's idempotency window are published once (a repeat answers
+        ``duplicate=True`` and the first one's position). A 503 that leaves the outcome
+        unknown raises :class:`PublishOutcomeUnknown`: publishing again with the same key
+        is then safe.
+        """
+        body = Publish(topic, message, user_id, idempotency_key)
+        answer = await self._request("POST", "/publish", _PublishAnswer, body=_encode(body))
+        return Published(answer.recipients, answer.offset, answer.epoch, answer.duplicate)
+
+    async def publish_many(self, messages: Iterable[Item]) -> list[Published]:
         """Publish several messages in order, in as few ``POST /publish/batch`` requests
         as the server's limits allow (1000 messages and ``batch_bytes`` per request).
 
-        ``messages`` holds :class:`Publish` structs or ``(topic, message)`` /
-        ``(topic, message, user_id)`` tuples. Returns each message's recipient count.
-        A refused batch raises (e.g. :class:`BadRequest` for a bad topic); the batches
-        sent before it were published.
+        ``messages`` holds :class:`Publish` structs (which may carry an
+        ``idempotency_key``) or ``(topic, message)`` / ``(topic, message, user_id)``
+        tuples. Returns each message's recipient count as a :class:`Published` (an
+        ``int`` with the message's ``offset`` and ``epoch``). A refused batch raises
+        (e.g. :class:`BadRequest` for a bad topic); the batches sent before it were
+        published.
         """
-        recipients: list[int] = []
+        recipients: list[Published] = []
         parts: list[bytes] = []
         size = 0
         for item in messages:
@@ -221,10 +258,36 @@ class Relay:
             recipients += await self._publish_batch(parts)
         return recipients
 
-    async def _publish_batch(self, parts: list[bytes]) -> list[int]:
+    async def _publish_batch(self, parts: list[bytes]) -> list[Published]:
         body = b'{"messages":[' + b",".join(parts) + b"]}"
-        answer = await self._request("POST", "/publish/batch", _BatchRecipients, body=body)
-        return answer.recipients
+        answer = await self._request("POST", "/publish/batch", _BatchAnswer, body=body)
+        positions = answer.positions or [Position(0, "")] * len(answer.recipients)
+        return [
+            Published(count, position.offset, position.epoch)
+            for count, position in zip(answer.recipients, positions, strict=True)
+        ]
+
+    async def history(
+        self,
+        topic: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> History:
+        """``GET /history``: the publications of ``topic`` the server still keeps, with
+        the topic's current position. ``since``: only those after this offset;
+        ``limit``: at most this many (the server's default is 100, its maximum 1000);
+        ``reverse``: newest first. Offsets are those of :attr:`History.epoch`: compare
+        them with a position of another epoch and they mean nothing."""
+        params = {"topic": topic}
+        if since is not None:
+            params["since"] = str(since)
+        if limit is not None:
+            params["limit"] = str(limit)
+        if reverse:
+            params["reverse"] = "true"
+        return await self._request("GET", "/history", History, params=params)
 
     async def stats(self) -> Stats:
         """``GET /stats``: the node's live counters."""
@@ -295,6 +358,7 @@ class Relay:
         user_id: UserId = None,
         on_event: Callable[[Event], object] | None = None,
         backoff: Backoff | None = None,
+        since: Mapping[str, Position] | None = None,
     ) -> Subscription:
         """Receive every message published to ``topics`` (and, with ``user_id``, those
         targeted at that user) as :class:`Message` objects.
@@ -302,12 +366,26 @@ class Relay:
         ``async with relay.subscribe(...) as sub`` returns once the server has confirmed
         the subscription, so nothing published afterwards is missed; ``async for``
         over the result without ``async with`` connects on the first iteration. See
-        :class:`Subscription` for reconnecting and for how it ends.
+        :class:`Subscription` for reconnecting, recovery and how it ends.
+
+        ``since`` (optional) resumes where an earlier subscription stopped, e.g. one of
+        a previous run of the program: for each topic it names, the publications after
+        that position (saved from :attr:`Subscription.positions`, or a
+        :class:`Message`'s ``offset`` and ``epoch``) come first; a topic that cannot be
+        resumed is reported with a :class:`NotRecovered` event.
         """
         if not topics:
             raise ValueError("subscribe needs at least one topic")
+        unknown = set(since or ()) - set(topics)
+        if unknown:
+            raise ValueError(f"since names topics not subscribed to: {', '.join(sorted(unknown))}")
         subscription = Subscription(
-            self, topics, user_id=user_id, on_event=on_event, backoff=backoff or self.backoff
+            self,
+            topics,
+            user_id=user_id,
+            on_event=on_event,
+            backoff=backoff or self.backoff,
+            since=since,
         )
         self._subscriptions.add(subscription)
         return subscription
@@ -365,13 +443,26 @@ class Subscription:
     sends the topics again after every reconnect. An attempt refused with 429 or 5xx
     and a ``Retry-After`` header (a node shedding load answers ``POST /register`` or
     the upgrade with 503 and one) is followed by the wait the server asked for,
-    capped and jittered (:meth:`Backoff.after`), instead of the backoff. Messages
-    published while it was disconnected are lost. ``on_event`` receives a
-    :class:`Reconnecting` before each attempt (with the delay, the reason and any
-    ``retry_after``) and a :class:`Subscribed` after each successful (re)subscription.
-    Reconnecting happens inside iteration: keep iterating. Failures of the *first*
-    connection are raised at once instead (wrong API key, unreachable server, a 503:
-    its :attr:`HTTPError.retry_after` says when the server wants the next try).
+    capped and jittered (:meth:`Backoff.after`), instead of the backoff. ``on_event``
+    receives a :class:`Reconnecting` before each attempt (with the delay, the reason
+    and any ``retry_after``) and a :class:`Subscribed` after each successful
+    (re)subscription. Reconnecting happens inside iteration: keep iterating. Failures
+    of the *first* connection are raised at once instead (wrong API key, unreachable
+    server, a 503: its :attr:`HTTPError.retry_after` says when the server wants the
+    next try).
+
+    **Recovery.** Nothing is missed across a reconnect while the server can help it:
+    the subscription keeps each topic's :class:`Position` (the last message received,
+    or where the server said the stream starts), connects with ``?recover=true`` and
+    sends those positions with its topics (``since``); the server answers with every
+    publication after them, then the live stream. Messages that arrive twice (same
+    epoch, an offset already received) are dropped, so each is yielded once, in order.
+    When a topic cannot be recovered (its history was lost, e.g. the server restarted
+    on the memory broker, or the client was away too long) or the server reports
+    publications lost on the way (a ``gap`` frame), ``on_event`` receives a
+    :class:`NotRecovered` for that topic before any later message: reload what you
+    derive from it from your own data. :attr:`positions` holds the current positions,
+    for :meth:`Relay.subscribe`'s ``since`` in a later run.
 
     **Ending.** Iteration raises :class:`Unregistered` when the registration is deleted
     (close 1000), :class:`Replaced` when another connection takes it over (4500),
@@ -391,6 +482,7 @@ class Subscription:
         user_id: UserId,
         on_event: Callable[[Event], object] | None,
         backoff: Backoff,
+        since: Mapping[str, Position] | None = None,
     ) -> None:
         self.relay = relay
         self.topics: tuple[str, ...] = tuple(topics)
@@ -409,6 +501,14 @@ class Subscription:
         self._closing = asyncio.Event()
         self._delete_on_close = True
         self._rng = random.Random()
+        self._positions: dict[str, Position] = dict(since or {})
+
+    @property
+    def positions(self) -> dict[str, Position]:
+        """Each topic's position: its last message received (including those not yet
+        iterated over), or where the server said the stream starts. Empty before the
+        first connection unless ``since`` was given. A copy."""
+        return dict(self._positions)
 
     @property
     def url(self) -> str | None:
@@ -443,7 +543,7 @@ class Subscription:
             return
         self._started = True
         try:
-            registered = await self._connect()
+            registered, lost_topics = await self._connect()
         except _Lost as lost:
             await self.close()
             raise ConnectionFailed(
@@ -453,6 +553,8 @@ class Subscription:
             await self.close()
             raise
         self._emit(Subscribed(self._id(), self.topics, 0, registered))
+        for event in lost_topics:  # topics of ``since`` that could not be resumed
+            self._emit(event)
 
     async def __anext__(self) -> Message:
         if not self._started:
@@ -534,15 +636,72 @@ class Subscription:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ProtocolError(f"the server sent a frame that is not wsrelay's: {exc}") from None
         if frame.type == "message":
-            return Message(frame.topic, frame.message)
+            return self._message(frame)
+        if frame.type == "gap":
+            self._gap(frame)
+            return None
         if frame.type == "error" and frame.error is not None:
             raise CommandRefused(frame.error.message, code=frame.error.code)
         return None  # "subscribed" outside a handshake, or a frame type added later
 
-    async def _connect(self) -> bool:
+    def _message(self, frame: _Frame) -> Message | None:
+        """The message of a message frame, or None for one already received."""
+        known = self._positions.get(frame.topic)
+        if frame.offset <= 0 or known is None:  # no offset (an older server), or no epoch
+            return Message(frame.topic, frame.message, frame.offset)
+        if frame.offset <= known.offset:
+            # Already received: a replay that overlaps what the previous connection
+            # delivered. Frames carry no epoch; the acknowledgement that preceded them
+            # set this topic's, so its offsets compare.
+            return None
+        self._positions[frame.topic] = Position(frame.offset, known.epoch)
+        return Message(frame.topic, frame.message, frame.offset, known.epoch)
+
+    def _gap(self, frame: _Frame) -> None:
+        """Publications were lost on their way to this connection; the stream goes on
+        after the frame's position. Tell the application, like a failed recovery."""
+        known = self._positions.get(frame.topic)
+        position = Position(frame.offset, frame.epoch)
+        if known is not None and known.epoch == position.epoch and known.offset > frame.offset:
+            position = known
+        self._positions[frame.topic] = position
+        self._emit(NotRecovered(frame.topic, position, known, "gap"))
+
+    def _acknowledged(self, frame: _Frame) -> list[NotRecovered]:
+        """Take the positions an acknowledgement gives; the topics it says were not
+        recovered, as events to emit once the subscription is reported."""
+        lost: list[NotRecovered] = []
+        for topic, answer in frame.positions.items():
+            known = self._positions.get(topic)
+            position = Position(answer.offset, answer.epoch)
+            if known is not None and known.epoch == position.epoch:
+                # Messages received after the command was sent (a hold that timed out)
+                # are already past the position answered; their replay is dropped.
+                position = Position(max(known.offset, position.offset), position.epoch)
+            self._positions[topic] = position
+            if answer.recovered is False:
+                same = known is not None and known.epoch == answer.epoch
+                reason: NotRecoveredReason = "too_far_behind" if same else "epoch_changed"
+                lost.append(NotRecovered(topic, position, known, reason))
+        return lost
+
+    def _command(self) -> str:
+        """The subscription command: every topic, and the position of each known one."""
+        command: dict[str, Any] = {"topics": list(self.topics)}
+        since = {
+            topic: {"offset": position.offset, "epoch": position.epoch}
+            for topic, position in self._positions.items()
+            if topic in self.topics and position.epoch
+        }
+        if since:
+            command["since"] = since
+        return _encode(command).decode()
+
+    async def _connect(self) -> tuple[bool, list[NotRecovered]]:
         """Connect (registering first if there is no id, or if the server forgot it),
-        send the topics and wait for their acknowledgement. Returns whether it
-        registered. Raises _Lost if the connection closed meanwhile."""
+        send the topics with their positions and wait for their acknowledgement.
+        Returns whether it registered, and the topics that were not recovered. Raises
+        _Lost if the connection closed meanwhile."""
         registered = False
         if self._url is None:
             await self._register()
@@ -560,12 +719,13 @@ class Subscription:
             raise _Lost(None, "closed")
         self._ws = ws
         try:
-            await ws.send(_encode({"topics": list(self.topics)}).decode())
+            await ws.send(self._command())
             async with asyncio.timeout(self.relay.timeout):
                 while True:
                     data = await ws.recv()
-                    if _decode(data, _Frame).type == "subscribed":
-                        return registered
+                    frame = _decode(data, _Frame)
+                    if frame.type == "subscribed":
+                        return registered, self._acknowledged(frame)
                     message = self._handle(data)
                     if message is not None:
                         self._pending.append(message)
@@ -589,7 +749,7 @@ class Subscription:
         shown = _redact(url)
         try:
             return await connect(
-                url,
+                _recovering(url),
                 open_timeout=self.relay.timeout,
                 max_size=None,  # publications are bounded by the server's body size limit
                 proxy=None,
@@ -636,7 +796,7 @@ class Subscription:
             if self._closed:
                 raise StopAsyncIteration
             try:
-                registered = await self._connect()
+                registered, lost_topics = await self._connect()
             except _Lost as again:
                 close_code, reason, retry_after = again.close_code, again.reason, None
                 continue
@@ -646,7 +806,17 @@ class Subscription:
                 continue
             self.reconnects += 1
             self._emit(Subscribed(self._id(), self.topics, self.reconnects, registered))
+            for event in lost_topics:
+                self._emit(event)
             return
+
+
+def _recovering(url: str) -> str:
+    """``url`` with ``recover=true``: the server holds the topics' publications until
+    the first command, whose ``since`` they are replayed after."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "recover"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("recover", "true")])))
 
 
 __all__ = ["DEFAULT_URL", "MAX_BATCH", "Relay", "Subscription", "normalize_url"]
