@@ -22,12 +22,13 @@ from tests.utils import TIMEOUT
 from wsrelay.brokers import from_url
 from wsrelay.brokers.redis import Commands, RedisBroker, RedisRegistrations, make_client
 from wsrelay.core.fanout import Publication
+from wsrelay.core.history import HistoryLimits
 from wsrelay.core.registry import Client
 from wsrelay.errors import BrokerUnavailable
 
 
 async def start_node(url: str, name: str) -> tuple[RedisBroker, Inbox]:
-    broker = RedisBroker(make_client(url), history_size=1000)
+    broker = RedisBroker(make_client(url), HistoryLimits(size=1000))
     inbox = Inbox()
     await broker.start(inbox, name)
     assert broker.healthy
@@ -130,7 +131,7 @@ async def test_starting_without_redis_is_unhealthy_then_recovers(
     redis_server: RedisServer,
 ) -> None:
     redis_server.kill()
-    broker = RedisBroker(make_client(redis_server.url), history_size=10)
+    broker = RedisBroker(make_client(redis_server.url), HistoryLimits(size=10))
     inbox = Inbox()
     start = asyncio.create_task(broker.start(inbox, "late"))
     redis_server.start()
@@ -167,8 +168,8 @@ async def test_registrations_round_trip_and_expire(redis_server: RedisServer) ->
 
 
 async def test_attached_registrations_do_not_expire(redis_server: RedisServer) -> None:
-    backend = from_url(redis_server.url, registration_ttl=1, history_size=10)
-    await backend.broker.start(lambda p: None, "n")
+    backend = from_url(redis_server.url, registration_ttl=1, history=HistoryLimits(size=10))
+    await backend.broker.start(Inbox(), "n")
     reg = Client("kept", "u", set())
     await backend.registrations.add(reg, 1)
     assert await backend.registrations.attached(reg)

@@ -1,40 +1,37 @@
 """The Redis backend: many processes and machines act as one relay.
 
-Publications: pub/sub for speed, a stream for what pub/sub loses
----------------------------------------------------------------------
-Each publish runs one Lua script, atomically: it takes the topic's next
-*offset* (``INCR``), appends the publication to the topic's stream under the id
-``0-<offset>`` (capped at ``history_size`` entries), and ``PUBLISH``-es it with
-its offset to the topic's channel. Nodes receive live traffic over pub/sub,
-subscribed only to topics they have local subscribers for.
+Publications: one script, pub/sub for speed, a stream for what pub/sub loses
+-----------------------------------------------------------------------------
+Each publish runs one Lua script (:mod:`wsrelay.brokers.redis_scripts`), atomically:
+it answers a repeated idempotency key with the first publish's position, or takes
+the topic's next *offset* (an epoch per topic history), appends the publication to
+the topic's stream (the last ``history_size``), and ``PUBLISH``-es it with its
+position to the topic's channel. Every node subscribed to the topic, the
+publishing one included, hands it to its listener from that channel: the
+channel carries a topic's publications in offset order, so every node hands
+them over in the same order (:mod:`wsrelay.brokers.redis_order` fills from the
+stream what pub/sub lost, and says ``gap`` where the stream cannot).
 
-Pub/sub alone loses whatever is published while a node's connection is down,
-silently (docs/decisions/0002-redis-streams-and-pubsub.md has the measurements).
-So every node remembers, per topic, the last offset it saw and the topic's
-*epoch* (a random id made when the topic's keys are created). When its
-connection comes back it resubscribes, then reads the stream from the next
-offset, or from the start if the epoch changed (the keys were lost, e.g. Redis
-restarted without persistence); a gap seen in live traffic is filled from the
-stream the same way; offsets already seen are dropped. Delivery across nodes
-is therefore in order and without loss or duplicates as long as the stream
-still holds the missed entries, and at-most-once beyond that.
-
-Publishes are never retried by the client: a publish whose reply was lost might
-have been applied, and a retry would duplicate it. The error reaches the
-publisher as a 503 instead, so nothing is lost silently.
+Publishes go in batches on one connection, one batch at a time (in order): those
+made while a batch is on its way go together in the next one. They are never
+retried by the client. A publish Redis certainly did not get fails with
+:class:`~wsrelay.errors.BrokerUnavailable`; one sent whose answer did not come
+with :class:`~wsrelay.errors.PublishOutcomeUnknown` (retry with the same
+idempotency key). :class:`~wsrelay.brokers.redis_probe.HealthProbe` pings Redis
+twice a second: while it gets no answer the node is unhealthy (``/ready`` 503),
+publishes fail at once, and those in flight fail as soon as it says so.
 
 Announcements (:meth:`RedisBroker.announce`, the relay's "connected elsewhere"
 signal) are a bare ``PUBLISH`` on the topic's channel, ``"- - <data>"``: no
-offset, no stream, no catch-up.
+position, no stream, not handed to the node that made them.
 
 Subscribing costs one command for many topics: the topics asked for while the
-previous ``SUBSCRIBE`` or ``UNSUBSCRIBE`` was being written go together in the next
-one (in the order asked), and each caller waits for the confirmations of its own.
-Every other command goes through :class:`~wsrelay.brokers.redis_client.Commands`,
-pipelined with whatever else the node is sending (docs/decisions/0006).
-
-Registrations are kept by :mod:`wsrelay.brokers.redis_registrations`, over the
-same client (:mod:`wsrelay.brokers.redis_client`).
+previous ``SUBSCRIBE`` or ``UNSUBSCRIBE`` was being written go together in the
+next one (in the order asked), and each caller waits for the confirmations of its
+own. Every other command goes through
+:class:`~wsrelay.brokers.redis_client.Commands`, pipelined with whatever else the
+node is sending (docs/decisions/0006). Registrations are kept by
+:mod:`wsrelay.brokers.redis_registrations`, over the same client.
 """
 
 from __future__ import annotations
@@ -42,15 +39,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from wsrelay.brokers.base import Backend, PublicationHandler
+from wsrelay.brokers import redis_scripts as scripts
+from wsrelay.brokers.base import Backend, Listener
 from wsrelay.brokers.redis_client import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
@@ -58,18 +55,27 @@ from wsrelay.brokers.redis_client import (
     Commands,
     make_client,
     pubsub_client,
+    send_pipeline,
     unavailable,
 )
+from wsrelay.brokers.redis_order import Entries, Sequencer
+from wsrelay.brokers.redis_probe import HealthProbe
 from wsrelay.brokers.redis_registrations import RedisRegistrations
 from wsrelay.core.fanout import Publication
-from wsrelay.errors import BrokerUnavailable
+from wsrelay.core.history import (
+    DEFAULT_LIMITS,
+    META_TTL,
+    HistoryLimits,
+    HistoryPage,
+    Position,
+    Receipt,
+    new_epoch,
+)
+from wsrelay.errors import BrokerUnavailable, PublishOutcomeUnknown
 
 __all__ = ["Commands", "RedisBroker", "RedisRegistrations", "make_client", "redis_backend"]
 
 log = logging.getLogger("wsrelay.redis")
-
-TOPIC_KEYS_TTL = 3600
-"""Seconds a topic's offset, epoch and stream live after its last publish."""
 
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Seconds between attempts to reconnect the subscriber connection (the last repeats)."""
@@ -82,21 +88,6 @@ SUBSCRIBE_BATCH = 1000
 
 ANNOUNCED = b"-"
 """The epoch and offset of an announcement: it has neither."""
-
-PUBLISH_SCRIPT = """
-local epoch = redis.call('GET', KEYS[3])
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('SET', KEYS[3], epoch)
-end
-local offset = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. offset, 'd', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[1])
-return offset
-"""
 
 
 class _Data(msgspec.Struct, array_like=True):
@@ -111,35 +102,38 @@ _encode = msgspec.json.Encoder().encode
 _decode_data = msgspec.json.Decoder(_Data).decode
 
 
-def _keys(topic: str) -> tuple[str, str, str]:
-    # The {hash tag} keeps a topic's keys in one slot, as Redis Cluster requires.
-    base = f"wsrelay:{{{topic}}}"
-    return f"{base}:stream", f"{base}:offset", f"{base}:epoch"
-
-
-def _channel(topic: str) -> str:
-    return f"wsrelay:{{{topic}}}:live"
-
-
-def _topic_of(channel: str) -> str:
-    return channel[len("wsrelay:{") : -len("}:live")]
+def _entries(raw: list[Any]) -> Entries:
+    """Stream entries as a script answers them (``[id, [field, value, ...]]``)."""
+    entries: Entries = []
+    for entry_id, fields in raw:
+        offset = int(entry_id.rsplit(b"-", 1)[1])
+        entries.append((offset, fields[fields.index(b"d") + 1]))
+    return entries
 
 
 def redis_backend(
     url: str,
     *,
     registration_ttl: float,
-    history_size: int,
+    history: HistoryLimits = DEFAULT_LIMITS,
     pool_size: int = DEFAULT_POOL_SIZE,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Backend:
     """A broker and a registration store sharing one Redis client for ``url``: at most
-    ``pool_size`` connections for commands, one more for publishes (sent in order)
-    and one for pub/sub; ``timeout`` bounds every command."""
+    ``pool_size`` connections for commands, one more for publishes (sent in order),
+    one for pub/sub and one for the health probe; ``timeout`` bounds every command."""
     client = make_client(url, pool_size=pool_size + 1, timeout=timeout)
     commands = Commands(client, lanes=pool_size, timeout=timeout)
     registrations = RedisRegistrations(commands, int(registration_ttl))
-    return Backend(RedisBroker(commands, history_size, registrations), registrations)
+    return Backend(RedisBroker(commands, history, registrations), registrations)
+
+
+class _Pending:
+    __slots__ = ("command", "done")
+
+    def __init__(self, command: tuple[Any, ...], done: asyncio.Future[Receipt]) -> None:
+        self.command = command
+        self.done = done
 
 
 class RedisBroker:
@@ -148,44 +142,53 @@ class RedisBroker:
     def __init__(
         self,
         client: aioredis.Redis | Commands,
-        history_size: int,
+        history: HistoryLimits = DEFAULT_LIMITS,
         registrations: RedisRegistrations | None = None,
     ) -> None:
         self._commands = client if isinstance(client, Commands) else Commands.over(client)
         self._client = self._commands.client
         self._subscriber = pubsub_client(self._client)
-        self._history_size = history_size
+        self._limits = history
+        self._history_ms = max(1, int(history.ttl * 1000))
+        self._meta_ms = int(max(history.ttl, META_TTL) * 1000)
+        self._window_ms = max(1, int(history.idempotency_window * 1000))
         self._registrations = registrations
-        self._sha: str | None = None
-        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._probe = HealthProbe(self._client, self._probe_verdict)
+        self._batch: list[_Pending] = []
+        self._in_flight: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
         self._topics: set[str] = set()
-        self._positions: dict[str, tuple[bytes, int]] = {}  # topic -> (epoch, last offset)
+        self._sequencer = Sequencer(self._read, self._hand, self._gap)
         self._pubsub: Any = None
         self._pubsub_ready = asyncio.Event()
         """Set once the current pub/sub connection made its first SUBSCRIBE: redis-py
         opens the connection on the first command, so nothing else may send one before."""
-        self._listener: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        """Set while the pub/sub connection is up and caught up."""
+        self._up = asyncio.Event()
+        """Set while :attr:`healthy`."""
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub_requests: list[tuple[str, list[str]]] = []  # (command, channels), in order
         self._pubsub_writer: asyncio.Task[None] | None = None
-        self._handler: PublicationHandler | None = None
+        self._listener: Listener | None = None
         self._origin = ""
         self._last_error: str | None = None
 
     @property
     def healthy(self) -> bool:
-        return self._connected.is_set()
+        """Subscribed and caught up, and Redis answered the last PING in time."""
+        return self._connected.is_set() and self._probe.up
 
-    async def start(self, handler: PublicationHandler, origin: str) -> None:
+    async def start(self, listener: Listener, origin: str) -> None:
         """Start listening; waits briefly for Redis but starts (unhealthy) without it."""
-        self._handler, self._origin = handler, origin
-        self._listener = asyncio.create_task(self._listen_forever(), name="wsrelay-redis")
+        self._listener, self._origin = listener, origin
+        self._task = asyncio.create_task(self._listen_forever(), name="wsrelay-redis")
+        self._probe.start()
         if self._registrations is not None:
             self._registrations.start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), 5)
+            await asyncio.wait_for(self._up.wait(), 5)
         if not self.healthy:
             log.warning(
                 "broker down: Redis is unreachable (%s); retrying in the background",
@@ -195,29 +198,44 @@ class RedisBroker:
     async def stop(self) -> None:
         if self._registrations is not None:
             await self._registrations.stop()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
-        for task in (self._sender, self._pubsub_writer):
+        await self._probe.stop()
+        sender = self._sender
+        self._fail_publishes(BrokerUnavailable("the relay is shutting down"))
+        for task in (self._task, sender, self._pubsub_writer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self._task = None
         self._pubsub_requests.clear()
         await self._commands.stop()
-        for _, done in self._batch:
-            if not done.done():
-                done.set_exception(BrokerUnavailable("the relay is shutting down"))
-        self._batch.clear()
-        self._handler = None
+        self._listener = None
         self._connected.clear()
+        self._up.clear()
         self._topics.clear()
-        self._positions.clear()
+        self._sequencer.clear()
         for client in (self._client, self._subscriber):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+
+    def _health_changed(self, reason: str) -> None:
+        if self.healthy == self._up.is_set():
+            return
+        if self.healthy:
+            self._up.set()
+            log.info("broker up: connected to Redis")
+        else:
+            self._up.clear()
+            log.warning("broker down: %s", reason)
+
+    def _probe_verdict(self, up: bool, reason: str) -> None:
+        if not up:
+            # Publishes in flight may never be answered (a stalled Redis): say so now
+            # rather than after broker_timeout. The connection they went on is dropped.
+            self._fail_publishes(None)
+        self._health_changed(f"Redis does not answer ({reason})")
+
+    # -- subscriptions --------------------------------------------------------------------
 
     async def subscribe(self, *topics: str) -> None:
         """Returns once Redis confirmed every one of ``topics``, so that a client told it
@@ -227,12 +245,12 @@ class RedisBroker:
         if self._pubsub is None or not topics:
             return
         loop = asyncio.get_running_loop()
-        channels = [_channel(topic) for topic in topics]
+        channels = [scripts.channel(topic) for topic in topics]
         waiting: list[tuple[bytes, asyncio.Future[None]]] = []
-        for channel in channels:
+        for name in channels:
             confirmed: asyncio.Future[None] = loop.create_future()
-            self._confirmations.setdefault(channel.encode(), []).append(confirmed)
-            waiting.append((channel.encode(), confirmed))
+            self._confirmations.setdefault(name.encode(), []).append(confirmed)
+            waiting.append((name.encode(), confirmed))
         self._request("subscribe", channels)
         try:
             await asyncio.wait_for(
@@ -251,9 +269,9 @@ class RedisBroker:
     async def unsubscribe(self, *topics: str) -> None:
         for topic in topics:
             self._topics.discard(topic)
-            self._positions.pop(topic, None)
+            self._sequencer.forget(topic)
         if self._pubsub is not None and topics:
-            self._request("unsubscribe", [_channel(topic) for topic in topics])
+            self._request("unsubscribe", [scripts.channel(topic) for topic in topics])
 
     def _request(self, command: str, channels: list[str]) -> None:
         """Queue a (UN)SUBSCRIBE: merged with the one queued last if it is the same
@@ -297,44 +315,68 @@ class RedisBroker:
         self._pubsub_requests.clear()
 
     def _confirm_all(self, channels: list[str]) -> None:
-        for channel in channels:
-            for confirmed in self._confirmations.get(channel.encode(), ()):
+        for name in channels:
+            for confirmed in self._confirmations.get(name.encode(), ()):
                 if not confirmed.done():
                     confirmed.set_result(None)
 
-    async def publish(self, publication: Publication) -> None:
+    # -- publishing -----------------------------------------------------------------------
+
+    async def publish(self, publication: Publication, key: str | None = None) -> Receipt:
         """Publishes made while a batch is on its way to Redis wait and go together in
         the next one: one round trip for many publishes (Centrifugo's smart batching)."""
-        await self._enqueue(publication)
+        return await self._enqueue(publication, key)
+
+    async def publish_many(
+        self, publications: Sequence[Publication], keys: Sequence[str | None] | None = None
+    ) -> list[Receipt | Exception]:
+        """All of them in the next batch, in order; waiting on futures, not one task each."""
+        keys = keys if keys is not None else [None] * len(publications)
+        waiting = [self._enqueue(p, k) for p, k in zip(publications, keys, strict=True)]
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        return [o if isinstance(o, Receipt | Exception) else unavailable(o) for o in outcomes]
 
     async def announce(self, publication: Publication) -> None:
         """One ``PUBLISH``, pipelined with the node's other commands; no stream."""
         data = _encode(_Data(self._origin, publication.user, publication.message))
         try:
             await self._commands.call(
-                "PUBLISH", _channel(publication.topic), ANNOUNCED + b" " + ANNOUNCED + b" " + data
+                "PUBLISH",
+                scripts.channel(publication.topic),
+                ANNOUNCED + b" " + ANNOUNCED + b" " + data,
             )
         except FAILURES as exc:
             raise unavailable(exc) from None
 
-    async def publish_many(self, publications: Sequence[Publication]) -> list[Exception | None]:
-        """All of them in the next batch, in order; waiting on futures, not one task each."""
-        waiting = [self._enqueue(p) for p in publications]
-        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-        return [o if isinstance(o, Exception) else None for o in outcomes]
-
-    def _enqueue(self, publication: Publication) -> asyncio.Future[None]:
-        data = _encode(_Data(self._origin, publication.user, publication.message))
-        args = (
-            *_keys(publication.topic),
-            data,
-            secrets.token_hex(4),
-            self._history_size,
-            TOPIC_KEYS_TTL,
-            _channel(publication.topic),
+    def _enqueue(self, publication: Publication, key: str | None) -> asyncio.Future[Receipt]:
+        done: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        if not self._probe.up:  # (a pub/sub reconnect alone does not stop publishes)
+            done.set_exception(
+                BrokerUnavailable(
+                    "Redis is unreachable or stalled (it did not answer the last check); "
+                    "nothing was published, try again"
+                )
+            )
+            return done
+        topic = publication.topic
+        names: tuple[str, ...] = scripts.keys(topic)
+        if key is not None:
+            names = (*names, scripts.idempotency_key(topic, key))
+        limits = self._limits
+        command = (
+            "EVALSHA",
+            scripts.PUBLISH.sha,
+            len(names),
+            *names,
+            _encode(_Data(self._origin, publication.user, publication.message)),
+            new_epoch(),
+            limits.size,
+            self._history_ms,
+            self._meta_ms,
+            scripts.channel(topic),
+            self._window_ms,
         )
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._batch.append((args, done))
+        self._batch.append(_Pending(command, done))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_batches(), name="wsrelay-redis-pub")
         return done
@@ -342,35 +384,155 @@ class RedisBroker:
     async def _send_batches(self) -> None:
         while self._batch:
             batch, self._batch = self._batch, []
+            self._in_flight = batch
             try:
-                results = await self._run_scripts([args for args, _ in batch])
-            except FAILURES as exc:
-                results = [exc] * len(batch)
-            for (_, done), result in zip(batch, results, strict=True):
-                if done.done():
-                    continue  # the publisher went away
-                if isinstance(result, BaseException):
-                    done.set_exception(unavailable(result))
+                replies = await self._run_scripts([p.command for p in batch])
+            except BrokerUnavailable as exc:
+                replies = [exc] * len(batch)
+            finally:
+                if self._in_flight is batch:
+                    self._in_flight = []
+            if any(isinstance(reply, BrokerUnavailable) for reply in replies):
+                self._probe.kick()  # is Redis gone, or only this connection?
+            for pending, reply in zip(batch, replies, strict=True):
+                if pending.done.done():
+                    continue  # the publisher went away, or the probe failed it
+                if isinstance(reply, BrokerUnavailable):
+                    pending.done.set_exception(reply)
+                elif isinstance(reply, ResponseError):
+                    pending.done.set_exception(
+                        BrokerUnavailable(f"Redis refused the publish ({reply}); try again")
+                    )
                 else:
-                    done.set_result(None)
+                    at, repeat = reply
+                    epoch, offset = at.split(b" ")
+                    position = Position(epoch.decode(), int(offset))
+                    pending.done.set_result(Receipt(position, duplicate=bool(repeat)))
 
-    async def _run_scripts(self, calls: list[tuple[Any, ...]]) -> list[Any]:
-        """EVALSHA each call in one pipeline; load the script first if Redis lost it (a
-        NOSCRIPT reply means nothing ran, so running those calls again is safe)."""
-        if self._sha is None:
-            sha = await self._commands.call("SCRIPT LOAD", PUBLISH_SCRIPT)
-            self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
-        async with self._client.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(self._sha, 3, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            self._sha = None
-            retried = await self._run_scripts([calls[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
-                results[i] = result
-        return results
+    async def _run_scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` (EVALSHA) on one connection, in order; if Redis lost the
+        script, load it and send those again (NOSCRIPT means nothing ran)."""
+        replies = await send_pipeline(self._client, commands)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            load = ("SCRIPT", "LOAD", scripts.PUBLISH.source)
+            again = await send_pipeline(self._client, [load, *(commands[i] for i in lost)])
+            for i, reply in zip(lost, again[1:], strict=True):
+                replies[i] = reply
+        return replies
+
+    def _fail_publishes(self, reason: BrokerUnavailable | None) -> None:
+        """Fail every publish not answered yet: those sent as PublishOutcomeUnknown,
+        those queued as BrokerUnavailable (``reason``, if given); stop the sender."""
+        sent, self._in_flight = self._in_flight, []
+        queued, self._batch = self._batch, []
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()  # its connection is dropped: replies would be out of step
+        self._sender = None
+        for pending in sent:
+            if not pending.done.done():
+                pending.done.set_exception(
+                    PublishOutcomeUnknown(
+                        "Redis stopped answering after the publish was sent: it may have "
+                        "been published; retry with the same idempotency_key"
+                    )
+                )
+        for pending in queued:
+            if not pending.done.done():
+                pending.done.set_exception(
+                    reason or BrokerUnavailable("Redis stopped answering; nothing was published")
+                )
+
+    # -- history --------------------------------------------------------------------------
+
+    async def history(
+        self, topic: str, *, since: int | None = None, limit: int = 0, reverse: bool = False
+    ) -> HistoryPage:
+        size = self._limits.size
+        try:
+            reply = await self._commands.script(
+                scripts.HISTORY,
+                scripts.keys(topic),
+                (
+                    new_epoch(),
+                    self._meta_ms,
+                    max(0, since or 0),
+                    limit if size > 0 else 0,
+                    1 if reverse else 0,
+                    size,
+                    self._history_ms,
+                ),
+            )
+        except FAILURES as exc:
+            raise unavailable(exc) from None
+        epoch_bytes, top, raw = reply
+        epoch = epoch_bytes.decode()
+        if topic in self._topics:
+            self._sequencer.floor(topic, epoch, top)
+        publications = []
+        for offset, payload in _entries(raw):
+            data = _decode_data(payload)
+            publications.append(Publication(topic, data.message, data.user, offset, epoch))
+        return HistoryPage(publications, Position(epoch, top))
+
+    async def _read(
+        self, topic: str, epoch: str, first: int, last: int | None
+    ) -> tuple[str | None, int, Entries]:
+        [answer] = await self._read_all([(topic, epoch, first)], last)
+        return answer
+
+    async def _read_all(
+        self, wanted: list[tuple[str, str, int]], last: int | None = None
+    ) -> list[tuple[str | None, int, Entries]]:
+        """What the streams of several topics hold from an offset on (one script each,
+        pipelined together)."""
+        count = max(1, self._limits.size)
+        end = "+" if last is None else last
+        replies = await asyncio.gather(
+            *(
+                self._commands.script(scripts.READ, scripts.keys(topic), (epoch, first, end, count))
+                for topic, epoch, first in wanted
+            )
+        )
+        return [
+            (None if epoch is None else epoch.decode(), top, _entries(raw))
+            for epoch, top, raw in replies
+        ]
+
+    # -- what the listener gets -----------------------------------------------------------
+
+    def _hand(self, topic: str, epoch: str, offset: int, payload: bytes) -> None:
+        try:
+            data = _decode_data(payload)
+        except msgspec.DecodeError:
+            log.warning("dropped an unreadable publication on %s (offset %d)", topic, offset)
+            return
+        if self._listener is not None:
+            try:
+                self._listener.publication(
+                    Publication(topic, data.message, data.user, offset, epoch)
+                )
+            except Exception:  # the listener's bug must not stop delivery of the rest
+                log.exception("the listener failed on a publication of %s", topic)
+
+    def _gap(self, topic: str, epoch: str, offset: int) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.gap(topic, epoch, offset)
+            except Exception:
+                log.exception("the listener failed on a gap of %s", topic)
+
+    async def _on_message(self, name: str, data: bytes) -> None:
+        topic = scripts.topic_of(name)
+        if topic not in self._topics:
+            return  # unsubscribed while the message was in flight
+        epoch, offset, payload = data.split(b" ", 2)
+        if epoch == ANNOUNCED:
+            announced = _decode_data(payload)
+            if announced.origin != self._origin and self._listener is not None:
+                self._listener.publication(Publication(topic, announced.message, announced.user))
+            return
+        await self._sequencer.live(topic, epoch.decode(), int(offset), payload)
 
     # -- the subscriber connection ---------------------------------------------------------
 
@@ -383,8 +545,8 @@ class RedisBroker:
                 # Say why (a wrong password or TLS setting must not look like an outage),
                 # once per distinct reason rather than on every retry.
                 reason = f"{type(exc).__name__}: {exc}"
-                if self.healthy:
-                    log.warning("broker down: lost the Redis connection (%s)", reason)
+                self._probe.kick()  # is Redis gone, or only this connection?
+                if self._connected.is_set():
                     failures = 0
                 elif reason != self._last_error and self._last_error is not None:
                     log.warning("broker still down: %s", reason)
@@ -394,6 +556,7 @@ class RedisBroker:
                 log.exception("broker listener failed; reconnecting")
             finally:
                 self._connected.clear()
+                self._health_changed(f"lost the Redis connection ({self._last_error})")
                 self._pubsub_ready.clear()
                 if self._pubsub is not None:
                     pubsub, self._pubsub = self._pubsub, None
@@ -425,77 +588,45 @@ class RedisBroker:
     async def _listen_once(self) -> None:
         pubsub = self._pubsub = self._subscriber.pubsub()
         # A channel of our own keeps the connection open while no topic is wanted.
-        await pubsub.subscribe(f"wsrelay:node:{self._origin}", *map(_channel, self._topics))
+        channels = [f"wsrelay:node:{self._origin}", *map(scripts.channel, self._topics)]
+        await pubsub.subscribe(*channels)
+        # The subscriptions must be in effect before the streams are read: else a
+        # publication made between the read and the SUBSCRIBE would be in neither.
+        early = await asyncio.wait_for(self._confirmed(pubsub, channels), SUBSCRIBE_TIMEOUT * 2)
         self._pubsub_ready.set()  # subscriptions asked for meanwhile may go now
-        await self._catch_up(list(self._topics))
-        if not self.healthy:
+        await self._sequencer.catch_up(list(self._topics), self._read_all)
+        for name, data in early:
+            await self._dispatch(name, data)
+        if not self._connected.is_set():
             await self._drop_idle_connections()
-            log.info("broker up: connected to Redis")
             self._connected.set()
             self._last_error = None
+            self._health_changed("")
         async for message in pubsub.listen():
             if message["type"] == "subscribe":
                 for confirmed in self._confirmations.get(message["channel"], ()):
                     if not confirmed.done():
                         confirmed.set_result(None)
-            if message["type"] != "message":
-                continue
-            channel = message["channel"].decode()
-            try:
-                await self._on_live(_topic_of(channel), message["data"])
-            except FAILURES:
-                raise
-            except Exception:  # not ours, or a handler bug: drop it, keep listening
-                log.exception("dropped an unreadable message on %s", channel)
+            elif message["type"] == "message":
+                await self._dispatch(message["channel"].decode(), message["data"])
 
-    async def _on_live(self, topic: str, data: bytes) -> None:
-        if topic not in self._topics:
-            return  # unsubscribed while the message was in flight
-        epoch, offset_text, payload = data.split(b" ", 2)
-        if epoch == ANNOUNCED:
-            self._hand_over(topic, payload)
-            return
-        offset = int(offset_text)
-        known = self._positions.get(topic)
-        if known is not None and known[0] == epoch and offset > known[1] + 1:
-            await self._read_stream(topic, epoch, known[1] + 1, offset - 1)
-        self._accept(topic, epoch, offset, payload)
+    async def _confirmed(self, pubsub: Any, channels: list[str]) -> list[tuple[str, bytes]]:
+        """Wait for Redis to confirm ``channels``; the messages that came meanwhile."""
+        pending = {name.encode() for name in channels}
+        early: list[tuple[str, bytes]] = []
+        async for message in pubsub.listen():
+            if message["type"] == "subscribe":
+                pending.discard(message["channel"])
+                if not pending:
+                    break
+            elif message["type"] == "message":
+                early.append((message["channel"].decode(), message["data"]))
+        return early
 
-    async def _catch_up(self, topics: Iterable[str]) -> None:
-        """After (re)connecting: read what each known topic's stream got meanwhile."""
-        known = [(t, self._positions[t]) for t in topics if t in self._positions]
-        if not known:
-            return
-        epochs: list[Any] = await self._commands.call("MGET", *(_keys(t)[2] for t, _ in known))
-        for (topic, (old_epoch, last)), epoch in zip(known, epochs, strict=True):
-            if epoch is None:
-                self._positions.pop(topic, None)  # the topic's keys are gone
-            elif epoch != old_epoch:
-                await self._read_stream(topic, epoch, 1, None)
-            else:
-                await self._read_stream(topic, epoch, last + 1, None)
-
-    async def _read_stream(self, topic: str, epoch: bytes, first: int, last: int | None) -> None:
-        entries: Any = await self._commands.call(
-            "XRANGE",
-            _keys(topic)[0],
-            f"0-{first}",
-            "+" if last is None else f"0-{last}",
-            "COUNT",
-            self._history_size,
-        )
-        for entry_id, fields in entries:  # redis-py answers bytes: no decode_responses
-            self._accept(topic, epoch, int(entry_id.split(b"-")[1]), fields[b"d"])
-
-    def _accept(self, topic: str, epoch: bytes, offset: int, payload: bytes) -> None:
-        known = self._positions.get(topic)
-        if known is not None and known[0] == epoch and offset <= known[1]:
-            return  # seen already (live traffic overlapping a catch-up)
-        self._positions[topic] = (epoch, offset)
-        self._hand_over(topic, payload)
-
-    def _hand_over(self, topic: str, payload: bytes) -> None:
-        data = _decode_data(payload)
-        if data.origin == self._origin or self._handler is None:
-            return
-        self._handler(Publication(topic, data.message, data.user))
+    async def _dispatch(self, name: str, data: bytes) -> None:
+        try:
+            await self._on_message(name, data)
+        except FAILURES:
+            raise  # the read that fills a gap failed: reconnect, and catch up
+        except Exception:  # not ours, or a listener bug: drop it, keep listening
+            log.exception("dropped an unreadable message on %s", name)

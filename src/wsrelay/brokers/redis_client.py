@@ -29,11 +29,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from wsrelay.errors import BrokerUnavailable
+from wsrelay.errors import BrokerUnavailable, PublishOutcomeUnknown
 
 HEALTH_CHECK_INTERVAL = 2
 """Idle connections are pinged before use after this many seconds, so that a
@@ -93,6 +93,57 @@ def unavailable(exc: BaseException) -> BrokerUnavailable:
             f"{exc}); try again"
         )
     return BrokerUnavailable(f"Redis is unreachable ({type(exc).__name__}: {exc}); try again")
+
+
+def outcome_unknown(exc: BaseException) -> PublishOutcomeUnknown:
+    """The error a publisher sees when Redis got the publish but its answer did not come."""
+    return PublishOutcomeUnknown(
+        f"Redis did not answer after the publish was sent ({type(exc).__name__}: {exc}): it "
+        "may have been published; retry with the same idempotency_key"
+    )
+
+
+async def send_pipeline(client: aioredis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` as one pipeline on a connection of ``client``'s pool and read each
+    reply (an error reply as its :class:`ResponseError`), telling apart what Redis
+    certainly did not get from what it may have run.
+
+    The replies that did not come (the connection failed or timed out once the commands
+    were written) are :class:`PublishOutcomeUnknown` instances in the list.
+
+    Raises:
+        BrokerUnavailable: nothing was sent (no connection could be had or made, or its
+            health check failed before the commands were written).
+    """
+    pool = client.connection_pool
+    try:
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    except FAILURES as exc:
+        raise unavailable(exc) from None
+    try:
+        try:
+            await connection.check_health()
+        except FAILURES as exc:
+            raise unavailable(exc) from None
+        replies: list[Any] = []
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands(commands), check_health=False
+            )
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # Redis answered, with an error
+                    replies.append(exc)
+        except (RedisError, OSError) as exc:
+            # Written (perhaps in part) and not all answered: the connection is out of step
+            # with its replies, and what Redis did with the rest is unknown.
+            await connection.disconnect(nowait=True)
+            replies.extend([outcome_unknown(exc)] * (len(commands) - len(replies)))
+        return replies
+    finally:
+        # Shielded: a cancelled sender must still give the connection back.
+        await asyncio.shield(pool.release(connection))
 
 
 class Script:
