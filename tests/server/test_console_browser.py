@@ -26,7 +26,8 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect
 
-from tests.utils import TIMEOUT, Api, ServerProcess, free_port
+from tests.redis_server import RedisServer
+from tests.utils import TIMEOUT, Api, ServerProcess, free_port, stop_and_check
 from wsrelay import codes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,7 +201,7 @@ async def test_console_asks_for_the_api_key_and_keeps_it_in_session_storage(
     status, body = await api.call(
         "POST", "/publish", {"topic": "keyed", "message": "from the API"}, headers=headers
     )
-    assert (status, body) == (200, {"recipients": 1})
+    assert (status, body["recipients"]) == (200, 1)
     await expect(messages(page).first).to_contain_text("keyedfrom the API")
 
     # the key lives in this tab's sessionStorage only: no cookie, no localStorage
@@ -243,6 +244,18 @@ async def test_the_browser_client_reconnects_and_resubscribes_after_a_restart(
     await expect(page.locator("#subscribed li:not(.pending) span")).to_have_text(
         ["restart.a", "restart.b"], timeout=RECONNECT_WAIT
     )
+    # The memory broker's history died with the process: the log says, for each topic,
+    # that messages may have been missed.
+    notices = page.locator("#messages li.notice")
+    await expect(notices).to_have_count(2)
+    assert sorted(await notices.locator(".topic").all_text_contents()) == [
+        "restart.a",
+        "restart.b",
+    ]
+    await expect(notices.first).to_contain_text(
+        "Not recovered: messages may have been missed; the relay lost its history"
+    )
+    await expect(page.locator("#message-count")).to_have_text("(1)")  # notices are not counted
     after = await page.locator("#client-detail").text_content()
     assert after is not None and "/ws/" in after and after != before  # a new registration
 
@@ -688,3 +701,155 @@ async def test_console_shows_a_refused_origin_and_stops(
     await expect(detail).to_contain_text("origin_not_allowed")
     await expect(detail).to_contain_text(f"--allowed-origin must include {server.url}")
     await expect(detail).to_have_class(re.compile(r"\bbad-text\b"))
+
+
+# -- wsrelay.js recovers what was published while it was away (issue 12) ------------------
+#
+# The page is of another origin (tests' `other_origin`), as a real application's would be.
+# It records, for the test to read: every message with its offset, `notrecovered` events,
+# and the WebSocket URLs it opened.
+
+RECOVERING_CLIENT = """
+async ([relayUrl, topic]) => {
+  const { Relay } = await import(`${relayUrl}/client/wsrelay.js`);
+  window.received = [];
+  window.lost = [];
+  window.opened = [];
+  const relay = new Relay({
+    register: () => fetch("/backend/relay", { method: "POST" }),
+    minDelay: 50,
+    maxDelay: 500,
+  });
+  relay.on(topic, (message, t, offset) => window.received.push([message, offset]));
+  relay.addEventListener("notrecovered", (e) => window.lost.push(e.detail));
+  relay.addEventListener("open", (e) => window.opened.push(e.detail.url));
+  window.relay = relay;
+  await relay.connect();
+  await relay.subscribe(topic);
+  return relay.url;
+}
+"""
+
+
+async def received_in_page(page: Page, count: int, timeout: float = WAIT) -> list[list[Any]]:
+    """The page's messages as [text, offset], once it has ``count`` of them."""
+    await page.wait_for_function(f"window.received.length >= {count}", timeout=timeout)
+    result: list[list[Any]] = await page.evaluate("window.received")
+    return result
+
+
+async def test_wsrelay_js_on_another_origin_recovers_a_cut_connection(
+    server: ServerProcess, session: aiohttp.ClientSession, page: Page, topic: str
+) -> None:
+    """The relay keeps running (memory broker); the page's connection is cut (a TCP
+    proxy between them) and messages are published while it is away and while it
+    reconnects: every one arrives once, in order, with its offset; nothing is reported
+    lost; the registration is the same."""
+    from tests.tcp_proxy import Proxy
+
+    api = Api(session, server.url)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    async with Proxy(server.url) as proxy, other_origin(proxy.url) as app:
+        await page.goto(app + "/")
+        first = await page.evaluate(RECOVERING_CLIENT, [server.url, topic])
+        assert first.startswith(proxy.url.replace("http", "ws"))
+        published = [f"m{i}" for i in range(90)]
+        for text in published[:10]:
+            assert await api.publish(topic, text) == 1
+        await received_in_page(page, 10)
+
+        proxy.down()
+        await page.wait_for_function("window.relay.state !== 'open'", timeout=WAIT)
+        for text in published[10:50]:  # while the page is away
+            assert await api.publish(topic, text) == 0
+        proxy.up()
+        for text in published[50:]:  # while it reconnects, and after
+            await api.publish(topic, text)
+        received = await received_in_page(page, len(published), RECONNECT_WAIT)
+        assert received == [[text, i] for i, text in enumerate(published, 1)]
+        assert await page.evaluate("window.lost") == []
+        assert await page.evaluate("window.relay.url") == first  # not registered anew
+        assert await page.evaluate("window.opened.length") >= 2
+    assert sockets and all(url.endswith("?recover=true") for url in sockets)
+
+
+async def test_wsrelay_js_on_another_origin_reports_a_restart_as_not_recovered(
+    start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
+) -> None:
+    """The relay restarts on the memory broker: the topic's history is gone. The page
+    registers again, asks to recover, and reports ``notrecovered`` with the new epoch;
+    the next message (offset 1 of the new epoch, below the old position) arrives."""
+    port = free_port()
+    server = start_server("--port", str(port))
+    topic = "xo.recover"
+    async with other_origin(server.url) as app:
+        await page.goto(app + "/")
+        first = await page.evaluate(RECOVERING_CLIENT, [server.url, topic])
+        api = Api(session, server.url)
+        status, before = await api.call("POST", "/publish", {"topic": topic, "message": "a"})
+        assert status == 200 and before["recipients"] == 1
+        await api.publish(topic, "b")
+        assert await received_in_page(page, 2) == [["a", 1], ["b", 2]]
+
+        assert await asyncio.to_thread(server.stop) == 0
+        restarted = await asyncio.to_thread(start_server, "--port", str(port))
+        await page.wait_for_function("window.lost.length === 1", timeout=RECONNECT_WAIT)
+        (lost,) = await page.evaluate("window.lost")
+        assert lost["topic"] == topic and lost["reason"] == "epoch_changed"
+        assert lost["previous"] == {"offset": 2, "epoch": before["epoch"]}
+        assert lost["offset"] == 0 and lost["epoch"] != before["epoch"]
+        assert await page.evaluate("window.relay.url") != first  # registered anew
+
+        status, after = await Api(session, restarted.url).call(
+            "POST", "/publish", {"topic": topic, "message": "after"}
+        )
+        assert status == 200 and after["recipients"] == 1
+        assert (after["offset"], after["epoch"]) == (1, lost["epoch"])
+        assert await received_in_page(page, 3) == [["a", 1], ["b", 2], ["after", 1]]
+        positions = await page.evaluate("window.relay.positions")
+        assert positions == {topic: {"offset": 1, "epoch": lost["epoch"]}}
+
+
+async def test_wsrelay_js_misses_nothing_when_its_redis_node_is_killed(
+    start_server: Callable[..., ServerProcess],
+    redis_server: RedisServer,
+    session: aiohttp.ClientSession,
+    page: Page,
+) -> None:
+    """Two relay nodes on one Redis. The page's node is killed (SIGKILL: no close frame,
+    nothing flushed) and started again on its port while the other node takes
+    publishes: the page reconnects to the same registration (kept in Redis), recovers
+    from Redis's history, and gets every message exactly once, in order."""
+    port = free_port()
+    args = ("--broker", redis_server.url, "--port", str(port))
+    node = ServerProcess(args).start()  # killed below: not one start_server checks
+    try:
+        other = start_server("--broker", redis_server.url)
+        topic = "xo.redis"
+        publisher = Api(session, other.url)
+        published = [f"m{i}" for i in range(80)]
+        async with other_origin(node.url) as app:
+            await page.goto(app + "/")
+            first = await page.evaluate(RECOVERING_CLIENT, [node.url, topic])
+            for text in published[:10]:
+                await publisher.publish(topic, text)
+            await received_in_page(page, 10)
+
+            assert node.process is not None
+            node.process.kill()
+            await asyncio.to_thread(node.process.wait)
+            await page.wait_for_function("window.relay.state !== 'open'", timeout=WAIT)
+            for text in published[10:50]:  # while its node is dead
+                await publisher.publish(topic, text)
+            node.stop()
+            node = ServerProcess(args).start()
+            for text in published[50:]:  # while it reconnects, and after
+                await publisher.publish(topic, text)
+
+            received = await received_in_page(page, len(published), RECONNECT_WAIT)
+            assert received == [[text, i] for i, text in enumerate(published, 1)]
+            assert await page.evaluate("window.lost") == []
+            assert await page.evaluate("window.relay.url") == first  # the same registration
+    finally:
+        stop_and_check(node)

@@ -338,8 +338,9 @@ function showSubscribed(topics, pending = false) {
   );
 }
 
-function addMessage(topic, message) {
+function logRow(topic, message, className = null) {
   const li = document.createElement("li");
+  if (className) li.className = className;
   const time = document.createElement("time");
   const now = new Date();
   time.dateTime = now.toISOString();
@@ -354,8 +355,24 @@ function addMessage(topic, message) {
   const list = $("messages");
   list.prepend(li);
   while (list.children.length > MESSAGES) list.lastElementChild.remove();
+}
+
+function addMessage(topic, message) {
+  logRow(topic, message);
   received += 1;
   $("message-count").textContent = `(${received})`;
+}
+
+const LOST = {
+  epoch_changed: "the relay lost its history (e.g. it restarted on the memory broker)",
+  too_far_behind: "the relay's history no longer reaches back that far",
+  gap: "the relay lost publications on their way here",
+};
+
+// The client recovers what was published while it was disconnected; when it cannot,
+// the log says so where the missing messages would be.
+function addNotRecovered({ topic, reason }) {
+  logRow(topic, `Not recovered: messages may have been missed; ${LOST[reason] ?? reason}.`, "notice");
 }
 
 function shortUrl(url) {
@@ -376,6 +393,7 @@ function newRelay(user) {
     detail(d.reconnect ? `${why}; retrying in ${(d.delay / 1000).toFixed(1)} s` : why, !d.reconnect);
     showSubscribed(client.topics, true);
   });
+  client.addEventListener("notrecovered", (event) => addNotRecovered(event.detail));
   client.on("*", (message, topic) => addMessage(topic, message));
   return client;
 }

@@ -6,6 +6,16 @@
  * exponential backoff and full jitter, and after each reconnect sends the whole
  * topic set again, so a client never has to track what the server remembers.
  *
+ * Recovery: nothing is missed across a reconnect while the server can help it. The
+ * client keeps each topic's position (the offset of the last message it received, in
+ * the topic's epoch), connects with `?recover=true` and sends those positions with its
+ * topics (`since`); the server replays what was published after them, then the live
+ * stream. A message that arrives twice (an offset already received) is dropped. When a
+ * topic cannot be recovered (its history was lost, e.g. the relay restarted on the
+ * memory broker, or the client was away too long) or publications were lost on their way
+ * (a `gap` frame), the client emits `notrecovered` for it: reload what the page derives
+ * from that topic from your own backend.
+ *
  * The check: a browser shows a page neither the status nor the headers of a refused
  * WebSocket upgrade, only a close with 1006. So after a connection that failed before
  * opening, wsrelay.js asks the relay with a plain `GET` on the same URL, its query
@@ -172,7 +182,15 @@ export async function responseError(response) {
  * - `open`: `{url}` (the URL without any token), after each successful connection.
  * - `close`: `{code, reason, reconnect, delay}`; `reconnect` says whether it will try
  *   again, after `delay` ms (always the backoff: a close carries no `Retry-After`).
- * - `subscribed`: `{topics}`, the server's whole topic set, after each command.
+ * - `subscribed`: `{topics, positions}`, the server's whole topic set after each
+ *   command, and the position (`{offset, epoch}`) of each topic the command named.
+ * - `notrecovered`: `{topic, offset, epoch, previous, reason}`: messages of `topic` may
+ *   have been missed; the stream goes on after `offset` in `epoch`. `previous` is the
+ *   position the client had (`{offset, epoch}`, or null), `reason` one of
+ *   `"epoch_changed"` (the topic's history was lost, e.g. the relay restarted on the
+ *   memory broker), `"too_far_behind"` (the history no longer reaches back that far)
+ *   and `"gap"` (the server lost publications on their way to this client). It comes
+ *   before any message after that position.
  * - `error`: `{error}`: a {@link RelayError} from the server (with `status` and
  *   `retryAfter` for an HTTP refusal), a failed `register` or `token` call, or a frame
  *   that was not JSON. The connection carries on, unless the state goes to `closed`
@@ -211,6 +229,8 @@ export class Relay extends EventTarget {
   #connecting = [];
   /** Whether the previous attempt failed before opening (then run the check). */
   #checkGone = false;
+  /** Each topic's position, `{offset, epoch}`: the last message received. */
+  #positions = new Map();
 
   /** @param {RelayOptions} options */
   constructor({
@@ -247,6 +267,15 @@ export class Relay extends EventTarget {
   /** The WebSocket URL in use (without a token), or null before the first one. */
   get url() {
     return this.#url;
+  }
+
+  /**
+   * Each topic's position: the offset of the last message received and its epoch (or
+   * where the server said the stream starts). A copy.
+   * @returns {Object<string, {offset: number, epoch: string}>}
+   */
+  get positions() {
+    return Object.fromEntries([...this.#positions].map(([topic, p]) => [topic, { ...p }]));
   }
 
   /**
@@ -291,16 +320,22 @@ export class Relay extends EventTarget {
     if (invalid) return Promise.reject(invalid);
     const removed = topics.filter((t) => this.#topics.has(t));
     for (const t of topics) this.#topics.delete(t);
-    return this.#command({ unsubscribe: topics }, () => {
-      for (const t of removed) this.#topics.add(t);
-    });
+    return this.#command(
+      { unsubscribe: topics },
+      () => {
+        for (const t of removed) this.#topics.add(t);
+      },
+      // Forget where they were: subscribing again later starts from then, not from here.
+      () => topics.forEach((t) => this.#topics.has(t) || this.#positions.delete(t)),
+    );
   }
 
   /**
-   * Call `handler(message, topic)` for each message on `topic`, or on every topic for
-   * `"*"`. Handling does not subscribe: call {@link Relay#subscribe} too.
+   * Call `handler(message, topic, offset)` for each message on `topic`, or on every
+   * topic for `"*"`; `offset` is the message's place in its topic (see `positions`).
+   * Handling does not subscribe: call {@link Relay#subscribe} too.
    * @param {string} topic a topic, or `"*"`
-   * @param {(message: string, topic: string) => void} handler
+   * @param {(message: string, topic: string, offset: number) => void} handler
    * @returns {() => void} a function that removes the handler
    */
   on(topic, handler) {
@@ -343,15 +378,19 @@ export class Relay extends EventTarget {
 
   // -- internals ------------------------------------------------------------------------
 
-  #command(body, revert) {
+  #command(body, revert, done = () => {}) {
     this.#managed = true;
     return new Promise((resolve, reject) => {
-      const entry = { resolve, reject: (error) => (revert(), reject(error)) };
+      const entry = {
+        resolve: (topics) => (done(), resolve(topics)),
+        reject: (error) => (revert(), reject(error)),
+      };
       if (this.#stopped) {
         entry.reject(new Error("the client is closed"));
       } else if (this.#state === States.OPEN && this.#socket) {
         this.#pending.push(entry);
-        this.#socket.send(JSON.stringify(body));
+        const since = this.#since(body.subscribe ?? []);
+        this.#socket.send(JSON.stringify(since ? { ...body, since } : body));
       } else {
         this.#waiting.push(entry); // answered by the resubscription when it opens
       }
@@ -418,6 +457,7 @@ export class Relay extends EventTarget {
       const token = typeof this.#token === "function" ? await this.#token() : this.#token;
       const url = new URL(this.#url);
       url.searchParams.set("token", token);
+      url.searchParams.set("recover", "true");
       return url.href;
     }
     if (!this.#url) {
@@ -430,7 +470,11 @@ export class Relay extends EventTarget {
       if (!url) throw new TypeError("register() must return the url from POST /register");
       this.#url = toWebSocketUrl(url);
     }
-    return this.#url;
+    // The server holds the topics' publications until the first command, whose `since`
+    // they are replayed after: nothing slips between the replay and the live stream.
+    const url = new URL(this.#url);
+    url.searchParams.set("recover", "true");
+    return url.href;
   }
 
   /**
@@ -457,17 +501,57 @@ export class Relay extends EventTarget {
     return delay;
   }
 
+  /**
+   * The first command on a new connection, which the server waits for (it holds the
+   * topics' publications until then): the whole topic set, or for a client that never
+   * called subscribe (its topics came with the registration) the topics it knows a
+   * position for; with the position of each known one.
+   */
   #resubscribe() {
     const waiting = this.#waiting.splice(0);
-    if (!this.#managed) {
-      for (const entry of waiting) entry.resolve([]);
-      return;
-    }
+    const topics = this.#managed ? this.topics : [...this.#positions.keys()].sort();
+    const body = this.#managed ? { topics } : { subscribe: topics };
+    const since = this.#since(topics);
+    if (since) body.since = since;
     this.#pending.push({
-      resolve: (topics) => waiting.forEach((entry) => entry.resolve(topics)),
+      resolve: (answer) => waiting.forEach((entry) => entry.resolve(answer)),
       reject: (error) => waiting.forEach((entry) => entry.reject(error)),
+      // The app sent no command: its acknowledgement is no `subscribed` event, as before.
+      quiet: !this.#managed,
     });
-    this.#socket.send(JSON.stringify({ topics: this.topics }));
+    this.#socket.send(JSON.stringify(body));
+  }
+
+  /** The known positions of `topics`, as a command's `since`, or null if none. */
+  #since(topics) {
+    const since = {};
+    for (const topic of topics) {
+      const position = this.#positions.get(topic);
+      if (position?.epoch) since[topic] = { offset: position.offset, epoch: position.epoch };
+    }
+    return Object.keys(since).length ? since : null;
+  }
+
+  /**
+   * Take the positions of an acknowledgement; emits `notrecovered` for each topic the
+   * server could not recover.
+   */
+  #acknowledged(positions) {
+    for (const [topic, answer] of Object.entries(positions ?? {})) {
+      const known = this.#positions.get(topic) ?? null;
+      let offset = answer.offset;
+      // Messages received after the command was sent are past the position answered.
+      if (known && known.epoch === answer.epoch) offset = Math.max(offset, known.offset);
+      this.#positions.set(topic, { offset, epoch: answer.epoch });
+      if (answer.recovered === false) {
+        const reason = known && known.epoch === answer.epoch ? "too_far_behind" : "epoch_changed";
+        this.#notRecovered(topic, { offset, epoch: answer.epoch }, known, reason);
+      }
+    }
+  }
+
+  #notRecovered(topic, position, previous, reason) {
+    this.#emit("notrecovered", { topic, ...position, previous: previous && { ...previous }, reason });
   }
 
   #frame(data) {
@@ -479,23 +563,54 @@ export class Relay extends EventTarget {
       return;
     }
     if (frame.type === "message") {
+      const known = this.#positions.get(frame.topic);
+      if (typeof frame.offset === "number" && known) {
+        // Frames carry no epoch: the acknowledgement before them set this topic's.
+        if (frame.offset <= known.offset) return; // received already (an overlapping replay)
+        known.offset = frame.offset;
+      }
       for (const key of [frame.topic, "*"]) {
         for (const handler of this.#handlers.get(key) ?? []) {
           try {
-            handler(frame.message, frame.topic);
+            handler(frame.message, frame.topic, frame.offset);
           } catch (error) {
             reportError(error);
           }
         }
       }
     } else if (frame.type === "subscribed") {
-      this.#pending.shift()?.resolve(frame.topics);
-      this.#emit("subscribed", { topics: frame.topics });
+      const entry = this.#pending.shift();
+      this.#acknowledged(frame.positions);
+      entry?.resolve(frame.topics);
+      if (!entry?.quiet) {
+        this.#emit("subscribed", { topics: frame.topics, positions: frame.positions ?? {} });
+      }
+      // Not after its own command (nothing more to learn), nor from a server that
+      // sends no positions (it would never stop asking).
+      if (!entry?.learning && frame.positions) this.#learnPositions(frame.topics);
+    } else if (frame.type === "gap") {
+      const known = this.#positions.get(frame.topic) ?? null;
+      let offset = frame.offset;
+      if (known && known.epoch === frame.epoch) offset = Math.max(offset, known.offset);
+      this.#positions.set(frame.topic, { offset, epoch: frame.epoch });
+      this.#notRecovered(frame.topic, { offset, epoch: frame.epoch }, known, "gap");
     } else if (frame.type === "error") {
       const error = new RelayError(frame.error?.code ?? "error", frame.error?.message ?? "");
       this.#pending.shift()?.reject(error);
       this.#emit("error", { error });
     }
+  }
+
+  /**
+   * A client whose topics came with its registration learns their positions (to
+   * recover them after the next drop) by subscribing to them once more, quietly.
+   */
+  #learnPositions(topics) {
+    if (this.#managed || !this.#socket || this.#state !== States.OPEN) return;
+    const unknown = (topics ?? []).filter((topic) => !this.#positions.has(topic));
+    if (unknown.length === 0) return;
+    this.#pending.push({ resolve() {}, reject() {}, quiet: true, learning: true });
+    this.#socket.send(JSON.stringify({ subscribe: unknown }));
   }
 
   /** Stop for good on `error`, a refusal no retry can change. */
