@@ -111,6 +111,7 @@ class Relay:
         """Publications accepted on this node (by publish and publish_many)."""
         self.delivered = 0
         """Hand-overs of publications to this node's connections, wherever published."""
+        self._handed: tuple[str, int, int] = ("", 0, 0)  # the last delivery: topic, offset, count
         self.gaps = 0
         """Times this node's subscribers of a topic were told publications were lost."""
 
@@ -339,7 +340,7 @@ class Relay:
         if receipt.duplicate:
             return Published(0, receipt)
         self.published += 1
-        return Published(self.registry.count_recipients(topic, user), receipt)
+        return Published(self._recipients(topic, user, receipt), receipt)
 
     async def publish_many(
         self, items: Sequence[tuple[str, str, int | str | None, str | None]]
@@ -374,7 +375,7 @@ class Relay:
                 answers.append(Published(0, outcome))
             else:
                 self.published += 1
-                count = self.registry.count_recipients(publication.topic, publication.user)
+                count = self._recipients(publication.topic, publication.user, outcome)
                 answers.append(Published(count, outcome))
         if failed is not None:
             if isinstance(failed, BrokerUnavailable):
@@ -391,7 +392,16 @@ class Relay:
         recipients = self.registry.recipients(publication.topic, publication.user)
         handed = deliver(publication, recipients, self.framer)
         self.delivered += handed
+        self._handed = (publication.topic, publication.offset, handed)
         return handed
+
+    def _recipients(self, topic: str, user: str | None, receipt: Receipt) -> int:
+        """How many connections here a publication just accepted went to: counted as it
+        was handed over if it already was (the memory broker hands it over before the
+        publish returns), else those subscribed now (Redis: it comes back shortly)."""
+        if self._handed[:2] == (topic, receipt.position.offset):
+            return self._handed[2]
+        return self.registry.count_recipients(topic, user)
 
     def _on_gap(self, topic: str, epoch: str, offset: int) -> None:
         """Tell the topic's JSON-mode subscribers that publications were lost before the

@@ -228,7 +228,13 @@ async def test_openapi_document_describes_every_route(api: Api) -> None:
     assert documented == routes
     schemas = doc["components"]["schemas"]
     assert schemas["PublishRequest"]["required"] == ["topic", "message"]
-    assert set(schemas["PublishRequest"]["properties"]) == {"topic", "message", "user_id"}
+    assert set(schemas["PublishRequest"]["properties"]) == {
+        "topic",
+        "message",
+        "user_id",
+        "idempotency_key",
+    }
+    assert schemas["PublishResponse"]["required"] == ["recipients", "offset", "epoch"]
 
 
 async def test_in_memory_a_registration_expires_once_its_connection_is_gone(

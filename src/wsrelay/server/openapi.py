@@ -38,7 +38,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         431: "Headers that never end (code headers_too_large; on a publisher's connection "
         "served by the native driver).",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
-        "unreachable (broker_unavailable); retry after the Retry-After header's seconds.",
+        "unreachable (broker_unavailable: nothing was done); retry after the Retry-After "
+        "header's seconds. A publish may also answer publish_outcome_unknown: the broker "
+        "stopped answering after the publish was sent, so it may have been published; "
+        "retry with the same idempotency_key to publish it exactly once.",
     }
     return {str(s): {"description": reasons[s], "content": _json("ErrorBody")} for s in statuses}
 
@@ -59,6 +62,7 @@ def _constrain(components: dict[str, Any], settings: Settings) -> None:
     schemas = components
     topic = _topic_schema(settings)
     schemas["PublishRequest"]["properties"]["topic"] = topic
+    schemas["HistoryResponse"]["properties"]["topic"] = topic
     topics = schemas["RegisterRequest"]["properties"]["topics"]
     topics["items"] = topic
     topics["description"] = (
@@ -79,6 +83,7 @@ def document(settings: Settings) -> dict[str, Any]:
             schema.BatchPublishResponse,
             schema.StatsResponse,
             schema.TopicsResponse,
+            schema.HistoryResponse,
             schema.HealthResponse,
             schema.ReadyResponse,
             schema.ErrorBody,
@@ -99,6 +104,14 @@ def document(settings: Settings) -> dict[str, Any]:
         "required": False,
         "schema": {"type": "string", "enum": ["json", "raw"]},
         "description": "json (default): envelopes; raw: message text only.",
+    }
+    recover = {
+        "name": "recover",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+        "description": "true: hold back publications on the registration's topics until "
+        "the first command (at most 5 s), which recovers them with since (json format only).",
     }
     origin = {
         "name": "origin",
@@ -184,7 +197,10 @@ def document(settings: Settings) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("PublishRequest")},
                     "responses": {
                         "200": {
-                            "description": "Handed to `recipients` connections on this node.",
+                            "description": "Published at `offset` in the topic's `epoch`; "
+                            "`recipients` connections on this node are subscribed to it. With "
+                            "`duplicate`, an earlier publish with the same idempotency_key "
+                            "was given this position and nothing was published.",
                             "content": _json("PublishResponse"),
                         },
                         **_errors(400, *unauthorized, 408, 413, 431, 503),
@@ -201,7 +217,8 @@ def document(settings: Settings) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("BatchPublishRequest")},
                     "responses": {
                         "200": {
-                            "description": "Each message's recipient count on this node.",
+                            "description": "Each message's recipient count on this node and "
+                            "position.",
                             "content": _json("BatchPublishResponse"),
                         },
                         **_errors(400, *unauthorized, 408, 413, 431, 503),
@@ -244,10 +261,57 @@ def document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/history": {
+                "get": {
+                    "summary": "A topic's kept publications and its current position",
+                    "description": f"At most history_size ({settings.history_size}) "
+                    f"publications per topic are kept, each for history_ttl "
+                    f"({settings.history_ttl:g}) seconds. Page forward with since = the last "
+                    "offset of the previous page.",
+                    **keyed,
+                    "parameters": [
+                        {
+                            "name": "topic",
+                            "in": "query",
+                            "required": True,
+                            "schema": _topic_schema(settings),
+                        },
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0},
+                            "description": "Only publications with a higher offset.",
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 0,
+                                "maximum": schema.MAX_HISTORY_PAGE,
+                            },
+                            "description": "At most this many (default 100; 0: only the position).",
+                        },
+                        {
+                            "name": "reverse",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+                            "description": "Newest first (default false: oldest first).",
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "History.", "content": _json("HistoryResponse")},
+                        **_errors(400, *unauthorized, 503),
+                    },
+                }
+            },
             "/ws/{client_id}": {
                 "get": {
                     "summary": "Open the client's WebSocket (see README: WebSocket protocol)",
-                    "parameters": [client_id, fmt, origin],
+                    "parameters": [client_id, fmt, recover, origin],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},
                         **_errors(400, 403, 404, 426, 503),
@@ -267,6 +331,7 @@ def document(settings: Settings) -> dict[str, Any]:
                             "id), exp and optionally topics.",
                         },
                         fmt,
+                        recover,
                         origin,
                     ],
                     "responses": {
