@@ -303,8 +303,10 @@ async def test_history_pages_forward_and_backward(api: Api, topic: str) -> None:
     status, newest = await api.call(
         "GET", "/history", params={"topic": topic, "limit": "2", "reverse": "true"}
     )
+    assert status == 200, newest
     assert [p["message"] for p in newest["publications"]] == ["m4", "m3"]
     status, position = await api.call("GET", "/history", params={"topic": topic, "limit": "0"})
+    assert status == 200, position
     assert position["publications"] == [] and position["offset"] == offsets[-1]
 
 
@@ -335,6 +337,7 @@ async def test_history_size_bounds_recovery(
     for i in range(1, 6):
         await publish(api, topic, str(i))
     status, page = await api.call("GET", "/history", params={"topic": topic})
+    assert status == 200, page
     assert [p["message"] for p in page["publications"]] == ["3", "4", "5"]
     sub = await api.connect(1)
     lost = {topic: {"offset": first["offset"], "epoch": first["epoch"]}}
