@@ -167,7 +167,7 @@ class MemoryHistory:
             self.stats.bytes += cost
             if len(entries) > self.size:
                 self._drop_oldest(topic)
-            self._evict(now)
+            self._evict()
         return stored
 
     def position(self, topic_name: str) -> Position:
@@ -225,13 +225,17 @@ class MemoryHistory:
         topic.size -= cost
         self.stats.bytes -= cost
 
-    def _evict(self, now: float) -> None:
+    def _evict(self) -> None:
         topics = self._topics
         while self.stats.bytes > self.memory_limit and len(topics) > 1:
             name, oldest = next(iter(topics.items()))
             del topics[name]
             self.stats.bytes -= oldest.size
             self.stats.evicted_topics += 1
+        # One topic alone over the limit keeps its newest publications only.
+        last = next(iter(topics.values()), None)
+        while self.stats.bytes > self.memory_limit and last is not None and last.entries:
+            self._drop_oldest(last)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from wsrelay.brokers import MemoryBroker
 from wsrelay.errors import BrokerUnavailable
 from wsrelay.server.connection import ConnectionStats
 from wsrelay.server.keys import CONNECTIONS, RELAY
@@ -137,6 +138,25 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily(
             "wsrelay_sent_bytes", "Bytes of frames written to clients.", value=self.stats.bytes_sent
         )
+        yield CounterMetricFamily(
+            "wsrelay_gaps",
+            "Times this node told a topic's subscribers that publications were lost "
+            "(a gap frame: the topic's history was lost, or a gap could not be filled).",
+            value=relay.gaps,
+        )
+        if isinstance(relay.broker, MemoryBroker):
+            history = relay.broker.bus.history.stats
+            yield GaugeMetricFamily(
+                "wsrelay_history_bytes",
+                "Estimated bytes the memory broker's history takes (--history-memory caps it).",
+                value=history.bytes,
+            )
+            yield CounterMetricFamily(
+                "wsrelay_history_evicted_topics",
+                "Topics whose history the memory broker dropped to stay within "
+                "--history-memory, least recently published first.",
+                value=history.evicted_topics,
+            )
 
 
 METRICS = web.AppKey("metrics", Metrics)
