@@ -121,8 +121,8 @@ class Hold:
         return after
 
     def release_all(self) -> list[Publication]:
-        """Stop holding every topic still held: their kept publications, in the order
-        they arrived."""
+        """Stop holding every topic still held: their kept publications, topic by topic,
+        each topic's in order."""
         kept: list[Publication] = []
         for topic, state in list(self._topics.items()):
             if isinstance(state, list):
