@@ -853,3 +853,95 @@ async def test_wsrelay_js_misses_nothing_when_its_redis_node_is_killed(
             assert await page.evaluate("window.relay.url") == first  # the same registration
     finally:
         stop_and_check(node)
+
+
+# A scripted peer (real sockets, every frame written by the test) for what a healthy relay
+# does not send on cue: a replay overlapping what was received, and a `gap` frame.
+
+SCRIPTED_CLIENT = """
+async () => {
+  const { Relay } = await import("/client/wsrelay.js");
+  window.received = [];
+  window.lost = [];
+  const relay = new Relay({ url: "/ws/0123456789abcdef", minDelay: 50, maxDelay: 200 });
+  relay.on("t", (message, topic, offset) => window.received.push([message, offset]));
+  relay.addEventListener("notrecovered", (e) => window.lost.push(e.detail));
+  window.relay = relay;
+  const subscribed = relay.subscribe("t");  // sent with the whole set once open
+  await relay.connect();
+  await subscribed;
+}
+"""
+
+
+def frame(**fields: Any) -> str:
+    return json.dumps(fields)
+
+
+async def test_wsrelay_js_drops_duplicates_and_reports_a_gap(page: Page) -> None:
+    """Messages at or below the known position are dropped, a gap frame moves the
+    position and is reported as ``notrecovered``, and the next connection sends the
+    position as ``since`` on a ``recover=true`` URL."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    script_js = (ROOT / "src/wsrelay/server/static/wsrelay.js").read_text()
+
+    async def client_js(request: web.Request) -> web.Response:
+        return web.Response(text=script_js, content_type="text/javascript")
+
+    async def app_page(request: web.Request) -> web.Response:
+        return web.Response(text=APP_PAGE, content_type="text/html")
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        command = json.loads((await ws.receive()).data)
+        seen.append((request.query_string, command))
+        if len(seen) == 1:
+            positions = {"t": {"offset": 2, "epoch": "e1"}}
+            await ws.send_str(frame(type="subscribed", topics=["t"], positions=positions))
+            for offset, text in [(1, "m1"), (2, "m2"), (3, "m3"), (3, "again"), (10, "m10")]:
+                if offset == 10:
+                    await ws.send_str(frame(type="gap", topic="t", offset=10, epoch="e1"))
+                await ws.send_str(frame(type="message", topic="t", message=text, offset=offset))
+            await ws.send_str(frame(type="message", topic="t", message="m11", offset=11))
+            await ws.close(code=1011, message=b"test: reconnect")
+        else:
+            positions = {"t": {"offset": 11, "epoch": "e1", "recovered": True}}
+            await ws.send_str(frame(type="subscribed", topics=["t"], positions=positions))
+            await ws.send_str(frame(type="message", topic="t", message="twice", offset=11))
+            await ws.send_str(frame(type="message", topic="t", message="m12", offset=12))
+            await ws.receive()  # until the page goes
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", app_page)
+    app.router.add_get("/client/wsrelay.js", client_js)
+    app.router.add_get("/ws/{id}", socket)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        await page.goto(f"http://{host}:{port}/")
+        await page.evaluate(SCRIPTED_CLIENT)
+        received = await received_in_page(page, 3, RECONNECT_WAIT)
+        assert received == [["m3", 3], ["m11", 11], ["m12", 12]]
+        assert await page.evaluate("window.lost") == [
+            {
+                "topic": "t",
+                "offset": 10,
+                "epoch": "e1",
+                "previous": {"offset": 3, "epoch": "e1"},
+                "reason": "gap",
+            }
+        ]
+        assert seen == [
+            ("recover=true", {"topics": ["t"]}),
+            ("recover=true", {"topics": ["t"], "since": {"t": {"offset": 11, "epoch": "e1"}}}),
+        ]
+        positions = await page.evaluate("window.relay.positions")
+        assert positions == {"t": {"offset": 12, "epoch": "e1"}}
+        await page.evaluate("window.relay.close()")
+    finally:
+        await runner.cleanup()

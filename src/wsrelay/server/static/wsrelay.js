@@ -566,7 +566,7 @@ export class Relay extends EventTarget {
       const known = this.#positions.get(frame.topic);
       if (typeof frame.offset === "number" && known) {
         // Frames carry no epoch: the acknowledgement before them set this topic's.
-        if (false) return; // received already (an overlapping replay)
+        if (frame.offset <= known.offset) return; // received already (an overlapping replay)
         known.offset = frame.offset;
       }
       for (const key of [frame.topic, "*"]) {
