@@ -18,16 +18,18 @@ def test_every_recipient_gets_the_same_bytes_object() -> None:
         return b"F" + payload
 
     sinks = [RecordingSink() for _ in range(5)]
-    assert deliver(Publication("t", "hi"), [attached(s) for s in sinks], framer) == 5
-    assert framed == [b'{"type":"message","topic":"t","message":"hi"}']
+    publication = Publication("t", "hi", offset=7, epoch="e")
+    assert deliver(publication, [attached(s) for s in sinks], framer) == 5
+    assert framed == [b'{"type":"message","topic":"t","message":"hi","offset":7}']
     assert all(s.frames[0] is sinks[0].frames[0] for s in sinks)
 
 
 def test_raw_recipients_get_the_message_text_only() -> None:
     raw, env = RecordingSink(raw=True), RecordingSink()
-    deliver(Publication("t", "h\u00e9"), [attached(raw), attached(env)], identity_framer)
+    publication = Publication("t", "h\u00e9", offset=3, epoch="e")
+    deliver(publication, [attached(raw), attached(env)], identity_framer)
     assert raw.frames == ["h\u00e9".encode()]
-    assert env.frames == [b'{"type":"message","topic":"t","message":"h\xc3\xa9"}']
+    assert env.frames == [b'{"type":"message","topic":"t","message":"h\xc3\xa9","offset":3}']
 
 
 def test_refusing_sinks_are_not_counted() -> None:

@@ -59,5 +59,9 @@ def test_command_fields_default_to_absent() -> None:
 
 
 def test_message_frame_names_its_topic() -> None:
-    """The delivered envelope tells a client on several topics where a message came from."""
-    assert encode(MessageFrame("cats", "hi")) == b'{"type":"message","topic":"cats","message":"hi"}'
+    """The delivered envelope tells a client on several topics where a message came from,
+    and its offset in that topic's stream."""
+    assert (
+        encode(MessageFrame("cats", "hi", 4))
+        == b'{"type":"message","topic":"cats","message":"hi","offset":4}'
+    )

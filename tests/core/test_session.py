@@ -4,7 +4,8 @@ inputs in, actions out."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from tests.fakes import identity_framer
 from wsrelay import codes
 from wsrelay.config import Settings
+from wsrelay.core.history import EPOCH_BYTES, Position
 from wsrelay.core.registry import Client
 from wsrelay.core.session import (
     ABNORMAL_CLOSURE,
@@ -35,7 +37,10 @@ from wsrelay.errors import (
     TooManyRegistrations,
     UpgradeRequired,
 )
-from wsrelay.relay import Relay
+from wsrelay.relay import Followed, Relay
+
+EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
+"""A topic's epoch: random, so only its shape is known."""
 
 
 class Slots:
@@ -160,13 +165,28 @@ async def test_a_registration_refused_after_the_slot_gives_the_slot_back(relay: 
 
 
 async def test_commands_are_acknowledged_with_the_topics(relay: Relay) -> None:
+    """The acknowledgement names the whole topic set, and where each topic the command
+    subscribed to continues: the offset of its last publication, in its epoch."""
     s = await session(relay, topics=["a"])
-    assert payload(await s.on_text('{"subscribe": ["b", "c"]}')) == {
+    ack = payload(await s.on_text('{"subscribe": ["b", "c"]}'))
+    assert (ack["type"], ack["topics"]) == ("subscribed", ["a", "b", "c"])
+    positions = ack["positions"]
+    assert set(positions) == {"b", "c"}  # the topics named, not "a"
+    for position in positions.values():
+        assert set(position) == {"offset", "epoch"}  # no "recovered": nothing was asked
+        assert position["offset"] == 0 and EPOCH.fullmatch(position["epoch"])
+    assert payload(await s.on_text(b'{"unsubscribe": ["a"]}')) == {
         "type": "subscribed",
-        "topics": ["a", "b", "c"],
+        "topics": ["b", "c"],
+        "positions": {},
     }
-    assert payload(await s.on_text(b'{"unsubscribe": ["a"]}'))["topics"] == ["b", "c"]
-    assert payload(await s.on_text('{"topics": ["z"]}'))["topics"] == ["z"]
+    first = await relay.publish("z", "one")
+    second = await relay.publish("z", "two")
+    assert (first.receipt.position.offset, second.receipt.position.offset) == (1, 2)
+    assert first.receipt.position.epoch == second.receipt.position.epoch
+    ack = payload(await s.on_text('{"topics": ["z"]}'))
+    assert ack["topics"] == ["z"]
+    assert ack["positions"] == {"z": {"offset": 2, "epoch": second.receipt.position.epoch}}
 
 
 async def test_raw_mode_acknowledges_nothing(relay: Relay) -> None:
@@ -217,7 +237,9 @@ class BrokerDown:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._relay, name)
 
-    async def subscribe(self, client: Client, topics: Iterable[str]) -> None:
+    async def subscribe(
+        self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
+    ) -> Followed:
         raise self._error
 
 
