@@ -1,6 +1,7 @@
 """The node, in-process over memory backends, with recording sinks."""
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -9,9 +10,19 @@ from wsrelay import codes
 from wsrelay.brokers import MemoryBus
 from wsrelay.config import Settings
 from wsrelay.core.fanout import Publication
+from wsrelay.core.history import EPOCH_BYTES, Position, Receipt
 from wsrelay.core.registry import Client
-from wsrelay.errors import BrokerUnavailable, InvalidTopic, NotFound, TooManyTopics
+from wsrelay.errors import (
+    BrokerUnavailable,
+    InvalidTopic,
+    NotFound,
+    PublishOutcomeUnknown,
+    TooManyTopics,
+)
 from wsrelay.relay import CONTROL_TOPIC, Relay
+
+EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
+"""A topic's epoch: random, so only its shape is known."""
 
 
 @pytest.fixture
@@ -31,8 +42,14 @@ async def test_publish_reaches_subscribers_and_counts_them(relay: Relay) -> None
     sa, sb = RecordingSink(), RecordingSink()
     await relay.attach(a, sa)
     await relay.attach(b, sb)
-    assert await relay.publish("t", "m") == 1
-    assert len(sa.frames) == 1 and sb.frames == []
+    first = await relay.publish("t", "m")
+    assert first.recipients == 1 and not first.receipt.duplicate
+    assert first.receipt.position.offset == 1 and EPOCH.fullmatch(first.receipt.position.epoch)
+    assert sa.frames == [b'{"type":"message","topic":"t","message":"m","offset":1}']
+    assert sb.frames == []
+    second = await relay.publish("t", "n")
+    assert second.receipt.position == Position(first.receipt.position.epoch, 2)
+    assert sa.frames[1:] == [b'{"type":"message","topic":"t","message":"n","offset":2}']
 
 
 async def test_unregister_closes_with_normal_code(relay: Relay) -> None:
@@ -41,7 +58,8 @@ async def test_unregister_closes_with_normal_code(relay: Relay) -> None:
     await relay.attach(client, sink)
     await relay.unregister(client.id)
     assert sink.closed == (codes.NORMAL, "unregistered")
-    assert await relay.publish("t", "m") == 0
+    assert (await relay.publish("t", "m")).recipients == 0
+    assert sink.frames == []
     with pytest.raises(NotFound):
         await relay.unregister(client.id)
     with pytest.raises(NotFound):
@@ -106,14 +124,53 @@ async def two_nodes(bus: MemoryBus) -> tuple[Relay, Relay]:
 
 
 async def test_publications_cross_nodes_sharing_a_bus() -> None:
-    """Two nodes on one memory bus: a publish on A reaches B's subscriber, once."""
+    """Two nodes on one memory bus: a publish on A reaches B's subscriber, once, and
+    offsets count the topic's publications whichever node made them."""
     a, b = await two_nodes(MemoryBus())
     client = await a.register("u", ["t"])  # registered on A, connected on B
     sink = RecordingSink()
     await b.attach(await b.lookup(client.id), sink)
-    assert await a.publish("t", "m", "u") == 0  # none local to A
-    await a.publish("t", "not for u", "someone else")
-    assert sink.frames == [b'{"type":"message","topic":"t","message":"m"}']
+    first = await a.publish("t", "m", "u")
+    assert first.recipients == 0  # none local to A
+    skipped = await a.publish("t", "not for u", "someone else")
+    third = await b.publish("t", "from b", "u")
+    assert third.recipients == 1
+    positions = [p.receipt.position for p in (first, skipped, third)]
+    assert [p.offset for p in positions] == [1, 2, 3]
+    assert len({p.epoch for p in positions}) == 1
+    assert sink.frames == [
+        b'{"type":"message","topic":"t","message":"m","offset":1}',
+        b'{"type":"message","topic":"t","message":"from b","offset":3}',
+    ]
+
+
+async def test_a_node_receives_its_own_publications_from_the_broker_once() -> None:
+    """The broker hands every publication to every subscribed node, the publisher's own
+    included: a node delivers to its subscribers what its broker hands it, so each local
+    subscriber gets a publication made here exactly once, in offset order."""
+    bus = MemoryBus()
+    a, b = await two_nodes(bus)
+    handed: list[Publication] = []
+    real_publication = a._on_broker_publication
+
+    def recording(publication: Publication) -> None:
+        if publication.topic != CONTROL_TOPIC:
+            handed.append(publication)
+        real_publication(publication)
+
+    a._on_broker_publication = recording  # type: ignore[method-assign]
+    on_a, on_b = RecordingSink(), RecordingSink()
+    await a.attach(await a.register(None, ["t"]), on_a)
+    await b.attach(await b.register(None, ["t"]), on_b)
+    answers = [await a.publish("t", f"m{i}") for i in range(3)]
+    assert [p.recipients for p in answers] == [1, 1, 1]
+    assert [(p.message, p.offset) for p in handed] == [("m0", 1), ("m1", 2), ("m2", 3)]
+    assert {p.epoch for p in handed} == {answers[0].receipt.position.epoch}
+    expected = [
+        b'{"type":"message","topic":"t","message":"m%d","offset":%d}' % (i, i + 1) for i in range(3)
+    ]
+    assert on_a.frames == expected and on_b.frames == expected
+    assert (a.published, a.delivered, b.published, b.delivered) == (3, 3, 0, 3)
 
 
 async def test_unregister_and_reconnect_on_another_node_close_the_old_socket() -> None:
@@ -133,40 +190,58 @@ async def test_publish_many_checks_every_topic_before_publishing(relay: Relay) -
     sink = RecordingSink()
     await relay.attach(client, sink)
     with pytest.raises(InvalidTopic, match=r"messages\[1\]"):
-        await relay.publish_many([("t", "a", None), ("bad topic", "b", None)])
+        await relay.publish_many([("t", "a", None, None), ("bad topic", "b", None, None)])
     assert sink.frames == [] and relay.published == 0
-    assert await relay.publish_many([("t", "a", None), ("u", "b", None), ("t", "c", 7)]) == [
-        1,
-        0,
-        0,
-    ]
-    assert sink.frames == [b'{"type":"message","topic":"t","message":"a"}']
+    answers = await relay.publish_many(
+        [("t", "a", None, None), ("u", "b", None, None), ("t", "c", 7, None)]
+    )
+    assert [a.recipients for a in answers] == [1, 0, 0]
+    positions = [a.receipt.position for a in answers]
+    assert [p.offset for p in positions] == [1, 1, 2]  # offsets count per topic
+    assert positions[0].epoch == positions[2].epoch and EPOCH.fullmatch(positions[1].epoch)
+    assert sink.frames == [b'{"type":"message","topic":"t","message":"a","offset":1}']
     assert (relay.published, relay.delivered) == (3, 1)
 
 
-async def test_publish_many_delivers_what_the_broker_took_and_reports_the_rest() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        BrokerUnavailable("the broker is unreachable"),
+        PublishOutcomeUnknown("the broker stopped answering"),
+    ],
+)
+async def test_publish_many_delivers_what_the_broker_took_and_reports_the_rest(
+    error: BrokerUnavailable,
+) -> None:
     """If the broker fails part-way, what it accepted (other nodes have it) is still
-    delivered here, and the caller learns how much got through."""
+    delivered here, and the caller learns how much got through, with the broker's
+    own kind of failure (an outcome unknown is retried with the same keys)."""
     backend = MemoryBus().backend()
     broker = backend.broker
-    real_publish = broker.publish
-    calls = 0
+    real_publish_many = broker.publish_many
+    sent: list[list[str | None]] = []
 
-    async def flaky_publish(publication: Publication) -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 2:
-            raise BrokerUnavailable("the broker is unreachable")
-        await real_publish(publication)
+    async def flaky_publish_many(
+        publications: Sequence[Publication], keys: Sequence[str | None] | None = None
+    ) -> list[Receipt | Exception]:
+        assert keys is not None
+        sent.append(list(keys))
+        taken = await real_publish_many(publications[:2], keys[:2])
+        return [*taken, *(error for _ in publications[2:])]
 
     async with Relay(Settings(), identity_framer, backend) as relay:
         client = await relay.register(None, ["t"])
         sink = RecordingSink()
         await relay.attach(client, sink)
-        broker.publish = flaky_publish  # type: ignore[method-assign]
-        with pytest.raises(BrokerUnavailable, match="2 of 4 messages were published"):
-            await relay.publish_many([("t", str(i), None) for i in range(4)])
-        assert [f.decode().rsplit('"', 2)[-2] for f in sink.frames] == ["0", "1"]
+        broker.publish_many = flaky_publish_many  # type: ignore[method-assign]
+        with pytest.raises(type(error), match="2 of 4 messages were published"):
+            await relay.publish_many([("t", str(i), None, f"k{i}") for i in range(4)])
+        assert sent == [["k0", "k1", "k2", "k3"]]  # the keys go with the publications
+        assert sink.frames == [
+            b'{"type":"message","topic":"t","message":"0","offset":1}',
+            b'{"type":"message","topic":"t","message":"1","offset":2}',
+        ]
+        assert relay.published == 2
 
 
 async def test_topic_commands_that_change_nothing_store_nothing() -> None:
@@ -215,7 +290,8 @@ async def test_a_topic_change_the_store_refused_is_undone() -> None:
             await relay.set_topics(client, ["b"])
         assert client.topics == {"a"}
         assert broker.topics == {CONTROL_TOPIC, "a"}  # type: ignore[attr-defined]
-        assert await relay.publish("a", "still here") == 1
+        assert (await relay.publish("a", "still here")).recipients == 1
+        assert sink.frames == [b'{"type":"message","topic":"a","message":"still here","offset":1}']
         failing = False
         await relay.set_topics(client, ["b"])
         assert broker.topics == {CONTROL_TOPIC, "b"}  # type: ignore[attr-defined]
