@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import aiohttp
 import pytest
 
 from tests.utils import Api, ServerProcess
+from wsrelay.core.history import EPOCH_BYTES
+
+EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
+"""A topic's epoch: random, so only its shape is known."""
+
+
+def message(topic: str, text: str, offset: int) -> dict[str, object]:
+    """A JSON-mode message frame, as decoded."""
+    return {"type": "message", "topic": topic, "message": text, "offset": offset}
 
 
 async def test_batch_publish_delivers_in_order_and_counts_per_message(api: Api, topic: str) -> None:
@@ -20,12 +30,22 @@ async def test_batch_publish_delivers_in_order_and_counts_per_message(api: Api, 
         {"topic": f"{topic}.none", "message": "4"},
     ]
     status, body = await api.call("POST", "/publish/batch", {"messages": messages})
-    assert (status, body) == (200, {"recipients": [2, 1, 1, 0]})
-    assert [await alice.message(), await alice.message()] == [
-        (f"{topic}.a", "1"),
-        (f"{topic}.b", "2"),
+    assert status == 200, body
+    assert set(body) == {"recipients", "positions"}
+    assert body["recipients"] == [2, 1, 1, 0]
+    # Offsets count per topic; one topic's publications share its epoch.
+    positions = body["positions"]
+    assert [p["offset"] for p in positions] == [1, 1, 2, 1]
+    assert positions[0]["epoch"] == positions[2]["epoch"]
+    assert all(set(p) == {"offset", "epoch"} and EPOCH.fullmatch(p["epoch"]) for p in positions)
+    assert [await alice.frame(), await alice.frame()] == [
+        message(f"{topic}.a", "1", 1),
+        message(f"{topic}.b", "2", 1),
     ]
-    assert [await bob.message(), await bob.message()] == [(f"{topic}.a", "1"), (f"{topic}.a", "3")]
+    assert [await bob.frame(), await bob.frame()] == [
+        message(f"{topic}.a", "1", 1),
+        message(f"{topic}.a", "3", 2),
+    ]
     await alice.close()
     await bob.close()
 
@@ -35,7 +55,10 @@ async def test_a_large_batch_arrives_whole_and_in_order(api: Api, topic: str) ->
     messages = [{"topic": topic, "message": str(i)} for i in range(1000)]
     status, body = await api.call("POST", "/publish/batch", {"messages": messages})
     assert status == 200 and body["recipients"] == [1] * 1000
-    assert [(await sub.message())[1] for _ in range(1000)] == [str(i) for i in range(1000)]
+    assert [p["offset"] for p in body["positions"]] == list(range(1, 1001))
+    assert len({p["epoch"] for p in body["positions"]}) == 1
+    frames = [await sub.frame() for _ in range(1000)]
+    assert frames == [message(topic, str(i), i + 1) for i in range(1000)]
     await sub.close()
 
 

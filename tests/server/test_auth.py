@@ -75,7 +75,8 @@ async def test_protected_routes_refuse_a_missing_or_wrong_key(
 async def test_every_configured_key_works_and_open_routes_stay_open(
     keyed: ServerProcess, session: aiohttp.ClientSession, topic: str
 ) -> None:
-    for key in KEYS:
+    epochs: set[str] = set()
+    for offset, key in enumerate(KEYS, start=1):
         api = Api(session, keyed.url)
         headers = {"Authorization": f"Bearer {key}"}
         status, reg = await api.call("POST", "/register", {"topics": [topic]}, headers=headers)
@@ -85,13 +86,25 @@ async def test_every_configured_key_works_and_open_routes_stay_open(
         status, body = await api.call(
             "POST", "/publish", {"topic": topic, "message": key}, headers=headers
         )
-        assert (status, body) == (200, {"recipients": 1})
-        assert await sub.message() == (topic, key)
+        assert status == 200, body
+        assert (set(body), body["recipients"], body["offset"]) == (
+            {"recipients", "offset", "epoch"},
+            1,
+            offset,
+        )
+        epochs.add(body["epoch"])
+        assert await sub.frame() == {
+            "type": "message",
+            "topic": topic,
+            "message": key,
+            "offset": offset,
+        }
         await sub.close()
         status, _ = await api.call("DELETE", f"/register/{reg['id']}", headers=headers)
         assert status == 200
         async with session.get(keyed.url + "/metrics", headers=headers) as response:
             assert response.status == 200
+    assert len(epochs) == 1  # one topic, one epoch, whichever key published
     for path in ("/health", "/ready", "/openapi.json"):
         async with session.get(keyed.url + path) as response:
             assert response.status == 200, path

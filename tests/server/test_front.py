@@ -17,6 +17,10 @@ import pytest
 from tests.server.rawws import TEXT, RawWebSocket, encode_frame, host_port
 from tests.utils import TIMEOUT, Api
 from wsrelay.config import STACKS
+from wsrelay.core.history import EPOCH_BYTES
+
+EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
+"""A topic's epoch: random, so only its shape is known."""
 
 
 def served_by_aiohttp(head: bytes) -> bool:
@@ -82,7 +86,18 @@ async def test_frames_sent_with_the_handshake_are_not_lost(api: Api, topic: str)
     reg = await api.register(1)
     subscribe = encode_frame(TEXT, json.dumps({"subscribe": [topic]}).encode())
     socket = await RawWebSocket.connect(reg["url"], then=subscribe)
-    assert await next_text(socket) == {"type": "subscribed", "topics": [topic]}
+    ack = await next_text(socket)
+    positions = ack.pop("positions")
+    assert ack == {"type": "subscribed", "topics": [topic]}
+    assert isinstance(positions, dict) and set(positions) == {topic}
+    assert positions[topic]["offset"] == 0 and EPOCH.fullmatch(positions[topic]["epoch"])
+    assert await api.publish(topic, "after") == 1
+    assert await next_text(socket) == {
+        "type": "message",
+        "topic": topic,
+        "message": "after",
+        "offset": 1,
+    }
     socket.abort()
 
 
