@@ -78,40 +78,43 @@ async def test_the_subscribers_of_a_node_that_dies_miss_nothing(
         return await asyncio.to_thread(again.start)
 
     try:
-        async with Proxy(node_a.url) as proxy, Relay(node_b.url) as publisher:
-            async with subscribers(proxy.url, topic, SUBSCRIBERS, events) as received:
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                for i in range(PUBLISHES):
-                    await publisher.publish(topic, str(i))
-                    accepted.append(str(i))
-                    if i == FAULT_AT:
-                        assert node_a.process is not None
-                        if fault == "sigkill-and-restart":
-                            node_a.process.send_signal(signal.SIGKILL)
-                            node_a.process.wait(TIMEOUT)
-                            restart = asyncio.create_task(restart_later())
-                        else:
-                            node_a.process.send_signal(signal.SIGTERM)
-                            proxy.port = int(node_b.url.rsplit(":", 1)[1])
-                    pause = started + (i + 1) / RATE - loop.time()
-                    if pause > 0:
-                        await asyncio.sleep(pause)  # pacing the publisher, not waiting on delivery
+        async with (
+            Proxy(node_a.url) as proxy,
+            Relay(node_b.url) as publisher,
+            subscribers(proxy.url, topic, SUBSCRIBERS, events) as received,
+        ):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for i in range(PUBLISHES):
+                await publisher.publish(topic, str(i))
+                accepted.append(str(i))
+                if i == FAULT_AT:
+                    assert node_a.process is not None
+                    if fault == "sigkill-and-restart":
+                        node_a.process.send_signal(signal.SIGKILL)
+                        node_a.process.wait(TIMEOUT)
+                        restart = asyncio.create_task(restart_later())
+                    else:
+                        node_a.process.send_signal(signal.SIGTERM)
+                        proxy.port = int(node_b.url.rsplit(":", 1)[1])
+                pause = started + (i + 1) / RATE - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)  # pacing the publisher, not waiting on delivery
 
-                async def everyone_has_everything() -> None:
-                    while any(len(r) < len(accepted) for r in received):
-                        await asyncio.sleep(0.05)
+            async def everyone_has_everything() -> None:
+                while any(len(r) < len(accepted) for r in received):
+                    await asyncio.sleep(0.05)
 
-                try:
-                    await asyncio.wait_for(everyone_has_everything(), TIMEOUT * 6)
-                except TimeoutError:
-                    counts = sorted(len(r) for r in received)
-                    pytest.fail(f"received {counts} of {len(accepted)}; events: {events[-5:]}")
-                finally:
-                    if restart is not None:
-                        restarted = await restart
-                for got in received:
-                    assert got == accepted
+            try:
+                await asyncio.wait_for(everyone_has_everything(), TIMEOUT * 6)
+            except TimeoutError:
+                counts = sorted(len(r) for r in received)
+                pytest.fail(f"received {counts} of {len(accepted)}; events: {events[-5:]}")
+            finally:
+                if restart is not None:
+                    restarted = await restart
+            for got in received:
+                assert got == accepted
     finally:
         node_a.stop()
         if restarted is not None:
