@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 from tests.server.rawws import TEXT, RawWebSocket, host_port
 from tests.utils import TIMEOUT, Api, Subscriber
+from wsrelay.core.history import EPOCH_BYTES
+
+EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
+"""A topic's epoch: random, so only its shape is known."""
 
 
 @dataclass
@@ -34,6 +38,16 @@ class Answer:
     @property
     def is_json(self) -> bool:
         return re.search(rb"(?im)^content-type: application/json", self.head) is not None
+
+    def receipt(self) -> tuple[int, int, str]:
+        """``(recipients, offset, epoch)`` of a publish's answer, which must have exactly
+        the documented shape."""
+        body = json.loads(self.body)
+        assert set(body) == {"recipients", "offset", "epoch"}, body
+        recipients, offset, epoch = body["recipients"], body["offset"], body["epoch"]
+        assert isinstance(recipients, int) and isinstance(offset, int), body
+        assert isinstance(epoch, str) and EPOCH.fullmatch(epoch), body
+        return recipients, offset, epoch
 
     def error_code(self) -> str:
         """The code of a JSON error body, which must have exactly the documented shape."""
@@ -85,19 +99,29 @@ async def native_connection(base: str) -> tuple[asyncio.StreamReader, asyncio.St
     return reader, writer
 
 
-async def messages(sub: Subscriber, count: int) -> list[str]:
-    return [(await sub.message())[1] for _ in range(count)]
+async def messages(sub: Subscriber, count: int) -> list[tuple[str, int]]:
+    """The next ``count`` publications, as ``(message, offset)``."""
+    got = []
+    for _ in range(count):
+        frame = await sub.frame()
+        assert frame["type"] == "message", frame
+        got.append((frame["message"], frame["offset"]))
+    return got
 
 
 async def test_a_publisher_connection_is_served_natively(api: Api, topic: str) -> None:
     sub = await api.connect(1, [topic])
     reader, writer = await open_to(api.base)
+    receipts = []
     for text in ("one", "two"):
         writer.write(publish(topic, text))
         reply = await answer(reader)
-        assert reply.native and reply.status == 200 and reply.json() == {"recipients": 1}
+        assert reply.native and reply.status == 200
         assert re.search(rb"(?im)^content-type: application/json\r$", reply.head)
-    assert await messages(sub, 2) == ["one", "two"]
+        receipts.append(reply.receipt())
+    epoch = receipts[0][2]
+    assert receipts == [(1, 1, epoch), (1, 2, epoch)]
+    assert await messages(sub, 2) == [("one", 1), ("two", 2)]
     await done(writer)
     await sub.close()
 
@@ -108,8 +132,11 @@ async def test_pipelined_publishes_are_answered_in_order(api: Api, topic: str) -
     texts = [f"m{i}" for i in range(40)]  # past MAX_QUEUED: reading pauses and resumes
     writer.write(b"".join(publish(topic, t) for t in texts))
     replies = [await answer(reader) for _ in texts]
-    assert all(r.native and r.json() == {"recipients": 1} for r in replies)
-    assert await messages(sub, len(texts)) == texts
+    assert all(r.native for r in replies)
+    receipts = [r.receipt() for r in replies]
+    epoch = receipts[0][2]
+    assert receipts == [(1, offset, epoch) for offset in range(1, len(texts) + 1)]
+    assert await messages(sub, len(texts)) == [(t, i) for i, t in enumerate(texts, start=1)]
     await done(writer)
     await sub.close()
 
@@ -134,7 +161,8 @@ async def test_a_pipelined_request_for_another_route_keeps_its_place(api: Api, t
     assert [r.native for r in replies] == [True, True, False, False]
     assert [r.status for r in replies] == [200, 200, 200, 200]
     assert replies[2].json()["status"] == "ok"
-    assert await messages(sub, 3) == ["a", "b", "c"]
+    assert [replies[i].receipt()[:2] for i in (0, 1, 3)] == [(1, 1), (1, 2), (1, 3)]
+    assert await messages(sub, 3) == [("a", 1), ("b", 2), ("c", 3)]
     await done(writer)
     await sub.close()
 
@@ -165,7 +193,7 @@ async def test_a_websocket_upgrade_pipelined_behind_a_publish_is_served(
     )
     writer.write(publish(topic, "before the upgrade") + upgrade.encode())
     first = await answer(reader)
-    assert first.native and first.json() == {"recipients": 0}
+    assert first.native and first.receipt()[:2] == (0, 1)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     assert head.startswith(b"HTTP/1.1 101"), head
     socket = RawWebSocket(reader, writer)
@@ -173,7 +201,13 @@ async def test_a_websocket_upgrade_pipelined_behind_a_publish_is_served(
     frame = await socket.frame()
     while frame is not None and frame.opcode != TEXT:
         frame = await socket.frame()
-    assert frame is not None and json.loads(frame.payload)["message"] == "after"
+    assert frame is not None
+    assert json.loads(frame.payload) == {
+        "type": "message",
+        "topic": topic,
+        "message": "after",
+        "offset": 2,
+    }
     socket.abort()
 
 
@@ -186,8 +220,8 @@ async def test_a_chunked_body_is_read(api: Api, topic: str) -> None:
         b"POST /publish HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
     )
     reply = await answer(reader)
-    assert reply.native and reply.json() == {"recipients": 1}
-    assert await messages(sub, 1) == ["in pieces"]
+    assert reply.native and reply.receipt()[:2] == (1, 1)
+    assert await messages(sub, 1) == [("in pieces", 1)]
     await done(writer)
     await sub.close()
 
@@ -202,7 +236,7 @@ async def test_expect_100_continue_is_answered(api: Api, topic: str) -> None:
     assert interim.startswith(b"HTTP/1.1 100"), interim
     writer.write(body)
     reply = await answer(reader)
-    assert reply.status == 200 and reply.json() == {"recipients": 0}
+    assert reply.status == 200 and reply.receipt()[:2] == (0, 1)
     await done(writer)
 
 
@@ -324,5 +358,8 @@ async def test_a_publisher_that_does_not_read_its_answers_is_paused_not_dropped(
     writer.write(b"".join(publish(topic, str(i)) for i in range(count)))
     assert await api.publish(f"{topic}.other", "meanwhile") == 0
     replies = [await answer(reader) for _ in range(count)]
-    assert all(r.status == 200 and r.json() == {"recipients": 0} for r in replies)
+    assert all(r.status == 200 for r in replies)
+    receipts = [r.receipt() for r in replies]
+    epoch = receipts[0][2]
+    assert receipts == [(0, offset, epoch) for offset in range(1, count + 1)]
     await done(writer)
