@@ -15,7 +15,7 @@ EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
 """A topic's epoch: random, so only its shape is known."""
 
 
-def message(topic: str, text: str, offset: int) -> dict[str, object]:
+def message_frame(topic: str, text: str, offset: int) -> dict[str, object]:
     """A JSON-mode message frame, as decoded."""
     return {"type": "message", "topic": topic, "message": text, "offset": offset}
 
@@ -39,12 +39,12 @@ async def test_batch_publish_delivers_in_order_and_counts_per_message(api: Api, 
     assert positions[0]["epoch"] == positions[2]["epoch"]
     assert all(set(p) == {"offset", "epoch"} and EPOCH.fullmatch(p["epoch"]) for p in positions)
     assert [await alice.frame(), await alice.frame()] == [
-        message(f"{topic}.a", "1", 1),
-        message(f"{topic}.b", "2", 1),
+        message_frame(f"{topic}.a", "1", 1),
+        message_frame(f"{topic}.b", "2", 1),
     ]
     assert [await bob.frame(), await bob.frame()] == [
-        message(f"{topic}.a", "1", 1),
-        message(f"{topic}.a", "3", 2),
+        message_frame(f"{topic}.a", "1", 1),
+        message_frame(f"{topic}.a", "3", 2),
     ]
     await alice.close()
     await bob.close()
@@ -58,7 +58,7 @@ async def test_a_large_batch_arrives_whole_and_in_order(api: Api, topic: str) ->
     assert [p["offset"] for p in body["positions"]] == list(range(1, 1001))
     assert len({p["epoch"] for p in body["positions"]}) == 1
     frames = [await sub.frame() for _ in range(1000)]
-    assert frames == [message(topic, str(i), i + 1) for i in range(1000)]
+    assert frames == [message_frame(topic, str(i), i + 1) for i in range(1000)]
     await sub.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from collections.abc import Iterator
 
@@ -14,6 +15,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber, stop_and_check
 from wsrelay import codes
 from wsrelay.config import STACKS
+from wsrelay.core.history import EPOCH_BYTES
+
+EPOCH = re.compile(f"[0-9a-f]{{{2 * EPOCH_BYTES}}}")
+"""A topic's epoch: random, so only its shape is known."""
+
+
+def message_frame(topic: str, text: str, offset: int) -> dict[str, object]:
+    """A JSON-mode message frame, as decoded."""
+    return {"type": "message", "topic": topic, "message": text, "offset": offset}
 
 
 @pytest.fixture(scope="module", params=STACKS)
@@ -38,10 +48,13 @@ async def publish_until_received(api: Api, topic: str, message: str) -> None:
 async def test_topics_command_replaces_and_is_acknowledged(api: Api, topic: str) -> None:
     sub = await api.connect(1, [f"{topic}.old"])
     ack = await sub.command({"topics": [f"{topic}.b", f"{topic}.a"]})
+    positions = ack.pop("positions")
     assert ack == {"type": "subscribed", "topics": [f"{topic}.a", f"{topic}.b"]}
+    assert set(positions) == {f"{topic}.a", f"{topic}.b"}  # each topic the command named
+    assert all(p["offset"] == 0 and EPOCH.fullmatch(p["epoch"]) for p in positions.values())
     assert await api.publish(f"{topic}.old", "gone") == 0
     assert await api.publish(f"{topic}.a", "here") == 1
-    assert await sub.message() == (f"{topic}.a", "here")
+    assert await sub.frame() == message_frame(f"{topic}.a", "here", 1)
     await sub.close()
 
 
@@ -88,13 +101,17 @@ async def test_seed_walkthrough_register_connect_subscribe_publish(api: Api, top
     assert status == 200
     async with websockets.connect(reg["url"]) as ws:
         await ws.send(json.dumps({"topics": [topic]}))
-        assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "subscribed"
+        ack = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        assert ack["type"] == "subscribed" and ack["topics"] == [topic]
+        start = ack["positions"][topic]
+        assert start["offset"] == 0 and EPOCH.fullmatch(start["epoch"])
         status, body = await api.call(
             "POST", "/publish", {"topic": topic, "user_id": 1, "message": "are you there?"}
         )
-        assert status == 200 and body == {"recipients": 1}
+        assert status == 200
+        assert body == {"recipients": 1, "offset": 1, "epoch": start["epoch"]}
         frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-        assert frame == {"type": "message", "topic": topic, "message": "are you there?"}
+        assert frame == message_frame(topic, "are you there?", 1)
 
 
 async def test_unknown_id_is_refused_before_the_upgrade(api: Api) -> None:
