@@ -111,6 +111,8 @@ class Relay:
         """Publications accepted on this node (by publish and publish_many)."""
         self.delivered = 0
         """Hand-overs of publications to this node's connections, wherever published."""
+        self._last: dict[str, Position] = {}
+        """Per topic with subscribers here, the last publication handed to them."""
         self._handed: tuple[str, int, int] = ("", 0, 0)  # the last delivery: topic, offset, count
         self.gaps = 0
         """Times this node's subscribers of a topic were told publications were lost."""
@@ -265,6 +267,7 @@ class Relay:
         held = client.held
         if held is None:
             held = client.held = Hold(client)
+        starts = {topic: self._last.get(topic) for topic in named}
         held.hold(named)
         try:
             if after != client.topics:
@@ -280,12 +283,22 @@ class Relay:
             top = page.position
             asked = since.get(topic)
             if asked is None:
-                positions[topic] = (top, None)
-            elif recovered(page, asked):
+                # The stream continues after the last publication handed over here before
+                # the hold began: everything held since follows, nothing is dropped.
+                kept = held.release(topic, "", 0)
+                start = starts[topic]
+                if start is None:
+                    start = Position(kept[0].epoch, kept[0].offset - 1) if kept else top
+                positions[topic] = (start, None)
+                replay.extend(kept)
+                continue
+            if recovered(page, asked):
                 positions[topic] = (asked, True)
                 replay.extend(p for p in page.publications if p.user in (None, client.user))
             else:
                 positions[topic] = (top, False)
+            # The read reached ``top``: what is held up to it was replayed (or is given up
+            # with recovered false); later copies of it still on their way are dropped.
             replay.extend(held.release(topic, top.epoch, top.offset))
         replay.extend(held.release_all())
         return Followed(positions, replay)
@@ -417,6 +430,7 @@ class Relay:
 
     def _on_broker_publication(self, publication: Publication) -> None:
         if publication.topic != CONTROL_TOPIC:
+            self._last[publication.topic] = Position(publication.epoch, publication.offset)
             self.deliver(publication)
             return
         try:
@@ -459,6 +473,8 @@ class Relay:
         if change.occupied:
             await self.broker.subscribe(*change.occupied)
         if change.vacated:
+            for topic in change.vacated:
+                self._last.pop(topic, None)
             await self.broker.unsubscribe(*change.vacated)
 
 

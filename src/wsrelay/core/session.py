@@ -324,7 +324,9 @@ class Session:
             log.exception("unexpected error in a WebSocket command")
             return self.closing(codes.INTERNAL_ERROR, "internal error")
         if self.raw:
-            return None
+            # No acknowledgement; but what was held back while the command ran still goes.
+            texts = [p.message.encode() for p in followed.replay] if followed else []
+            return Send(texts[0], tuple(texts[1:])) if texts else None
         if followed is None:
             return Send(encode_json(SubscribedFrame(sorted(self.client.topics))))
         positions = {
