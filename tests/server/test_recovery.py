@@ -377,25 +377,33 @@ async def test_a_restarted_memory_server_has_a_new_epoch(
     await sub.close()
 
 
-async def test_a_raw_client_loses_nothing_while_its_commands_run_on_redis(
-    redis_server: Any, start_server: Any, session: aiohttp.ClientSession, topic: str
+@pytest.mark.parametrize("fmt", ["raw", "json"])
+async def test_a_client_loses_nothing_while_its_commands_run_on_redis(
+    redis_server: Any, start_server: Any, session: aiohttp.ClientSession, topic: str, fmt: str
 ) -> None:
     """While a command runs its topics' publications are held back (Redis calls take real
-    time); a raw client gets no acknowledgement, but still gets what was held, in order."""
+    time); they follow its acknowledgement (none in raw mode), in order, once each."""
     api = Api(session, start_server("--broker", redis_server.url).url)
     reg = await api.register(None, [topic])
-    ws = await websockets.connect(reg["url"] + "?format=raw", open_timeout=TIMEOUT)
+    ws = await websockets.connect(reg["url"] + f"?format={fmt}", open_timeout=TIMEOUT)
     sent = [str(i) for i in range(300)]
+    got: list[str] = []
     try:
         for i, message in enumerate(sent):
             # A command on its way with every publish: they overlap on the server.
             command = {"topics": [topic]} if i % 2 else {"subscribe": [topic, f"other{i}"]}
             await ws.send(json.dumps(command))
             await publish(api, topic, message)
-        got: list[str | bytes] = []
         with contextlib.suppress(TimeoutError):
             while len(got) < len(sent):
-                got.append(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                data = await asyncio.wait_for(ws.recv(), TIMEOUT)
+                assert isinstance(data, str)
+                if fmt == "raw":
+                    got.append(data)
+                elif (frame := json.loads(data))["type"] == "message":
+                    got.append(frame["message"])
+                else:
+                    assert frame["type"] == "subscribed", frame
     finally:
         await ws.close()
     assert got == sent
