@@ -8,6 +8,7 @@ import pytest
 from tests.fakes import RecordingSink, identity_framer
 from wsrelay import codes
 from wsrelay.brokers import MemoryBus
+from wsrelay.brokers.base import Listener
 from wsrelay.config import Settings
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import EPOCH_BYTES, Position, Receipt
@@ -322,3 +323,29 @@ async def test_an_attach_announces_itself_and_subscribes_all_new_topics_in_one_c
         assert [sorted(call) for call in subscribed] == [[CONTROL_TOPIC], ["a", "b", "c"]]
         assert [p.topic for p in announced] == [CONTROL_TOPIC]
         assert client.id in announced[0].message
+
+
+async def test_a_gap_the_broker_reports_is_told_to_json_subscribers_of_the_topic() -> None:
+    """The broker says publications of a topic were lost (a new epoch): the topic's
+    JSON-mode subscribers get a gap frame with where the stream continues; raw-mode
+    ones (which have no offsets) and other topics' subscribers get nothing."""
+    backend = MemoryBus().backend()
+    broker = backend.broker
+    listeners: list[Listener] = []
+    real_start = broker.start
+
+    async def recording_start(listener: Listener, origin: str) -> None:
+        listeners.append(listener)
+        await real_start(listener, origin)
+
+    broker.start = recording_start  # type: ignore[method-assign]
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        json_sink, raw_sink, other_sink = RecordingSink(), RecordingSink(raw=True), RecordingSink()
+        await relay.attach(await relay.register(None, ["t"]), json_sink)
+        await relay.attach(await relay.register(None, ["t"]), raw_sink)
+        await relay.attach(await relay.register(None, ["u"]), other_sink)
+        [listener] = listeners
+        listener.gap("t", "e2", 5)
+        assert json_sink.frames == [b'{"type":"gap","topic":"t","offset":5,"epoch":"e2"}']
+        assert raw_sink.frames == [] and other_sink.frames == []
+        assert relay.gaps == 1
