@@ -60,6 +60,10 @@ HOLD_TIMEOUT: Final = 5.0
 publications held for its topics are sent anyway."""
 
 
+ENVELOPE_OVERHEAD: Final = 64
+"""Bytes of a message frame besides its topic and message (type, offset, framing)."""
+
+
 class Published(NamedTuple):
     """The outcome of one publish: this node's subscribers, and the receipt."""
 
@@ -230,7 +234,9 @@ class Relay:
     ) -> Followed:
         """Add to the client's topics. For each topic in ``since`` (all of them among
         ``topics``), publications after that position are replayed if the history still
-        holds all of them, with no gap and no duplicate before the live stream.
+        holds all of them, with no gap and no duplicate before the live stream. One
+        command's replay stays within half the outbox limit: topics past it are answered
+        not recovered.
 
         Raises:
             InvalidTopic, TooManyTopics: the topics break the rules.
@@ -279,6 +285,9 @@ class Relay:
             raise
         positions: dict[str, tuple[Position, bool | None]] = {}
         replay: list[Publication] = []
+        # A replay is queued at once: more than the outbox takes would close the client
+        # as a slow consumer, and it would come back to ask for the same again.
+        budget = self.settings.outbox_limit // 2
         for topic, page in zip(named, pages, strict=True):
             top = page.position
             asked = since.get(topic)
@@ -292,9 +301,12 @@ class Relay:
                 positions[topic] = (start, None)
                 replay.extend(kept)
                 continue
-            if recovered(page, asked):
+            mine = [p for p in page.publications if p.user in (None, client.user)]
+            cost = sum(len(p.message) + len(topic) + ENVELOPE_OVERHEAD for p in mine)
+            if recovered(page, asked) and cost <= budget:
+                budget -= cost
                 positions[topic] = (asked, True)
-                replay.extend(p for p in page.publications if p.user in (None, client.user))
+                replay.extend(mine)
             else:
                 positions[topic] = (top, False)
             # The read reached ``top``: what is held up to it was replayed (or is given up

@@ -407,3 +407,26 @@ async def test_a_client_loses_nothing_while_its_commands_run_on_redis(
     finally:
         await ws.close()
     assert got == sent
+
+
+async def test_a_replay_larger_than_the_outbox_is_not_recovered_rather_than_cut(
+    start_server: Any, session: aiohttp.ClientSession, topic: str
+) -> None:
+    """A replay is queued at once; one that would pass the outbox limit would close the
+    client as a slow consumer (4008), and it would reconnect to ask for it again, forever.
+    Topics past half the limit are answered not recovered instead; the connection lives."""
+    api = Api(session, start_server("--outbox-limit", "64KiB").url)
+    small, big = topic + ".small", topic + ".big"
+    starts = {t: await publish(api, t, "first") for t in (small, big)}
+    await publish(api, small, "s" * 1000)
+    for _ in range(40):
+        await publish(api, big, "b" * 1000)  # 40 KB: more than half of 64 KiB
+    sub = await api.connect(1)
+    since = {t: {"offset": p["offset"], "epoch": p["epoch"]} for t, p in starts.items()}
+    ack = await sub.command({"subscribe": [small, big], "since": since})
+    assert ack["positions"][small]["recovered"] is True
+    assert ack["positions"][big]["recovered"] is False
+    assert [m["message"] for m in await messages(sub, 1)] == ["s" * 1000]
+    live = await publish(api, big, "live")
+    assert (await messages(sub, 1))[0]["offset"] == live["offset"]
+    await sub.close()
