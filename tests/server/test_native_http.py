@@ -101,7 +101,7 @@ async def native_connection(base: str) -> tuple[asyncio.StreamReader, asyncio.St
 
 async def messages(sub: Subscriber, count: int) -> list[tuple[str, int]]:
     """The next ``count`` publications, as ``(message, offset)``."""
-    got = []
+    got: list[tuple[str, int]] = []
     for _ in range(count):
         frame = await sub.frame()
         assert frame["type"] == "message", frame
