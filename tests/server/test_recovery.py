@@ -40,7 +40,7 @@ async def open_ws(url: str, recover: bool = True) -> Subscriber:
 
 
 async def messages(sub: Subscriber, count: int) -> list[dict[str, Any]]:
-    got = []
+    got: list[dict[str, Any]] = []
     while len(got) < count:
         frame = await sub.frame()
         assert frame["type"] == "message", frame
