@@ -2,6 +2,7 @@
 
     python bench/publish.py --targets node,naive,wsrelay --batch 100 --repeat 3 --pin
     python bench/publish.py --targets node,wsrelay --batch 500 --subscribers 4 --pin
+    python bench/publish.py --targets wsrelay-redis1 --repeat 3 --pin --wsrelay-src /tmp/before/src
 
 For each target a fresh server starts on a free port and one subscriber (the raw client of
 bench/clients.py, in its own process) registers on topic ``t0`` and connects with
@@ -18,6 +19,10 @@ over many connections reach that in bursts, see bench/README.md). Single publish
 over the N topics (each wrk thread sends the N bodies in turn), and every batch carries its K
 messages round-robin over the N topics (message j goes to ``t{j % N}``), so a request still
 publishes K messages.
+
+Any target of bench/servers.py works: ``wsrelay-nohistory`` (``--history-size 0``) beside
+``wsrelay`` shows what the history costs a publish, and ``wsrelay-redis1`` is one node on a
+private redis-server (on a free port) that the bench starts and pins with the node.
 
 Throughput only counts if the messages arrived: after wrk stops, the bench waits until the
 subscribers together have received (requests answered) x (messages per request) deliveries, and
@@ -191,7 +196,7 @@ def run_wrk(url: str, body_file: str, args: argparse.Namespace, seconds: int) ->
 
 
 def run_once(mode: Mode, args: argparse.Namespace, run_index: int) -> dict[str, float | None]:
-    server = Server(resolve_target(mode.target))
+    server = Server(resolve_target(mode.target, wsrelay_src=args.wsrelay_src))
     server.start(cpus=set(args.server_cpus or ()))
     sub: Subscribers | None = None
     fd, body_file = tempfile.mkstemp(prefix="bench-publish-", suffix=".json")
@@ -206,12 +211,15 @@ def run_once(mode: Mode, args: argparse.Namespace, run_index: int) -> dict[str, 
             run_wrk(url, body_file, args, args.warmup)
         base = sub.settle()
         sproc = [psutil.Process(pid) for pid in server.pids]
+        rproc = psutil.Process(server.redis_pid) if server.redis_pid else None
         sub_each0 = [cpu_times(p) for p in sub.ps]
         s0, sub0, wrk0 = cpu_times(sproc), cpu_times(sub.ps), children_cpu()
+        r0 = cpu_times(rproc)
         t0 = time.monotonic()
         w = run_wrk(url, body_file, args, args.duration)
         wall = time.monotonic() - t0
         s1, sub1, wrk1 = cpu_times(sproc), cpu_times(sub.ps), children_cpu()
+        r1 = cpu_times(rproc)
         sub_each = [cpu_times(p) for p in sub.ps]
         per_request = mode.batch or 1
         expected = w["requests"] * per_request
@@ -226,6 +234,7 @@ def run_once(mode: Mode, args: argparse.Namespace, run_index: int) -> dict[str, 
     seconds = w["duration_us"] / 1e6
     server_cpu = s1[0] + s1[1] - s0[0] - s0[1] if s0 and s1 else None
     sub_cpu = sub1[0] + sub1[1] - sub0[0] - sub0[1] if sub0 and sub1 else None
+    redis_cpu = r1[0] + r1[1] - r0[0] - r0[1] if r0 and r1 else None
     busiest = max(
         (b[0] + b[1] - a[0] - a[1] for a, b in zip(sub_each0, sub_each, strict=True) if a and b),
         default=None,
@@ -238,6 +247,10 @@ def run_once(mode: Mode, args: argparse.Namespace, run_index: int) -> dict[str, 
         if server_cpu is not None and messages
         else None,
         "server_cpu_util": server_cpu / wall if server_cpu is not None else None,
+        "redis_cpu_us_per_message": redis_cpu * 1e6 / messages
+        if redis_cpu is not None and messages
+        else None,
+        "redis_cpu_util": redis_cpu / wall if redis_cpu is not None else None,
         "http_p50_ms": w["p50_us"] / 1e3,
         "http_p99_ms": w["p99_us"] / 1e3,
         "requests": float(w["requests"]),
@@ -260,6 +273,8 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("messages_per_s", "messages/s", ",.0f", True),
     ("server_cpu_us_per_message", "server CPU us/message", ".2f", True),
     ("server_cpu_util", "server CPU busy", "%", False),
+    ("redis_cpu_us_per_message", "redis-server CPU us/message", ".2f", False),
+    ("redis_cpu_util", "redis-server CPU busy", "%", False),
     ("http_p50_ms", "HTTP latency p50 ms", ".2f", True),
     ("http_p99_ms", "HTTP latency p99 ms", ".2f", True),
     ("requests", "requests answered", ",.0f", False),
@@ -328,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--pin", action="store_true", help="server on CPU 0, wrk + subscribers others")
     p.add_argument("--drain-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--wsrelay-src",
+        metavar="DIR",
+        help="src/ directory the wsrelay targets run (default: this checkout's src/), "
+        "e.g. an exported older commit",
+    )
     p.add_argument("--json", action="store_true", help="print every run's metrics as JSON")
     args = p.parse_args(argv)
     if args.subscribers < 1:
@@ -348,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         f"bench: {args.connections} connections POST one {args.size} B message "
         f"(/publish/batch: {args.batch} per request) for {args.duration} s to "
         f"{args.subscribers} topic(s), one subscriber each; "
-        f"{', '.join(m.label for m in modes)}; {args.repeat} run(s) each; repo {REPO_ROOT}",
+        f"{', '.join(m.label for m in modes)}; {args.repeat} run(s) each; repo {REPO_ROOT}, "
+        f"wsrelay from {args.wsrelay_src or 'src/'}",
         file=sys.stderr,
     )
     runs: dict[str, list[dict[str, float | None]]] = {m.label: [] for m in modes}

@@ -9,7 +9,9 @@ Built-in targets, each started as a subprocess on a free loopback port:
 * ``wsrelay-redis``: a private ``redis-server`` on a free port (no persistence, in a temporary
   directory) and two ``python -m wsrelay serve --broker redis://...`` nodes on their own ports.
   The bench spreads subscribers over both nodes and publishes to the first one;
-* ``wsrelay-redis1``: the same with one node.
+* ``wsrelay-redis1``: the same with one node;
+* ``wsrelay-nohistory``: ``wsrelay`` with ``--history-size 0`` (no per-topic history, no
+  recovery), to measure what the history costs beside the default.
 
 Any other target must be a URL (``http://127.0.0.1:8000``) of a server that is already running;
 its CPU and memory are only measured when its pid is given (``--server-pid``).
@@ -33,7 +35,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 NODE_DIR = BENCH_DIR / "peers" / "node"
-BUILTIN = ("wsrelay", "node", "naive", "wsrelay-redis", "wsrelay-redis1")
+BUILTIN = ("wsrelay", "node", "naive", "wsrelay-redis", "wsrelay-redis1", "wsrelay-nohistory")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ def resolve_target(
         env = _wsrelay_env(connections, wsrelay_src)
         if spec == "wsrelay":
             return Target("wsrelay", argv + wsrelay_args, env=env, acks=True)
+        if spec == "wsrelay-nohistory":
+            argv += ("--history-size", "0", *wsrelay_args)
+            return Target(spec, argv, env=env, acks=True)
         argv += ("--broker", "{broker}", *wsrelay_args)
         if spec == "wsrelay-redis":
             return Target(spec, argv, env=env, nodes=2, redis=True, acks=True)
