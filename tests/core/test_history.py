@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import (
+    ENTRY_OVERHEAD,
     META_TTL,
     TOPIC_OVERHEAD,
     HistoryPage,
@@ -86,13 +89,16 @@ def test_a_topic_untouched_for_the_meta_ttl_is_forgotten_and_gets_a_new_epoch() 
 
 
 def test_over_the_memory_limit_the_least_recently_published_topics_go_first() -> None:
-    h, _ = history(memory=5000)
-    a = publish(h, "a", "x" * 1000)
-    publish(h, "b", "x" * 1000)
-    publish(h, "a", "x" * 1000)  # a is now the most recent
-    publish(h, "c", "x" * 1000)
-    assert h.stats.evicted_topics >= 1
-    assert h.stats.bytes <= 5000
+    text = "x" * 1000
+    entry = ENTRY_OVERHEAD + sys.getsizeof(text)
+    limit = 3 * TOPIC_OVERHEAD + 4 * entry - 1  # one byte short of a, b and c
+    h, _ = history(memory=limit)
+    a = publish(h, "a", text)
+    publish(h, "b", text)
+    publish(h, "a", text)  # a is now the most recent
+    publish(h, "c", text)
+    assert h.stats.evicted_topics == 1
+    assert h.stats.bytes == 2 * TOPIC_OVERHEAD + 3 * entry
     assert h.position("a").epoch == a.epoch  # kept
     assert h.position("b").offset == 0  # evicted whole: a new epoch, nothing kept
 
