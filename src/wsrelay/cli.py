@@ -52,10 +52,13 @@ def _add_serve(commands: Any) -> None:
         "serve",
         help="run the relay",
         description="Run the relay. Every option can also be set with the environment "
-        "variable shown; a flag wins over the variable.",
-        epilog="example: wsrelay serve --port 8000",
+        "variable shown, or in the --config file; a flag wins over the variable, which "
+        "wins over the file.",
+        epilog="examples: wsrelay serve --port 8000; wsrelay serve --config wsrelay.toml",
     )
     for f in dataclasses.fields(Settings):
+        if f.metadata.get("file_only"):
+            continue  # namespaces: tables in the --config file, no flag
         default = "" if f.default is None else f" (default: {f.default})"
         kind: dict[str, Any] = {
             "type": _parser_for(f),
@@ -87,6 +90,7 @@ def _parser_for(f: dataclasses.Field[Any]) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     # Flags given explicitly win over WSRELAY_* variables, which win over defaults.
+    # The config file (--config or WSRELAY_CONFIG) is read by Settings.from_env, under both.
     explicit = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)
     }

@@ -2,19 +2,23 @@
 
 The command line (``wsrelay serve --help``) and the README's table are built from
 these fields, so a setting is added in one place. Every field can be set with an
-environment variable named ``WSRELAY_<FIELD NAME IN CAPITALS>``; a command-line
-flag wins over the variable, which wins over the default.
+environment variable named ``WSRELAY_<FIELD NAME IN CAPITALS>``, and in a TOML file
+named by ``--config`` (top-level keys are the field names; ``[[namespace]]`` tables
+define the namespaces of :mod:`wsrelay.core.rules`). A command-line flag wins over
+the variable, which wins over the file, which wins over the default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from wsrelay.core.history import HistoryLimits
+from wsrelay.core.rules import Namespace, Rules, namespace_from_table
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -24,9 +28,21 @@ LOG_FORMATS = ("text", "json")
 STACKS = ("native", "aiohttp")
 
 
-def _setting(default: Any, help: str, *, metavar: str | None = None, secret: bool = False) -> Any:
-    # A secret is kept out of repr(), so a logged Settings never shows it.
-    return field(default=default, repr=not secret, metadata={"help": help, "metavar": metavar})
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    metavar: str | None = None,
+    secret: bool = False,
+    file_only: bool = False,
+) -> Any:
+    # A secret is kept out of repr(), so a logged Settings never shows it. A file-only
+    # setting (the namespaces) has no flag and no variable: it is a list of tables.
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "metavar": metavar, "file_only": file_only},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +218,19 @@ class Settings:
         metavar="SECONDS",
     )
 
+    config: str | None = _setting(
+        None,
+        "TOML file holding settings (top-level keys are the settings' names, e.g. "
+        "history_size = 50) and [[namespace]] tables (topic rules: who may subscribe and "
+        "publish); flags and variables override it. Default: none.",
+        metavar="FILE",
+    )
+    namespaces: tuple[Namespace, ...] = _setting(
+        (),
+        "Topic namespaces, first match wins (config file only: [[namespace]] tables).",
+        file_only=True,
+    )
+
     def __post_init__(self) -> None:
         problems = []
         for name in (
@@ -259,6 +288,10 @@ class Settings:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def rules(self) -> Rules:
+        """The namespaces' rules (:mod:`wsrelay.core.rules`)."""
+        return Rules(self.namespaces)
+
     def history_limits(self) -> HistoryLimits:
         return HistoryLimits(
             self.history_size, self.history_ttl, self.history_memory, self.idempotency_window
@@ -266,19 +299,105 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from ``WSRELAY_*`` variables, then ``overrides`` on top.
+        """Settings from the config file (``overrides["config"]``, else ``WSRELAY_CONFIG``),
+        then ``WSRELAY_*`` variables on top, then ``overrides`` on top.
 
         Raises:
-            ValueError: a variable does not parse, or a value is out of range.
+            ValueError: the file cannot be read or holds an unknown key or a wrongly typed
+                value, a variable does not parse, or a value is out of range; the message
+                names the culprit in one line.
         """
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        path = overrides.get("config") or environ.get(env_name("config")) or None
+        if path is not None:
+            values.update(load_config_file(path))
+            values["config"] = path
         for f in dataclasses.fields(cls):
+            if f.metadata.get("file_only"):
+                continue
             raw = environ.get(env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = parse_value(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The settings a TOML config file sets, as :class:`Settings` field values.
+
+    Top-level keys are setting names (``history_size = 50``, ``api_key = ["k1", "k2"]``;
+    sizes may also be strings such as ``"64KiB"``); ``[[namespace]]`` tables define the
+    namespaces, in order.
+
+    Raises:
+        ValueError: the file cannot be read, is not TOML, or holds an unknown key or a
+            value of the wrong type; the message names the file and the key.
+    """
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ValueError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path}: not valid TOML: {exc}") from None
+    settable = {
+        f.name: f for f in dataclasses.fields(Settings) if f.name not in ("config", "namespaces")
+    }
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "namespace":
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise ValueError(
+                    f"config file {path}: namespace must be a list of tables ([[namespace]])"
+                )
+            values["namespaces"] = tuple(
+                namespace_from_table(table, f"config file {path}: namespace {index + 1}")
+                for index, table in enumerate(value)
+            )
+            continue
+        f = settable.get(key)
+        if f is None:
+            raise ValueError(
+                f"config file {path}: unknown key {key!r} (settings are named as in "
+                "wsrelay serve --help, with _ for -; namespaces are [[namespace]] tables)"
+            )
+        values[key] = _file_value(f, value, f"config file {path}: {key}")
+    return values
+
+
+def _file_value(f: dataclasses.Field[Any], value: Any, what: str) -> Any:
+    """A TOML ``value`` checked (and converted) for field ``f``."""
+    kind = f.type
+    if isinstance(value, str) and kind not in ("str", "str | None", "tuple[str, ...]"):
+        # Sizes with suffixes, durations as strings: parsed as the variable would be.
+        try:
+            return parse_value(f, value)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {str(exc).removeprefix(env_name(f.name) + ': ')}") from None
+    if kind in ("bool", bool):
+        ok = isinstance(value, bool)
+    elif kind in ("int", int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind in ("float", float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "tuple[str, ...]":
+        if isinstance(value, str):
+            return parse_value(f, value)
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = {
+            "tuple[str, ...]": "a list of strings",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+        }.get(str(kind), "a string")
+        raise ValueError(f"{what} must be {expected}, not {type(value).__name__} {value!r}")
+    return value
 
 
 def env_name(field_name: str) -> str:

@@ -14,12 +14,15 @@ The hierarchy::
     │   │   ├── TokenExpired        401 token_expired (refresh the token, reconnect)
     │   │   └── InvalidToken        401 invalid_token (do not retry)
     │   ├── Forbidden               403 forbidden / origin_not_allowed
+    │   │   └── ForbiddenTopic      403 forbidden_topic (no namespace rule or grant allows it)
     │   ├── NotFound                404 not_found / unknown_client
     │   ├── MethodNotAllowed        405 method_not_allowed
     │   ├── RequestTimeout          408 request_timeout (body not sent in time)
     │   ├── PayloadTooLarge         413 payload_too_large
+    │   │   └── MessageTooLarge     413 message_too_large (a namespace's max_message_size)
     │   ├── UpgradeRequired         426 upgrade_required
     │   ├── TooManyRegistrations    429 too_many_registrations (the user's limit)
+    │   ├── RateLimited             429 rate_limited (a namespace's client publish rate)
     │   └── HeadersTooLarge         431 headers_too_large (request line and headers)
     └── ServerError                 ours (5xx / close 1011)
         ├── BrokerUnavailable       503 broker_unavailable, Retry-After: 2
@@ -117,6 +120,13 @@ class Forbidden(ClientError):
     http_status = 403
 
 
+class ForbiddenTopic(Forbidden):
+    """A subscription or client publish that no namespace rule or grant allows; the
+    message names the topic and the rule."""
+
+    code = "forbidden_topic"
+
+
 class NotFound(ClientError):
     code = "not_found"
     http_status = 404
@@ -138,6 +148,13 @@ class PayloadTooLarge(ClientError):
     close_code = codes.MESSAGE_TOO_BIG
 
 
+class MessageTooLarge(PayloadTooLarge):
+    """A client publish over its namespace's ``max_message_size``. Unlike a frame over
+    ``--max-message-size`` it does not close a JSON-mode connection."""
+
+    code = "message_too_large"
+
+
 class HeadersTooLarge(ClientError):
     code = "headers_too_large"
     http_status = 431
@@ -153,6 +170,14 @@ class TooManyRegistrations(ClientError):
     client errors, the same request succeeds once one of them is deleted or expires."""
 
     code = "too_many_registrations"
+    http_status = 429
+
+
+class RateLimited(ClientError):
+    """A connection publishes faster than its namespace's ``publish_rate`` allows; the
+    same publish succeeds a little later. The connection stays open (JSON mode)."""
+
+    code = "rate_limited"
     http_status = 429
 
 

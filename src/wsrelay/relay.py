@@ -35,6 +35,7 @@ from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.history import MAX_REPLAY, HistoryPage, Position, Receipt, recovered
 from wsrelay.core.registry import Client, Hold, Occupancy, Registry, Sink, user_key
+from wsrelay.core.rules import NO_GRANTS, Grants, Namespace
 from wsrelay.core.schema import GapFrame, encode
 from wsrelay.errors import (
     BrokerUnavailable,
@@ -62,6 +63,13 @@ publications held for its topics are sent anyway."""
 
 ENVELOPE_OVERHEAD: Final = 64
 """Bytes of a message frame besides its topic and message (type, offset, framing)."""
+
+
+PublishItem = (
+    tuple[str, str, int | str | None, str | None]
+    | tuple[str, str, int | str | None, str | None, str | None]
+)
+"""``(topic, message, user_id, idempotency_key[, skip_client])`` for :meth:`Relay.publish_many`."""
 
 
 class Published(NamedTuple):
@@ -108,6 +116,7 @@ class Relay:
         backend = backend if backend is not None else MemoryBus().backend()
         self.broker = backend.broker
         self.registrations = backend.registrations
+        self.rules = settings.rules()
         self.registry = Registry()
         self.node_id = secrets.token_hex(8)
         self.started_at = time.monotonic()
@@ -141,18 +150,21 @@ class Relay:
 
     # -- registrations ------------------------------------------------------------------
 
-    async def register(self, user_id: int | str | None, topics: Iterable[str] = ()) -> Client:
-        """Create a registration with a new unguessable id.
+    async def register(
+        self, user_id: int | str | None, topics: Iterable[str] = (), grants: Grants = NO_GRANTS
+    ) -> Client:
+        """Create a registration with a new unguessable id, holding ``grants``.
 
         Raises:
             InvalidTopic, TooManyTopics: ``topics`` breaks the topic rules.
+            ForbiddenTopic: a namespace forbids the user (with ``grants``) one of ``topics``.
             TooManyRegistrations: the user already holds ``max_registrations_per_user``
                 (counted on every node; anonymous registrations are never refused).
             BrokerUnavailable: the store is unreachable.
         """
-        client = Client(
-            secrets.token_hex(CLIENT_ID_BYTES), user_key(user_id), self._validate(topics)
-        )
+        user, wanted = user_key(user_id), self._validate(topics)
+        self.rules.check_subscribe(wanted, user, grants)
+        client = Client(secrets.token_hex(CLIENT_ID_BYTES), user, wanted, grants)
         limit = self.settings.max_registrations_per_user
         if not await self.registrations.add(client, limit):
             raise TooManyRegistrations(
@@ -227,6 +239,7 @@ class Relay:
     ) -> Followed:
         """Replace the client's topics; see :meth:`subscribe` for ``since``."""
         wanted = self._validate(topics)
+        self.rules.check_subscribe(wanted, client.user, client.grants)
         return await self._follow(client, wanted, wanted, since or {})
 
     async def subscribe(
@@ -240,9 +253,11 @@ class Relay:
 
         Raises:
             InvalidTopic, TooManyTopics: the topics break the rules.
+            ForbiddenTopic: a namespace forbids the client one of them; nothing changed.
             BrokerUnavailable: the backend is unreachable; nothing changed.
         """
         wanted = self._validate(topics)
+        self.rules.check_subscribe(wanted, client.user, client.grants)
         total = len(client.topics | wanted)
         if total > self.settings.max_topics_per_client:
             raise TooManyTopics(
@@ -313,6 +328,8 @@ class Relay:
             # with recovered false); later copies of it still on their way are dropped.
             replay.extend(held.release(topic, top.epoch, top.offset))
         replay.extend(held.release_all())
+        if any(p.skip == client.id for p in replay):  # its own skip_self publications
+            replay = [p for p in replay if p.skip != client.id]
         return Followed(positions, replay)
 
     async def _read(self, topic: str, since: Position | None) -> HistoryPage:
@@ -349,10 +366,11 @@ class Relay:
         message: str,
         user_id: int | str | None = None,
         idempotency_key: str | None = None,
+        skip: str | None = None,
     ) -> Published:
         """Publish to every subscriber of ``topic`` (only ``user_id``'s, if given), on
-        every node, in the topic's order; answers how many connections on this node are
-        subscribed to it, and its position.
+        every node, in the topic's order, except the client whose id is ``skip``; answers
+        how many connections on this node it went to, and its position.
 
         Raises:
             InvalidTopic: ``topic`` breaks the topic rules.
@@ -361,16 +379,28 @@ class Relay:
         """
         topic_rules.validate_topic(topic, self.settings.max_topic_length)
         user = user_key(user_id)
-        receipt = await self.broker.publish(Publication(topic, message, user), idempotency_key)
+        publication = Publication(topic, message, user, skip=skip)
+        receipt = await self.broker.publish(publication, idempotency_key)
         if receipt.duplicate:
             return Published(0, receipt)
         self.published += 1
-        return Published(self._recipients(topic, user, receipt), receipt)
+        return Published(self._recipients(publication, receipt), receipt)
 
-    async def publish_many(
-        self, items: Sequence[tuple[str, str, int | str | None, str | None]]
-    ) -> list[Published]:
-        """Publish several ``(topic, message, user_id, idempotency_key)`` at once, in
+    def check_client_publish(self, client: Client, topic: str, message: str) -> Namespace:
+        """The namespace of ``topic`` if ``client`` may publish ``message`` there (its
+        rate is the caller's business: it is per connection).
+
+        Raises:
+            InvalidTopic: ``topic`` breaks the topic rules.
+            ForbiddenTopic: no rule or grant lets the client publish there.
+            MessageTooLarge: the namespace's ``max_message_size`` is exceeded.
+        """
+        topic_rules.validate_topic(topic, self.settings.max_topic_length)
+        subscribed = topic in client.topics
+        return self.rules.check_publish(topic, message, client.user, client.grants, subscribed)
+
+    async def publish_many(self, items: Sequence[PublishItem]) -> list[Published]:
+        """Publish several ``(topic, message, user_id, idempotency_key[, skip])`` at once, in
         order; answers each one as :meth:`publish` does. Every topic is checked before
         anything is published.
 
@@ -383,12 +413,14 @@ class Relay:
             BrokerUnavailable, PublishOutcomeUnknown: some were not (or maybe not) published.
         """
         publications, keys = [], []
-        for index, (topic, message, user_id, key) in enumerate(items):
+        for index, item in enumerate(items):
+            topic, message, user_id, key = item[:4]
+            skip = item[4] if len(item) > 4 else None
             try:
                 topic_rules.validate_topic(topic, self.settings.max_topic_length)
             except InvalidTopic as exc:
                 raise InvalidTopic(f"messages[{index}]: {exc.message}") from None
-            publications.append(Publication(topic, message, user_key(user_id)))
+            publications.append(Publication(topic, message, user_key(user_id), skip=skip))
             keys.append(key)
         outcomes = await self.broker.publish_many(publications, keys)
         answers: list[Published] = []
@@ -400,7 +432,7 @@ class Relay:
                 answers.append(Published(0, outcome))
             else:
                 self.published += 1
-                count = self._recipients(publication.topic, publication.user, outcome)
+                count = self._recipients(publication, outcome)
                 answers.append(Published(count, outcome))
         if failed is not None:
             if isinstance(failed, BrokerUnavailable):
@@ -420,13 +452,18 @@ class Relay:
         self._handed = (publication.topic, publication.offset, handed)
         return handed
 
-    def _recipients(self, topic: str, user: str | None, receipt: Receipt) -> int:
+    def _recipients(self, publication: Publication, receipt: Receipt) -> int:
         """How many connections here a publication just accepted went to: counted as it
         was handed over if it already was (the memory broker hands it over before the
         publish returns), else those subscribed now (Redis: it comes back shortly)."""
+        topic, user = publication.topic, publication.user
         if self._handed[:2] == (topic, receipt.position.offset):
             return self._handed[2]
-        return self.registry.count_recipients(topic, user)
+        count = self.registry.count_recipients(topic, user)
+        skipped = publication.skip and self.registry.attached(publication.skip)
+        if skipped and topic in skipped.topics and user in (None, skipped.user):
+            count -= 1
+        return count
 
     def _on_gap(self, topic: str, epoch: str, offset: int) -> None:
         """Tell the topic's JSON-mode subscribers that publications were lost before the

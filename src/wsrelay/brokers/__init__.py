@@ -7,6 +7,7 @@ process) or ``redis://`` / ``rediss://`` (many processes and machines; needs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from wsrelay.brokers.base import Backend, Broker, Listener, RegistrationStore
@@ -34,9 +35,12 @@ def from_url(
     history: HistoryLimits = DEFAULT_LIMITS,
     pool_size: int = 10,
     timeout: float = 5.0,
+    history_size: Callable[[str], int] | None = None,
 ) -> Backend:
     """The backend for ``url``. ``pool_size`` (connections for commands) and ``timeout``
-    (seconds any command may take, waiting for a connection included) concern Redis only.
+    (seconds any command may take, waiting for a connection included) concern Redis only;
+    ``history_size`` (publications kept per topic, if not ``history.size`` for all: the
+    namespaces' ``history_size``) the memory broker only, for now.
 
     Raises:
         ValueError: the scheme is not supported.
@@ -44,7 +48,7 @@ def from_url(
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryBus(registration_ttl, history).backend()
+        return MemoryBus(registration_ttl, history, history_size).backend()
     if scheme in ("redis", "rediss"):
         from wsrelay.brokers.redis import redis_backend
 

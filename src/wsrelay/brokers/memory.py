@@ -32,6 +32,7 @@ from wsrelay.core.history import (
     Receipt,
 )
 from wsrelay.core.registry import Client
+from wsrelay.core.rules import Grants
 
 
 class MemoryBus:
@@ -42,10 +43,11 @@ class MemoryBus:
         self,
         registration_ttl: float | None = None,
         limits: HistoryLimits = DEFAULT_LIMITS,
+        history_size: Callable[[str], int] | None = None,
     ) -> None:
         self.members: list[MemoryBroker] = []
         self.registrations = MemoryRegistrations(registration_ttl)
-        self.history = MemoryHistory(limits.size, limits.ttl, limits.memory)
+        self.history = MemoryHistory(limits.size, limits.ttl, limits.memory, size_of=history_size)
         self.keys = IdempotencyCache(limits.idempotency_window)
 
     def backend(self) -> Backend:
@@ -120,11 +122,14 @@ class MemoryBroker:
 
 
 class _Stored:
-    __slots__ = ("expires", "topics", "user")
+    __slots__ = ("expires", "grants", "topics", "user")
 
-    def __init__(self, user: str | None, topics: frozenset[str], expires: float) -> None:
+    def __init__(
+        self, user: str | None, topics: frozenset[str], expires: float, grants: Grants
+    ) -> None:
         self.user = user
         self.topics = topics
+        self.grants = grants
         self.expires = expires
         """When it expires (``clock`` time); infinite while a connection is attached."""
 
@@ -159,7 +164,7 @@ class MemoryRegistrations:
             if limit and len(ids) >= limit and client.id not in ids:
                 return False
             ids.add(client.id)
-        stored = _Stored(client.user, frozenset(client.topics), math.inf)
+        stored = _Stored(client.user, frozenset(client.topics), math.inf, client.grants)
         self._clients[client.id] = stored
         self._start_countdown(client.id, stored)
         return True
@@ -167,7 +172,9 @@ class MemoryRegistrations:
     async def get(self, client_id: str) -> Client | None:
         self._expire()
         stored = self._clients.get(client_id)
-        return None if stored is None else Client(client_id, stored.user, set(stored.topics))
+        if stored is None:
+            return None
+        return Client(client_id, stored.user, set(stored.topics), stored.grants)
 
     async def remove(self, client_id: str) -> bool:
         self._expire()

@@ -1,6 +1,7 @@
 """Registrations in Redis, shared by every node (``--broker redis://``).
 
-``wsrelay:reg:<id>`` holds ``[user, [topics]]`` with a TTL of
+``wsrelay:reg:<id>`` holds ``[user, [topics]]``, or ``[user, [topics], [[subscribe
+grants], [publish grants]]]`` for a registration with grants, with a TTL of
 ``registration_ttl`` seconds, refreshed while a connection is attached on some
 node (every third of the TTL), so a registration outlives node restarts and
 expires only when nobody uses it.
@@ -31,11 +32,23 @@ import redis.asyncio as aioredis
 
 from wsrelay.brokers.redis_client import FAILURES, Commands, Script, unavailable
 from wsrelay.core.registry import Client
+from wsrelay.core.rules import NO_GRANTS, Grants
 from wsrelay.errors import BrokerUnavailable
 
 log = logging.getLogger("wsrelay.redis")
 
 _encode = msgspec.json.Encoder().encode
+
+
+class _StoredValue(msgspec.Struct, array_like=True):
+    """A registration's value; ``grants`` (subscribe, publish) is absent without grants."""
+
+    user: str | None
+    topics: list[str]
+    grants: tuple[list[str], list[str]] | None = None
+
+
+_decode_stored = msgspec.json.Decoder(_StoredValue).decode
 
 _NOW_MS = """
 local function now_ms()
@@ -135,7 +148,10 @@ class RedisRegistrations:
 
     @staticmethod
     def _value(client: Client) -> bytes:
-        return _encode([client.user, sorted(client.topics)])
+        grants = client.grants
+        if not grants:  # the value every node has always written and read
+            return _encode([client.user, sorted(client.topics)])
+        return _encode([client.user, sorted(client.topics), [grants.subscribe, grants.publish]])
 
     async def add(self, client: Client, limit: int = 0) -> bool:
         keys = self._keys(client.id, client.user)
@@ -146,8 +162,9 @@ class RedisRegistrations:
         raw = await self._run(self._commands.call("GET", self._key(client_id)))
         if raw is None:
             return None
-        user, topics = msgspec.json.decode(raw, type=tuple[str | None, list[str]])
-        return Client(client_id, user, set(topics))
+        stored = _decode_stored(raw)
+        grants = Grants(*map(tuple, stored.grants)) if stored.grants else NO_GRANTS
+        return Client(client_id, stored.user, set(stored.topics), grants)
 
     async def remove(self, client_id: str) -> bool:
         self._attached.pop(client_id, None)

@@ -29,6 +29,9 @@ class Publication:
     user: str | None = None
     offset: int = 0
     epoch: str = ""
+    skip: str | None = None
+    """The id of a client it must not reach (the publisher's own, for ``skip_self``);
+    every broker carries it to every node, and the history keeps it for replays."""
 
     def envelope(self) -> bytes:
         """The JSON-mode payload: ``{"type":"message","topic":...,"message":...,"offset":...}``."""
@@ -39,13 +42,14 @@ def deliver(publication: Publication, recipients: Iterable[Client], framer: Fram
     """Queue ``publication`` to each recipient's connection; returns how many accepted it.
 
     A recipient recovering the topic (:attr:`Client.held`) gets it later, in order, or
-    not at all if its recovery already replayed it."""
+    not at all if its recovery already replayed it; the client it skips, never."""
     json_frame: bytes | None = None
     raw_frame: bytes | None = None
     accepted = 0
+    skip = publication.skip
     for client in recipients:
         sink = client.sink
-        if sink is None:
+        if sink is None or (skip is not None and client.id == skip):
             continue
         if client.held is not None and not client.held.admit(publication):
             continue

@@ -111,10 +111,12 @@ def recovered(page: HistoryPage, since: Position, limit: int = MAX_REPLAY) -> bo
 
 
 class _Topic:
-    __slots__ = ("entries", "epoch", "offset", "size", "touched")
+    __slots__ = ("entries", "epoch", "limit", "offset", "size", "touched")
 
-    def __init__(self, epoch: str, now: float) -> None:
+    def __init__(self, epoch: str, now: float, limit: int) -> None:
         self.epoch = epoch
+        self.limit = limit
+        """Publications kept (its namespace's history_size, else the setting)."""
         self.offset = 0
         self.entries: deque[tuple[float, Publication]] = deque()
         self.size = TOPIC_OVERHEAD
@@ -144,8 +146,12 @@ class MemoryHistory:
         ttl: float,
         memory_limit: int,
         clock: Callable[[], float] = time.monotonic,
+        size_of: Callable[[str], int] | None = None,
     ) -> None:
         self.size = size
+        self.size_of = size_of
+        """Publications kept per topic if not ``size`` for every topic (namespaces'
+        ``history_size``); asked once when a topic's history is made."""
         self.ttl = ttl
         self.memory_limit = memory_limit
         self.stats = HistoryStats()
@@ -159,15 +165,20 @@ class MemoryHistory:
         topic = self._touch(publication.topic, now)
         topic.offset += 1
         stored = Publication(
-            publication.topic, publication.message, publication.user, topic.offset, topic.epoch
+            publication.topic,
+            publication.message,
+            publication.user,
+            topic.offset,
+            topic.epoch,
+            publication.skip,
         )
-        if self.size > 0:
+        if topic.limit > 0:
             entries = topic.entries
             entries.append((now, stored))
             cost = ENTRY_OVERHEAD + sys.getsizeof(stored.message)
             topic.size += cost
             self.stats.bytes += cost
-            if len(entries) > self.size:
+            if len(entries) > topic.limit:
                 self._drop_oldest(topic)
             self._evict()
         return stored
@@ -199,7 +210,8 @@ class MemoryHistory:
         topic = topics.get(name)
         if topic is None:
             self._forget_stale(now)
-            topic = topics[name] = _Topic(new_epoch(), now)
+            limit = self.size if self.size_of is None else self.size_of(name)
+            topic = topics[name] = _Topic(new_epoch(), now, limit)
             self.stats.bytes += topic.size
         else:
             topics.move_to_end(name)

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from wsrelay.core.rules import NO_GRANTS, Grants
+
 if TYPE_CHECKING:
     from wsrelay.core.fanout import Publication
 
@@ -50,14 +52,19 @@ class Sink(Protocol):
 
 
 class Client:
-    """A registration. ``user`` is the user id as a string, or None if anonymous."""
+    """A registration. ``user`` is the user id as a string, or None if anonymous;
+    ``grants`` the topic patterns it may subscribe and publish to beyond what the
+    namespaces allow everyone (:mod:`wsrelay.core.rules`)."""
 
-    __slots__ = ("held", "id", "sink", "topics", "user")
+    __slots__ = ("grants", "held", "id", "sink", "topics", "user")
 
-    def __init__(self, client_id: str, user: str | None, topics: set[str]) -> None:
+    def __init__(
+        self, client_id: str, user: str | None, topics: set[str], grants: Grants = NO_GRANTS
+    ) -> None:
         self.id = client_id
         self.user = user
         self.topics = topics
+        self.grants = grants
         self.sink: Sink | None = None
         self.held: Hold | None = None
         """Topics being recovered: their live publications wait (see :class:`Hold`)."""

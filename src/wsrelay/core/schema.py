@@ -27,11 +27,30 @@ Topic = Annotated[str, msgspec.Meta(description="A topic name; see the topic rul
 # -- HTTP request and response bodies ---------------------------------------------------
 
 
+TopicPattern = Annotated[
+    str,
+    msgspec.Meta(
+        description="A topic, or a pattern: * matches within a segment (segments are "
+        "separated by .), > as the last segment matches the rest, {user} stands for the "
+        "connection's user id."
+    ),
+]
+
+
+class GrantsBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Topic patterns a client may subscribe and publish to where its namespace asks for
+    a grant (``subscribe = "granted"``, ``publish = "granted"`` or ``"subscribers"``)."""
+
+    subscribe: list[TopicPattern] = []
+    publish: list[TopicPattern] = []
+
+
 class RegisterRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``POST /register``."""
 
     user_id: UserId = None
     topics: list[Topic] = []
+    grants: GrantsBody | None = None
 
 
 class RegisterResponse(msgspec.Struct):
@@ -59,6 +78,16 @@ IdempotencyKey = Annotated[
 ]
 
 
+ClientId = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=64,
+        description="A client id (as returned by POST /register): that connection does "
+        "not receive this publication, on any node (as a client's skip_self).",
+    ),
+]
+
+
 class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``POST /publish``. With ``user_id``, only that user's clients receive it."""
 
@@ -66,6 +95,7 @@ class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
     message: str
     user_id: UserId = None
     idempotency_key: IdempotencyKey | None = None
+    skip_client: ClientId | None = None
 
 
 class PositionBody(msgspec.Struct):
@@ -205,19 +235,49 @@ class SincePosition(msgspec.Struct, forbid_unknown_fields=True):
     epoch: Annotated[str, msgspec.Meta(max_length=64)]
 
 
+RequestId = Annotated[
+    int | str,
+    msgspec.Meta(description="Chosen by the client; echoed in the answer to the command."),
+]
+
+
+class ClientPublish(msgspec.Struct, forbid_unknown_fields=True):
+    """``{"publish": {...}}``: publish ``message`` to ``topic`` as this client, if its
+    namespace allows (``publish`` rule, ``max_message_size``, ``publish_rate``).
+    ``skip_self``: this connection does not receive it. Answered by a ``published``
+    frame, or an error frame, carrying ``id``."""
+
+    topic: Topic
+    message: str
+    id: RequestId | None = None
+    skip_self: bool = False
+    idempotency_key: IdempotencyKey | None = None
+
+
 class ClientCommand(msgspec.Struct, forbid_unknown_fields=True):
-    """A frame from client to server; exactly one of the topic fields must be present.
+    """A frame from client to server; exactly one of the command fields must be present.
 
     ``{"topics": [...]}`` replaces the subscriptions (the seed's command),
     ``{"subscribe": [...]}`` adds to them, ``{"unsubscribe": [...]}`` removes from them.
     ``since`` (with ``topics`` or ``subscribe``) asks, per topic, for every publication
-    after the given position before the live stream.
+    after the given position before the live stream. ``{"publish": {...}}`` publishes.
     """
 
     topics: list[Topic] | None = None
     subscribe: list[Topic] | None = None
     unsubscribe: list[Topic] | None = None
     since: dict[Topic, SincePosition] | None = None
+    publish: ClientPublish | None = None
+
+
+class PublishedFrame(msgspec.Struct, tag_field="type", tag="published", omit_defaults=True):
+    """The answer to a client's ``publish``: its position (``offset`` in ``epoch``), and
+    ``duplicate`` if its idempotency key was seen before (nothing was published)."""
+
+    offset: int
+    epoch: str
+    id: int | str | None = None
+    duplicate: bool = False
 
 
 class MessageFrame(msgspec.Struct, tag_field="type", tag="message"):
@@ -256,10 +316,12 @@ class GapFrame(msgspec.Struct, tag_field="type", tag="gap"):
     epoch: str
 
 
-class ErrorFrame(msgspec.Struct, tag_field="type", tag="error"):
-    """Sent for a command the server could not apply; the connection stays open."""
+class ErrorFrame(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
+    """Sent for a command the server could not apply; the connection stays open. ``id``:
+    the refused ``publish``'s."""
 
     error: ErrorDetail
+    id: int | str | None = None
 
 
 # -- decoding ------------------------------------------------------------------------------

@@ -26,29 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from wsrelay import codes
+from wsrelay.core.commands import decode_command, request_id
 from wsrelay.core.fanout import Publication
-from wsrelay.core.history import Position
+from wsrelay.core.history import Position, Receipt
 from wsrelay.core.registry import Client
+from wsrelay.core.rules import NO_GRANTS, Grants, Namespace, PublishLimiter
 from wsrelay.core.schema import (
-    ClientCommand,
+    ClientPublish,
     ErrorDetail,
     ErrorFrame,
-    SincePosition,
+    PublishedFrame,
     SubscribedFrame,
     TopicPosition,
-    decode,
 )
 from wsrelay.core.schema import encode as encode_json
 from wsrelay.errors import (
     BadRequest,
     BrokerUnavailable,
     ClientError,
-    InvalidField,
     InvalidToken,
     NotFound,
     RelayError,
@@ -150,11 +151,20 @@ class Followed(Protocol):
     def replay(self) -> Iterable[Publication]: ...
 
 
+class PublishedLike(Protocol):
+    """What a publish answers (:class:`wsrelay.relay.Published`)."""
+
+    @property
+    def receipt(self) -> Receipt: ...
+
+
 class RelayLike(Protocol):
     """The part of :class:`wsrelay.relay.Relay` a session uses."""
 
     async def lookup(self, client_id: str) -> Client: ...
-    async def register(self, user_id: int | str | None, topics: Iterable[str] = ()) -> Client: ...
+    async def register(
+        self, user_id: int | str | None, topics: Iterable[str] = (), grants: Grants = NO_GRANTS
+    ) -> Client: ...
     async def unregister(self, client_id: str) -> None: ...
     async def set_topics(
         self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
@@ -163,6 +173,15 @@ class RelayLike(Protocol):
         self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
     ) -> Followed: ...
     async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None: ...
+    def check_client_publish(self, client: Client, topic: str, message: str) -> Namespace: ...
+    async def publish(
+        self,
+        topic: str,
+        message: str,
+        user_id: int | str | None = None,
+        idempotency_key: str | None = None,
+        skip: str | None = None,
+    ) -> PublishedLike: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +194,8 @@ class Gate:
     verify_token: Callable[[str], Claims] | None
     """Verifies a connection token, or None if tokens are not enabled."""
     slots: Slots
+    clock: Callable[[], float] = time.monotonic
+    """Monotonic seconds, for the client publish rate."""
 
 
 async def admit(
@@ -219,8 +240,10 @@ async def admit(
     raw, recover = _format(query)  # refuse a doomed request before registering anything
     check_upgrade()
     gate.slots.acquire()
+    # Claims without grants (an older verifier) hold none: today's behaviour.
+    grants: Grants = getattr(claims, "grants", NO_GRANTS)
     try:
-        client = await relay.register(claims.user, claims.topics)
+        client = await relay.register(claims.user, claims.topics, grants)  # 403 forbidden_topic
     except BaseException:
         gate.slots.release()
         raise
@@ -244,9 +267,6 @@ def _format(query: Mapping[str, str]) -> tuple[bool, bool]:
 RECOVER_VALUES: Final = ("true", "false", "1", "0")
 
 
-_COMMANDS: Final = ("topics", "subscribe", "unsubscribe")
-
-
 class Session:
     """One admitted connection's state and rules; see the module docstring.
 
@@ -258,6 +278,7 @@ class Session:
     __slots__ = (
         "_allowance",
         "_checked",
+        "_limiter",
         "client",
         "closed_with",
         "gate",
@@ -283,6 +304,8 @@ class Session:
         """The code and reason this side closed with, once it did."""
         self._allowance = float(CONTROL_FRAME_BURST)
         self._checked = 0.0
+        self._limiter: PublishLimiter | None = None
+        """The client publish rate's buckets, made at the first publish."""
 
     def open(self, now: float) -> None:
         """The upgrade was answered at ``now`` (monotonic seconds)."""
@@ -307,19 +330,32 @@ class Session:
                     fail=True,
                 )
         followed: Followed | None = None
+        request: int | str | None = None
         try:
-            name, topics, since = _decode_command(data)
-            relay, client = self.gate.relay, self.client
-            if name == "topics":
+            try:
+                command = decode_command(data)
+            except ClientError:
+                request = request_id(data)  # a broken publish's error still names its id
+                raise
+            if isinstance(command, ClientPublish):
+                request = command.id
+                return await self._publish(command)
+            relay, client, topics, since = (
+                self.gate.relay,
+                self.client,
+                command.topics,
+                command.since,
+            )
+            if command.name == "topics":
                 followed = await relay.set_topics(client, topics, since)
-            elif name == "subscribe":
+            elif command.name == "subscribe":
                 followed = await relay.subscribe(client, topics, since)
             else:
                 await relay.unsubscribe(client, topics)
         except ClientError as exc:
-            return self.report(exc)
+            return self.report(exc, request)
         except ServerError as exc:  # the broker went away: this command failed, not the client
-            return self.report(ClientError(exc.message, code=exc.code))
+            return self.report(ClientError(exc.message, code=exc.code), request)
         except Exception:
             log.exception("unexpected error in a WebSocket command")
             return self.closing(codes.INTERNAL_ERROR, "internal error")
@@ -335,6 +371,25 @@ class Session:
         }
         ack = encode_json(SubscribedFrame(sorted(self.client.topics), positions))
         return Send(ack, tuple(publication.envelope() for publication in followed.replay))
+
+    async def _publish(self, command: ClientPublish) -> Action | None:
+        """A client publish: allowed by the topic's namespace (rule, message size), within
+        the connection's rate there, then published as ``POST /publish`` does."""
+        relay, client = self.gate.relay, self.client
+        namespace = relay.check_client_publish(client, command.topic, command.message)
+        if self._limiter is None:
+            self._limiter = PublishLimiter()
+        self._limiter.take(namespace, self.gate.clock())
+        skip = client.id if command.skip_self else None
+        published = await relay.publish(
+            command.topic, command.message, None, command.idempotency_key, skip
+        )
+        if self.raw:
+            return None  # raw mode acknowledges nothing
+        receipt = published.receipt
+        position = receipt.position
+        frame = PublishedFrame(position.offset, position.epoch, command.id, receipt.duplicate)
+        return Send(encode_json(frame))
 
     def on_binary(self) -> Action:
         """A binary message arrived (whole): refused."""
@@ -374,11 +429,13 @@ class Session:
             return NotFound("this registration was deleted", code="unknown_client")
         return ServiceUnavailable(f"the connection was closed before it opened: {reason}")
 
-    def report(self, error: RelayError) -> Action:
-        """An error frame in JSON mode; in raw mode a close whose reason names it."""
+    def report(self, error: RelayError, request: int | str | None = None) -> Action:
+        """An error frame (naming the refused publish's ``request`` id, if any) in JSON
+        mode; in raw mode a close whose reason names it."""
         if self.raw:
             return self.closing(error.close_code, error.message)
-        return Send(encode_json(ErrorFrame(ErrorDetail(code=error.code, message=error.message))))
+        detail = ErrorDetail(code=error.code, message=error.message)
+        return Send(encode_json(ErrorFrame(detail, request)))
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -416,26 +473,3 @@ class Session:
         if self.temporary:
             with contextlib.suppress(NotFound, BrokerUnavailable):  # deleted, or the store is down
                 await self.gate.relay.unregister(self.client.id)
-
-
-def _decode_command(text: str) -> tuple[str, list[str], dict[str, Position] | None]:
-    command = decode(text, ClientCommand)
-    present = [
-        (name, topics)
-        for name, topics in zip(
-            _COMMANDS, (command.topics, command.subscribe, command.unsubscribe), strict=True
-        )
-        if topics is not None
-    ]
-    if len(present) != 1:
-        raise InvalidField('send exactly one of "topics", "subscribe" or "unsubscribe"')
-    name, topics = present[0]
-    if command.since is None:
-        return name, topics, None
-    if name == "unsubscribe":
-        raise InvalidField('"since" goes with "topics" or "subscribe", not "unsubscribe"')
-    return name, topics, {t: _position(p) for t, p in command.since.items()}
-
-
-def _position(since: SincePosition) -> Position:
-    return Position(since.epoch, since.offset)

@@ -61,6 +61,7 @@ def create_app(
             history=settings.history_limits(),
             pool_size=settings.broker_pool_size,
             timeout=settings.broker_timeout,
+            history_size=settings.rules().history_sizes(settings.history_size),
         )
     app[RELAY] = Relay(settings, frame_text, backend)
     connections: set[Connection] = set()

@@ -10,8 +10,9 @@
   Clients that are not browsers send none and are let through: the check exists
   against cross-site WebSocket hijacking, which needs a browser.
 * **Connection tokens** (``--jwt-secret`` / ``--jwt-public-key-file``): a
-  backend signs ``{"sub": user_id, "topics": [...], "exp": ...}`` and the browser
-  connects to ``/ws?token=...`` with no registration step.
+  backend signs ``{"sub": user_id, "topics": [...], "grants": {"subscribe": [...],
+  "publish": [...]}, "exp": ...}`` (``topics`` and ``grants`` optional) and the
+  browser connects to ``/ws?token=...`` with no registration step.
 * **CORS** (:func:`cors_headers`): a page of any origin may read the plain-HTTP
   answers of the two WebSocket routes (``GET /ws/<id>`` and ``GET /ws``), never
   those of the routes behind the API key.
@@ -35,6 +36,7 @@ import jwt
 from aiohttp import web
 
 from wsrelay.config import Settings
+from wsrelay.core.rules import NO_GRANTS, Grants
 from wsrelay.core.topics import validate_topics
 from wsrelay.errors import (
     BadRequest,
@@ -199,10 +201,12 @@ def cors_headers(route: str) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
-    """What a valid connection token grants: a user and its initial topics."""
+    """What a valid connection token grants: a user, its initial topics, and the topic
+    patterns it may subscribe and publish to where a namespace asks for a grant."""
 
     user: str
     topics: tuple[str, ...]
+    grants: Grants = NO_GRANTS
 
 
 _DEFAULTS = Settings()
@@ -300,7 +304,32 @@ class TokenVerifier:
             validate_topics(topics, self._max_topic_length, self._max_topics)
         except (InvalidTopic, TooManyTopics) as exc:
             raise InvalidToken(f"the token's topics claim is not usable: {exc.message}") from None
-        return TokenClaims(user=claims["sub"], topics=tuple(topics))
+        return TokenClaims(
+            user=claims["sub"], topics=tuple(topics), grants=self._grants(claims.get("grants"))
+        )
+
+    def _grants(self, claim: Any) -> Grants:
+        """The ``grants`` claim, checked like the rest of the token (InvalidToken)."""
+        if claim is None:
+            return NO_GRANTS
+        lists = claim if isinstance(claim, dict) else None
+        if (
+            lists is None
+            or not set(lists) <= {"subscribe", "publish"}
+            or not all(
+                isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists.values()
+            )
+        ):
+            raise InvalidToken(
+                'the token\'s grants claim must be {"subscribe": [patterns], "publish": '
+                "[patterns]} (both optional)"
+            )
+        try:
+            return Grants.checked(
+                lists.get("subscribe", ()), lists.get("publish", ()), self._max_topic_length
+            )
+        except InvalidTopic as exc:
+            raise InvalidToken(f"the token's grants claim is not usable: {exc.message}") from None
 
 
 TOKENS: web.AppKey[TokenVerifier | None] = web.AppKey("token_verifier")

@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 
 from wsrelay import __version__
+from wsrelay.core.rules import NO_GRANTS, Grants
 from wsrelay.core.schema import (
     MAX_HISTORY_PAGE,
     BatchPublishRequest,
@@ -38,7 +39,7 @@ from wsrelay.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from wsrelay.relay import Relay
+from wsrelay.relay import PublishItem, Relay
 from wsrelay.server.keys import RELAY, SETTINGS
 from wsrelay.server.metrics import METRICS
 
@@ -118,7 +119,13 @@ async def ready(request: web.Request) -> web.Response:
 
 async def register(request: web.Request) -> web.Response:
     body = await read_json(request, RegisterRequest)
-    client = await request.app[RELAY].register(body.user_id, body.topics)
+    relay = request.app[RELAY]
+    grants = NO_GRANTS
+    if body.grants is not None:
+        grants = Grants.checked(
+            body.grants.subscribe, body.grants.publish, relay.settings.max_topic_length
+        )
+    client = await relay.register(body.user_id, body.topics, grants)
     return json_response(RegisterResponse(id=client.id, url=websocket_url(request, client.id)))
 
 
@@ -143,7 +150,11 @@ async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
     """``POST /publish`` once its body has arrived."""
     request = decode(body, PublishRequest)
     recipients, receipt = await app[RELAY].publish(
-        request.topic, request.message, request.user_id, request.idempotency_key
+        request.topic,
+        request.message,
+        request.user_id,
+        request.idempotency_key,
+        request.skip_client,
     )
     metrics = app[METRICS]
     if not receipt.duplicate:
@@ -156,7 +167,9 @@ async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
 async def publish_many(app: web.Application, body: bytes) -> BatchPublishResponse:
     """``POST /publish/batch`` once its body has arrived."""
     request = decode(body, BatchPublishRequest)
-    items = [(m.topic, m.message, m.user_id, m.idempotency_key) for m in request.messages]
+    items: list[PublishItem] = [
+        (m.topic, m.message, m.user_id, m.idempotency_key, m.skip_client) for m in request.messages
+    ]
     answers = await app[RELAY].publish_many(items)
     metrics = app[METRICS]
     fresh = [recipients for recipients, receipt in answers if not receipt.duplicate]

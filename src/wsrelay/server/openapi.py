@@ -28,7 +28,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         "one Authorization header (code bad_request).",
         401: "Missing or wrong credentials (code unauthorized, token_expired or invalid_token); "
         "the answer carries WWW-Authenticate: Bearer.",
-        403: "The page's Origin is not in the allowlist (code origin_not_allowed).",
+        403: "The page's Origin is not in the allowlist (code origin_not_allowed), or a "
+        "namespace does not let this client subscribe to one of its initial topics (code "
+        "forbidden_topic; the message names the topic and the rule).",
         404: "No such registration.",
         408: "The body did not arrive within request_timeout.",
         413: "The body is larger than max_body_size.",
@@ -172,7 +174,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("RegisterRequest")},
                     "responses": {
                         "200": {"description": "Registered.", "content": _json("RegisterResponse")},
-                        **_errors(400, *unauthorized, 408, 413, *limited, 503),
+                        **_errors(400, *unauthorized, 403, 408, 413, *limited, 503),
                     },
                 }
             },
@@ -328,7 +330,8 @@ def document(settings: Settings) -> dict[str, Any]:
                             "required": True,
                             "schema": {"type": "string"},
                             "description": "A JWT (HS256 or RS256) with claims sub (the user "
-                            "id), exp and optionally topics.",
+                            'id), exp and optionally topics and grants ({"subscribe": '
+                            '[patterns], "publish": [patterns]}, as in POST /register).',
                         },
                         fmt,
                         recover,
