@@ -196,6 +196,7 @@ class RedisBroker:
             )
 
     async def stop(self) -> None:
+        self._up.clear()  # going away is not an outage: no "broker down" on the way out
         if self._registrations is not None:
             await self._registrations.stop()
         await self._probe.stop()

@@ -11,7 +11,8 @@ awaited on the same connection.
 
 A node too busy to read its sockets for a second (a reconnect storm on one
 core) must not take its own lateness for an outage: before declaring one, the
-probe lets the event loop read what already arrived.
+probe checks that its event loop runs on time (a 50 ms sleep takes less than
+250 ms), and waits on while it does not.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ PROBE_INTERVAL: Final = 0.5
 
 PROBE_TIMEOUT: Final = 1.0
 """Seconds without a PONG (or to connect) after which Redis is declared down."""
+
+LAG_SAMPLE: Final = 0.05
+LAG_LIMIT: Final = 0.25
+"""A sleep of LAG_SAMPLE seconds taking longer than LAG_LIMIT: the node's event loop lags,
+and a late PONG may be the node's fault, not Redis's."""
 
 STALL_PATIENCE: Final = 10.0
 """Seconds the probe keeps waiting for an overdue PONG before it opens a new connection
@@ -120,12 +126,16 @@ class HealthProbe:
         reply = asyncio.ensure_future(connection.read_response())
         try:
             await asyncio.wait({reply}, timeout=self._timeout)
-            for _ in range(3):  # a PONG already received but not yet read: the node was busy
-                if reply.done():
+            waited = self._timeout
+            while not reply.done() and await self._busy():
+                # The node, not Redis, may be the one late (a reconnect storm on a busy
+                # core): wait on while its event loop lags, up to STALL_PATIENCE.
+                if waited >= STALL_PATIENCE:
                     break
-                await asyncio.sleep(0)
+                await asyncio.wait({reply}, timeout=LAG_LIMIT)
+                waited += LAG_LIMIT
             if not reply.done():
-                self._verdict(False, f"no answer to PING within {self._timeout:g} s (stalled?)")
+                self._verdict(False, f"no answer to PING within {waited:g} s (stalled?)")
                 await asyncio.wait({reply}, timeout=STALL_PATIENCE)
                 if not reply.done():
                     raise TimeoutError(f"no answer to PING within {STALL_PATIENCE:g} s")
@@ -135,3 +145,12 @@ class HealthProbe:
                 reply.cancel()
             with contextlib.suppress(BaseException):  # (its failure is retrieved, not logged)
                 await reply
+
+    @staticmethod
+    async def _busy() -> bool:
+        """Whether the event loop lags (a short sleep takes much longer), reading what
+        already arrived meanwhile."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.sleep(LAG_SAMPLE)
+        return loop.time() - started > LAG_LIMIT
