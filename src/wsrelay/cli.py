@@ -54,7 +54,7 @@ def _add_serve(commands: Any) -> None:
         description="Run the relay. Every option can also be set with the environment "
         "variable shown, or in the --config file; a flag wins over the variable, which "
         "wins over the file.",
-        epilog="examples: wsrelay serve --port 8000; wsrelay serve --config wsrelay.toml",
+        epilog="example: wsrelay serve --port 8000 (or: wsrelay serve --config wsrelay.toml)",
     )
     for f in dataclasses.fields(Settings):
         if f.metadata.get("file_only"):

@@ -233,6 +233,7 @@ async def test_openapi_document_describes_every_route(api: Api) -> None:
         "message",
         "user_id",
         "idempotency_key",
+        "skip_client",
     }
     assert schemas["PublishResponse"]["required"] == ["recipients", "offset", "epoch"]
 
