@@ -19,7 +19,9 @@
 ``stats``, ``topics``, ``register``, ``unregister``); :meth:`Relay.subscribe`
 returns a :class:`Subscription` that yields :class:`Message` objects, reconnects
 by itself and recovers what was published meanwhile (or reports a
-:class:`NotRecovered` event when it cannot). Failures are :class:`RelayError`
+:class:`NotRecovered` event when it cannot), and publishes as a client over its
+own connection (:meth:`Subscription.publish`, where a namespace allows it; grants
+go with ``subscribe(..., grants=...)`` or :meth:`Relay.connect`). Failures are :class:`RelayError`
 subclasses carrying the server's error ``code`` and HTTP ``status``.
 """
 
@@ -31,11 +33,16 @@ from wsrelay.client._errors import (
     ConnectionClosed,
     ConnectionFailed,
     Forbidden,
+    ForbiddenTopic,
     HTTPError,
+    MessageTooLarge,
+    NotConnected,
     NotFound,
     PayloadTooLarge,
     ProtocolError,
+    PublishInterrupted,
     PublishOutcomeUnknown,
+    RateLimited,
     RelayError,
     Replaced,
     ServerError,
@@ -46,7 +53,9 @@ from wsrelay.client._errors import (
 )
 from wsrelay.client._models import (
     Backoff,
+    ClientPublished,
     Event,
+    Grants,
     History,
     HistoryItem,
     Message,
@@ -69,23 +78,30 @@ __all__ = [
     "MAX_BATCH",
     "Backoff",
     "BadRequest",
+    "ClientPublished",
     "CommandRefused",
     "ConnectionClosed",
     "ConnectionFailed",
     "Event",
     "Forbidden",
+    "ForbiddenTopic",
+    "Grants",
     "HTTPError",
     "History",
     "HistoryItem",
     "Message",
+    "MessageTooLarge",
+    "NotConnected",
     "NotFound",
     "NotRecovered",
     "PayloadTooLarge",
     "Position",
     "ProtocolError",
     "Publish",
+    "PublishInterrupted",
     "PublishOutcomeUnknown",
     "Published",
+    "RateLimited",
     "Reconnecting",
     "Registration",
     "Relay",

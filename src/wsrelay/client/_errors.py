@@ -5,15 +5,21 @@ Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
 
     RelayError                     code, status, message
     ├── ConnectionFailed           the server could not be reached or did not answer
+    │   ├── NotConnected           a client publish found no open connection: nothing was sent
+    │   └── PublishInterrupted     the connection was lost before a client publish's answer:
+    │                              it may or may not have been published
     ├── ProtocolError              the server answered something that is not wsrelay's API
     ├── HTTPError                  the server answered 4xx/5xx with {"error": {...}}
     │   │                          (.retry_after: its Retry-After header, in seconds)
     │   ├── BadRequest             400 (invalid_topic, invalid_field, ...)
     │   ├── Unauthorized           401 (missing or wrong API key)
     │   ├── Forbidden              403
+    │   │   └── ForbiddenTopic     403 forbidden_topic: no namespace rule or grant allows it
     │   ├── NotFound               404 (unknown_client, not_found)
     │   ├── PayloadTooLarge        413
+    │   │   └── MessageTooLarge    413 message_too_large: over the namespace's max_message_size
     │   ├── TooManyRequests        429 (too_many_registrations)
+    │   │   └── RateLimited        429 rate_limited: client publishes past the namespace's rate
     │   └── ServerError            5xx
     │       └── ServiceUnavailable 503 (broker_unavailable, too_many_connections)
     │           └── PublishOutcomeUnknown  503 publish_outcome_unknown: retry with
@@ -22,6 +28,10 @@ Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
     └── ConnectionClosed           the server closed the WebSocket for good
         ├── Unregistered           1000: the registration was deleted
         └── Replaced               4500: a newer connection took the registration over
+
+A refused client publish (``Subscription.publish``) raises the class its error frame's
+code maps to, with the ``status`` the same refusal gets over HTTP (``forbidden_topic``:
+:class:`ForbiddenTopic`, 403; ``invalid_topic``: :class:`BadRequest`, 400...).
 
 These are the client's own classes: they are not the server-side
 ``wsrelay.errors`` hierarchy, though the codes are the same strings.
@@ -119,6 +129,14 @@ class Forbidden(HTTPError):
     default_code = "forbidden"
 
 
+class ForbiddenTopic(Forbidden):
+    """403 ``forbidden_topic``: a namespace rule forbids this subscription or client
+    publish, and no grant of the connection allows it; the message names the topic and
+    the rule."""
+
+    default_code = "forbidden_topic"
+
+
 class NotFound(HTTPError):
     """404: no such registration (``unknown_client``) or route (``not_found``)."""
 
@@ -131,10 +149,24 @@ class PayloadTooLarge(HTTPError):
     default_code = "payload_too_large"
 
 
+class MessageTooLarge(PayloadTooLarge):
+    """413 ``message_too_large``: a client publish over its namespace's
+    ``max_message_size``."""
+
+    default_code = "message_too_large"
+
+
 class TooManyRequests(HTTPError):
     """429: e.g. ``too_many_registrations``: the same request may succeed later."""
 
     default_code = "too_many_requests"
+
+
+class RateLimited(TooManyRequests):
+    """429 ``rate_limited``: the connection published faster than its namespace's
+    ``publish_burst`` and ``publish_rate`` allow; the message says when the next one fits."""
+
+    default_code = "rate_limited"
 
 
 class ServerError(HTTPError):
@@ -156,6 +188,23 @@ class PublishOutcomeUnknown(ServiceUnavailable):
     of an accepted one answers :attr:`~wsrelay.client.Published.duplicate`)."""
 
     default_code = "publish_outcome_unknown"
+
+
+class NotConnected(ConnectionFailed):
+    """A client publish found the subscription closed or between connections (it
+    reconnects while iterated): nothing was sent, so trying again later is safe."""
+
+    default_code = "not_connected"
+
+
+class PublishInterrupted(ConnectionFailed):
+    """The connection was lost (or no answer came within the client's timeout) after a
+    client publish was sent and before its answer: it may or may not have been
+    published. Publishing again with the same ``idempotency_key`` is safe: a repeat of
+    one that was accepted publishes nothing and answers its position
+    (``duplicate=True``)."""
+
+    default_code = "publish_interrupted"
 
 
 class CommandRefused(RelayError):
@@ -205,6 +254,9 @@ _BY_STATUS: dict[int, type[HTTPError]] = {
 
 _BY_CODE: dict[tuple[int, str], type[HTTPError]] = {
     (503, "publish_outcome_unknown"): PublishOutcomeUnknown,
+    (403, "forbidden_topic"): ForbiddenTopic,
+    (413, "message_too_large"): MessageTooLarge,
+    (429, "rate_limited"): RateLimited,
 }
 """Codes that need a class of their own, more precise than their status's."""
 
@@ -219,3 +271,26 @@ def http_error(
         or (ServerError if status >= 500 else HTTPError)
     )
     return cls(message, code=code, status=status, retry_after=retry_after)
+
+
+_STATUS_BY_CODE: dict[str, int] = {
+    "invalid_json": 400,
+    "invalid_field": 400,
+    "invalid_topic": 400,
+    "too_many_topics": 400,
+    "unsupported_frame": 400,
+    "forbidden_topic": 403,
+    "message_too_large": 413,
+    "rate_limited": 429,
+    "internal_error": 500,
+    "broker_unavailable": 503,
+    "publish_outcome_unknown": 503,
+}
+"""The HTTP status the server gives each code an error frame may carry."""
+
+
+def frame_error(code: str, message: str) -> HTTPError:
+    """The exception for an error frame that answered a client publish: the class and
+    ``status`` the same refusal gets over HTTP (an unknown code: :class:`HTTPError`
+    with status 400)."""
+    return http_error(_STATUS_BY_CODE.get(code, 400), code, message)

@@ -106,6 +106,34 @@ class Published(int):
         )
 
 
+class ClientPublished(msgspec.Struct, frozen=True):
+    """What :meth:`Subscription.publish` returns: the server accepted the client publish
+    at ``offset`` in ``epoch`` (its :attr:`position`). ``duplicate``: a publish with the
+    same ``idempotency_key`` was accepted before; this one published nothing, and offset
+    and epoch are the first one's. There is no recipient count: a client publish is
+    answered before it is delivered."""
+
+    offset: int
+    epoch: str
+    duplicate: bool = False
+
+    @property
+    def position(self) -> Position:
+        """Where the publication is in its topic."""
+        return Position(self.offset, self.epoch)
+
+
+class Grants(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Topic patterns a registration may subscribe and publish to where its namespace
+    asks for a grant (``subscribe = "granted"``, ``publish = "granted"`` or
+    ``"subscribers"``): ``*`` matches within a ``.``-separated segment, ``>`` as the last
+    segment the rest, and ``{user}`` stands for the connection's own user id
+    (``"inbox:{user}"``). Sent as ``"grants"`` with ``POST /register``."""
+
+    subscribe: list[str] = []
+    publish: list[str] = []
+
+
 class HistoryItem(msgspec.Struct, frozen=True):
     """One kept publication of :meth:`Relay.history`: its offset, its text, and the
     user it was published for (as a string; None: everyone)."""

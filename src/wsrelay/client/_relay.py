@@ -28,18 +28,23 @@ from wsrelay.client._errors import (
     ConnectionClosed,
     ConnectionFailed,
     HTTPError,
+    NotConnected,
     NotFound,
     ProtocolError,
+    PublishInterrupted,
     RelayError,
     Replaced,
     ServerError,
     TooManyRequests,
     Unregistered,
+    frame_error,
     http_error,
 )
 from wsrelay.client._models import (
     Backoff,
+    ClientPublished,
     Event,
+    Grants,
     History,
     Message,
     NotRecovered,
@@ -108,6 +113,26 @@ class _Frame(msgspec.Struct):
     topics: list[str] = []
     positions: dict[str, _TopicPosition] = {}
     error: _ErrorDetail | None = None
+    id: int | str | None = None
+    duplicate: bool = False
+
+
+GrantsLike = Grants | Mapping[str, Sequence[str]]
+"""Grants as a :class:`Grants` or a mapping like ``{"publish": ["chat:*"]}``."""
+
+
+def _grants(grants: GrantsLike | None) -> Grants | None:
+    if grants is None or isinstance(grants, Grants):
+        return grants
+    if isinstance(grants, Mapping):
+        unknown = set(grants) - {"subscribe", "publish"}
+        if unknown:
+            raise ValueError(f"grants: unknown action(s) {', '.join(sorted(unknown))}")
+        for action in ("subscribe", "publish"):
+            if isinstance(grants.get(action), str):
+                raise ValueError(f"grants: {action} must be a list of patterns, not a string")
+        return Grants(list(grants.get("subscribe", ())), list(grants.get("publish", ())))
+    raise TypeError(f"grants must be a Grants or a mapping, not {type(grants).__name__}")
 
 
 class _PublishAnswer(msgspec.Struct):
@@ -299,10 +324,25 @@ class Relay:
         params = {"prefix": prefix, "limit": str(limit)}
         return await self._request("GET", "/topics", Topics, params=params)
 
-    async def register(self, user_id: UserId = None, topics: Sequence[str] = ()) -> Registration:
+    async def register(
+        self,
+        user_id: UserId = None,
+        topics: Sequence[str] = (),
+        *,
+        grants: GrantsLike | None = None,
+    ) -> Registration:
         """``POST /register``: a new client id and its WebSocket URL. :meth:`subscribe`
-        does this for you."""
-        body = _encode({"user_id": user_id, "topics": list(topics)})
+        does this for you.
+
+        ``grants``: topic patterns the client may subscribe and publish to where a
+        namespace asks for a grant, as :class:`Grants` or ``{"subscribe": [...],
+        "publish": [...]}`` (``{user}`` stands for ``user_id``). Raises
+        :class:`ForbiddenTopic` (403) if a namespace forbids one of ``topics``."""
+        fields: dict[str, Any] = {"user_id": user_id, "topics": list(topics)}
+        checked = _grants(grants)
+        if checked is not None:  # only then: a server older than grants refuses the field
+            fields["grants"] = checked
+        body = _encode(fields)
         return await self._request("POST", "/register", Registration, body=body)
 
     async def unregister(self, client_id: str) -> None:
@@ -359,6 +399,7 @@ class Relay:
         on_event: Callable[[Event], object] | None = None,
         backoff: Backoff | None = None,
         since: Mapping[str, Position] | None = None,
+        grants: GrantsLike | None = None,
     ) -> Subscription:
         """Receive every message published to ``topics`` (and, with ``user_id``, those
         targeted at that user) as :class:`Message` objects.
@@ -373,9 +414,41 @@ class Relay:
         that position (saved from :attr:`Subscription.positions`, or a
         :class:`Message`'s ``offset`` and ``epoch``) come first; a topic that cannot be
         resumed is reported with a :class:`NotRecovered` event.
+
+        ``grants`` go with the registration (see :meth:`register`), each time it
+        registers. The subscription can publish over its own connection too
+        (:meth:`Subscription.publish`).
         """
         if not topics:
-            raise ValueError("subscribe needs at least one topic")
+            raise ValueError("subscribe needs at least one topic (connect() subscribes to none)")
+        return self._subscription(topics, user_id, on_event, backoff, since, grants)
+
+    def connect(
+        self,
+        *,
+        user_id: UserId = None,
+        grants: GrantsLike | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        backoff: Backoff | None = None,
+    ) -> Subscription:
+        """A client connection subscribed to no topic, to publish from as a client
+        (:meth:`Subscription.publish`), registered with ``user_id`` and ``grants``::
+
+            async with relay.connect(user_id=42, grants={"publish": ["chat:*"]}) as client:
+                await client.publish("chat:1", "hello")
+
+        It reconnects like any :class:`Subscription`, but only while iterated."""
+        return self._subscription((), user_id, on_event, backoff, None, grants)
+
+    def _subscription(
+        self,
+        topics: Sequence[str],
+        user_id: UserId,
+        on_event: Callable[[Event], object] | None,
+        backoff: Backoff | None,
+        since: Mapping[str, Position] | None,
+        grants: GrantsLike | None,
+    ) -> Subscription:
         unknown = set(since or ()) - set(topics)
         if unknown:
             raise ValueError(f"since names topics not subscribed to: {', '.join(sorted(unknown))}")
@@ -386,6 +459,7 @@ class Relay:
             on_event=on_event,
             backoff=backoff or self.backoff,
             since=since,
+            grants=_grants(grants),
         )
         self._subscriptions.add(subscription)
         return subscription
@@ -483,10 +557,13 @@ class Subscription:
         on_event: Callable[[Event], object] | None,
         backoff: Backoff,
         since: Mapping[str, Position] | None = None,
+        grants: Grants | None = None,
     ) -> None:
         self.relay = relay
         self.topics: tuple[str, ...] = tuple(topics)
         self.user_id = user_id
+        self.grants = grants
+        """The grants it registers with (None: none, today's behaviour)."""
         self.backoff = backoff
         self.id: str | None = None
         """The current registration id (it changes when the client registers again)."""
@@ -502,6 +579,19 @@ class Subscription:
         self._delete_on_close = True
         self._rng = random.Random()
         self._positions: dict[str, Position] = dict(since or {})
+        self._ready = False
+        """The current connection's subscription is acknowledged: publishes may go."""
+        self._publishes: dict[int, asyncio.Future[ClientPublished]] = {}
+        """Client publishes sent and not answered yet, by id."""
+        self._next_request = 0
+        self._reading = False
+        """A task is in ``recv`` on the WebSocket (the iteration, or a publish waiting
+        for its answer while nobody iterates)."""
+        self._read_done = asyncio.Event()
+        self._read_done.set()
+        self._deferred: BaseException | None = None
+        """What a publish's read met that the iteration must act on (a lost connection,
+        an error frame that answered no publish)."""
 
     @property
     def positions(self) -> dict[str, Position]:
@@ -585,8 +675,10 @@ class Subscription:
         or another connection replaced this one). Safe to call more than once and from
         another task; a pending iteration then stops."""
         self._closed = True
+        self._ready = False
         self._closing.set()
         self.relay._subscriptions.discard(self)
+        self._interrupt("the subscription was closed")
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
@@ -606,20 +698,143 @@ class Subscription:
             self._on_event(event)
 
     async def _receive(self) -> Message | None:
-        """The next frame's message, None for frames that are not messages."""
+        """The next frame's message, None for frames that are not messages (and when a
+        publish was reading: its messages are in ``_pending``)."""
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
+        if self._reading:  # a publish waits for its answer: let it read, then look again
+            await self._read_done.wait()
+            return None
         if self._ws is None:
             raise _Lost(None, "not connected")
+        return self._handle(await self._read(self._ws))
+
+    async def _read(self, ws: ClientConnection) -> str | bytes:
+        """One frame from ``ws``, by one task at a time."""
+        self._reading = True
+        self._read_done.clear()
         try:
-            data = await self._ws.recv()
+            return await ws.recv()
         except WSConnectionClosed as exc:
             if self._closed:  # by close(), from another task
                 raise _Lost(None, "closed") from None
             raise self._lost(exc) from None
-        return self._handle(data)
+        finally:
+            self._reading = False
+            self._read_done.set()
+
+    def _interrupt(self, why: str) -> None:
+        """Fail every client publish waiting for its answer: the connection is gone."""
+        publishes, self._publishes = self._publishes, {}
+        for future in publishes.values():
+            if not future.done():
+                future.set_exception(
+                    PublishInterrupted(
+                        f"{why} before the publish was answered: it may or may not have been "
+                        "published (publish again with the same idempotency_key to be sure)"
+                    )
+                )
+
+    async def publish(
+        self,
+        topic: str,
+        message: str,
+        *,
+        skip_self: bool = False,
+        idempotency_key: str | None = None,
+    ) -> ClientPublished:
+        """Publish ``message`` to ``topic`` over this subscription's own connection, as
+        this client, and return where the server put it once it answers.
+
+        The topic's namespace must allow it (``publish = "granted"`` with a matching
+        publish grant, or ``"subscribers"`` with the topic subscribed to; by default no
+        client may publish). The publication goes to every subscriber of the topic (a
+        client publish targets no user), this connection too unless ``skip_self``; this
+        connection's own copy may come before or after the answer. ``idempotency_key``
+        works as in :meth:`Relay.publish`.
+
+        Raises:
+            ForbiddenTopic: no rule or grant lets this client publish there (403).
+            RateLimited: the connection publishes faster than its namespace allows (429).
+            MessageTooLarge: over the namespace's ``max_message_size`` (413).
+            BadRequest: an invalid topic or field (400).
+            ServiceUnavailable: the server's broker failed (503;
+                :class:`PublishOutcomeUnknown` if it may have been published).
+            NotConnected: the subscription is closed or between connections; nothing
+                was sent.
+            PublishInterrupted: the connection was lost, or no answer came within the
+                client's ``timeout``, after the publish was sent: it may or may not
+                have been published.
+
+        A refusal leaves the connection open. Safe to call from several tasks, and
+        while another task iterates over the subscription (which gets the messages a
+        waiting publish reads meanwhile).
+        """
+        if not self._started:
+            await self.start()
+        ws = self._ws
+        if self._closed or ws is None or not self._ready:
+            why = "closed" if self._closed else "between connections (it reconnects while iterated)"
+            raise NotConnected(f"cannot publish: the subscription is {why}; nothing was sent")
+        self._next_request += 1
+        request = self._next_request
+        body: dict[str, Any] = {"topic": topic, "message": message, "id": request}
+        if skip_self:
+            body["skip_self"] = True
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        future: asyncio.Future[ClientPublished] = asyncio.get_running_loop().create_future()
+        self._publishes[request] = future
+        try:
+            try:
+                await ws.send(_encode({"publish": body}).decode())
+            except WSConnectionClosed:
+                raise NotConnected(
+                    "cannot publish: the connection was lost; nothing was sent"
+                ) from None
+            async with asyncio.timeout(self.relay.timeout):
+                await self._await_answer(ws, future)
+            return future.result()
+        except TimeoutError:
+            raise PublishInterrupted(
+                f"no answer to the publish within {self.relay.timeout:g} s: it may or may not "
+                "have been published (publish again with the same idempotency_key to be sure)"
+            ) from None
+        finally:
+            self._publishes.pop(request, None)
+
+    async def _await_answer(
+        self, ws: ClientConnection, future: asyncio.Future[ClientPublished]
+    ) -> None:
+        """Wait for ``future``, reading frames from ``ws`` while no other task does (the
+        messages read go to ``_pending``, a loss or a stray error to the iteration)."""
+        while not future.done():
+            if self._reading:
+                reader = asyncio.ensure_future(self._read_done.wait())
+                try:
+                    await asyncio.wait((future, reader), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    reader.cancel()
+                continue
+            if self._ws is not ws:  # lost meanwhile (its publishes were failed)
+                self._interrupt("the connection was lost")
+                if not future.done():
+                    future.set_exception(PublishInterrupted("the connection was lost"))
+                return
+            try:
+                message = self._handle(await self._read(ws))
+            except (_Lost, RelayError) as exc:
+                self._deferred = exc  # the iteration reconnects or ends with it
+                continue
+            if message is not None:
+                self._pending.append(message)
 
     def _lost(self, exc: WSConnectionClosed) -> Exception:
         """What a closed connection means: a terminal error, or _Lost (reconnect)."""
         self._ws = None
+        self._ready = False
+        self._interrupt("the connection was lost")
         frame = exc.rcvd
         code = frame.code if frame is not None else NO_CLOSE_FRAME
         reason = frame.reason if frame is not None else "no close frame"
@@ -640,9 +855,35 @@ class Subscription:
         if frame.type == "gap":
             self._gap(frame)
             return None
+        if frame.type == "published":
+            answer = ClientPublished(frame.offset, frame.epoch, frame.duplicate)
+            self._answered(frame.id, result=answer)
+            return None
+        if frame.type == "error" and frame.id is not None:
+            # A refused publish: never a command's error, even when no publish waits for it
+            # (one that timed out).
+            detail = frame.error or _ErrorDetail("error", "refused")
+            self._answered(frame.id, error=frame_error(detail.code, detail.message))
+            return None
         if frame.type == "error" and frame.error is not None:
             raise CommandRefused(frame.error.message, code=frame.error.code)
         return None  # "subscribed" outside a handshake, or a frame type added later
+
+    def _answered(
+        self,
+        request: int | str | None,
+        *,
+        result: ClientPublished | None = None,
+        error: RelayError | None = None,
+    ) -> None:
+        future = self._publishes.get(request) if isinstance(request, int) else None
+        if future is None or future.done():
+            return  # not ours, or given up on (timed out)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert result is not None
+            future.set_result(result)
 
     def _message(self, frame: _Frame) -> Message | None:
         """The message of a message frame, or None for one already received."""
@@ -725,6 +966,7 @@ class Subscription:
                     data = await ws.recv()
                     frame = _decode(data, _Frame)
                     if frame.type == "subscribed":
+                        self._ready = True
                         return registered, self._acknowledged(frame)
                     message = self._handle(data)
                     if message is not None:
@@ -741,7 +983,7 @@ class Subscription:
             raise ProtocolError(f"the server sent a frame that is not wsrelay's: {exc}") from None
 
     async def _register(self) -> None:
-        registration = await self.relay.register(self.user_id, self.topics)
+        registration = await self.relay.register(self.user_id, self.topics, grants=self.grants)
         self.id, self._url = registration.id, registration.url
 
     async def _open(self, url: str | None) -> ClientConnection:
