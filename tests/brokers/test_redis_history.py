@@ -159,14 +159,18 @@ async def test_history_size_zero_keeps_no_stream_but_gives_offsets(
 
 
 class CutOff:
-    """Cuts a node's pub/sub connection and keeps it from reconnecting (Redis refuses new
-    clients: maxclients is lowered to those connected) until :meth:`restore`."""
+    """Cuts the pub/sub connection of the node subscribed to a topic (its own channel and
+    the topic's: 2 channels; the other node has 1) and keeps it from reconnecting (Redis
+    refuses new clients: maxclients is lowered to those connected) until :meth:`restore`.
+    The other node keeps its connections, so its publishes go on."""
 
     def __init__(self, admin: aioredis.Redis) -> None:
         self.admin = admin
 
     async def cut(self) -> None:
-        await self.admin.client_kill_filter(_type="pubsub")
+        clients = await self.admin.client_list(_type="pubsub")
+        [subscriber] = [c for c in clients if int(c["sub"]) >= 2]
+        await self.admin.client_kill_filter(_id=subscriber["id"])
         connected = int((await self.admin.info("clients"))["connected_clients"])
         await self.admin.config_set("maxclients", connected)
 

@@ -86,6 +86,9 @@ SUBSCRIBE_TIMEOUT = 2.0
 SUBSCRIBE_BATCH = 1000
 """Channels named in one ``SUBSCRIBE`` or ``UNSUBSCRIBE`` at most."""
 
+CLOSE_TIMEOUT = 1.0
+"""Seconds closing connections may take (a TLS close to a dead Redis may never end)."""
+
 ANNOUNCED = b"-"
 """The epoch and offset of an announcement: it has neither."""
 
@@ -96,6 +99,7 @@ class _Data(msgspec.Struct, array_like=True):
     origin: str
     user: str | None
     message: str
+    skip: str | None = None  # a client it must not reach (optional: older payloads lack it)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -205,8 +209,12 @@ class RedisBroker:
         for task in (self._task, sender, self._pubsub_writer):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # Bounded: shutting down must not wait on a connection to a dead Redis.
+                done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
+                if not done:
+                    log.debug("%s did not stop within %g s", task.get_name(), CLOSE_TIMEOUT)
+                elif not task.cancelled() and task.exception() is not None:
+                    log.debug("%s ended with %r", task.get_name(), task.exception())
         self._task = None
         self._pubsub_requests.clear()
         await self._commands.stop()
@@ -216,8 +224,9 @@ class RedisBroker:
         self._topics.clear()
         self._sequencer.clear()
         for client in (self._client, self._subscriber):
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
+            # Bounded: closing TLS connections to a dead Redis can wait forever.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
 
     def _health_changed(self, reason: str) -> None:
         if self.healthy == self._up.is_set():
@@ -339,7 +348,7 @@ class RedisBroker:
 
     async def announce(self, publication: Publication) -> None:
         """One ``PUBLISH``, pipelined with the node's other commands; no stream."""
-        data = _encode(_Data(self._origin, publication.user, publication.message))
+        data = _encode(_Data(self._origin, publication.user, publication.message, publication.skip))
         try:
             await self._commands.call(
                 "PUBLISH",
@@ -369,7 +378,7 @@ class RedisBroker:
             scripts.PUBLISH.sha,
             len(names),
             *names,
-            _encode(_Data(self._origin, publication.user, publication.message)),
+            _encode(_Data(self._origin, publication.user, publication.message, publication.skip)),
             new_epoch(),
             limits.size,
             self._history_ms,
@@ -473,7 +482,9 @@ class RedisBroker:
         publications = []
         for offset, payload in _entries(raw):
             data = _decode_data(payload)
-            publications.append(Publication(topic, data.message, data.user, offset, epoch))
+            publications.append(
+                Publication(topic, data.message, data.user, offset, epoch, data.skip)
+            )
         return HistoryPage(publications, Position(epoch, top))
 
     async def _read(
@@ -511,7 +522,7 @@ class RedisBroker:
         if self._listener is not None:
             try:
                 self._listener.publication(
-                    Publication(topic, data.message, data.user, offset, epoch)
+                    Publication(topic, data.message, data.user, offset, epoch, data.skip)
                 )
             except Exception:  # the listener's bug must not stop delivery of the rest
                 log.exception("the listener failed on a publication of %s", topic)
@@ -531,7 +542,9 @@ class RedisBroker:
         if epoch == ANNOUNCED:
             announced = _decode_data(payload)
             if announced.origin != self._origin and self._listener is not None:
-                self._listener.publication(Publication(topic, announced.message, announced.user))
+                self._listener.publication(
+                    Publication(topic, announced.message, announced.user, skip=announced.skip)
+                )
             return
         await self._sequencer.live(topic, epoch.decode(), int(offset), payload)
 
@@ -562,8 +575,8 @@ class RedisBroker:
                 if self._pubsub is not None:
                     pubsub, self._pubsub = self._pubsub, None
                     self._drop_requests()
-                    with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()
+                    with contextlib.suppress(RedisError, OSError, TimeoutError):
+                        await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT)
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
 
@@ -582,9 +595,15 @@ class RedisBroker:
         guard: Any = (
             lock if isinstance(lock, asyncio.Lock | asyncio.Condition) else contextlib.nullcontext()
         )
-        with contextlib.suppress(RedisError, OSError):
+
+        async def drop() -> None:
             async with guard:
                 await pool.disconnect(inuse_connections=False)
+
+        # Bounded: closing each connection to a dead Redis may wait (TLS: for its close
+        # to be acknowledged), and meanwhile the pool's lock keeps every command waiting.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(drop(), CLOSE_TIMEOUT)
 
     async def _listen_once(self) -> None:
         pubsub = self._pubsub = self._subscriber.pubsub()

@@ -22,6 +22,7 @@ client (:func:`pubsub_client`) whose reads wait as long as no publication comes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Sequence
@@ -138,7 +139,8 @@ async def send_pipeline(client: aioredis.Redis, commands: Sequence[tuple[Any, ..
         except (RedisError, OSError) as exc:
             # Written (perhaps in part) and not all answered: the connection is out of step
             # with its replies, and what Redis did with the rest is unknown.
-            await connection.disconnect(nowait=True)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):  # (TLS: may hang)
+                await asyncio.wait_for(connection.disconnect(nowait=True), CONNECT_TIMEOUT)
             replies.extend([outcome_unknown(exc)] * (len(commands) - len(replies)))
         return replies
     finally:

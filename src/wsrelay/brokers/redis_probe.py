@@ -78,12 +78,13 @@ class HealthProbe:
             self._task = asyncio.create_task(self._run(), name="wsrelay-redis-probe")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
         self.up = False
+        while task is not None and not task.done():
+            # Again until it ends: Python 3.11's wait_for may turn a cancellation that
+            # meets its timeout into a TimeoutError, which the probe takes for an outage.
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
 
     def kick(self) -> None:
         """Check now (another connection just failed), not at the next interval."""
@@ -100,7 +101,7 @@ class HealthProbe:
         self._kicked.clear()
 
     async def _run(self) -> None:
-        while True:
+        while self._task is asyncio.current_task():  # (stop() clears it)
             answered = False
             connection = self._connection_class(**self._kwargs)
             try:
@@ -117,8 +118,10 @@ class HealthProbe:
                     continue
                 self._verdict(False, f"{type(exc).__name__}: {exc}")
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await connection.disconnect(nowait=True)
+                # Bounded: closing a TLS connection to a dead Redis can wait forever (seen
+                # on shutdown), and this runs when the probe is cancelled too.
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(connection.disconnect(nowait=True), self._timeout)
             await self._pause()
 
     async def _ping(self, connection: Any) -> None:
@@ -143,8 +146,10 @@ class HealthProbe:
         finally:
             if not reply.done():
                 reply.cancel()
-            with contextlib.suppress(BaseException):  # (its failure is retrieved, not logged)
-                await reply
+                # asyncio.wait, not await: a cancellation of the probe itself must go on
+                await asyncio.wait({reply})
+            if not reply.cancelled():
+                reply.exception()  # retrieved, so that asyncio does not log it
 
     @staticmethod
     async def _busy() -> bool:
