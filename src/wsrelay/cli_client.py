@@ -73,14 +73,52 @@ def _add_pub(commands: Any) -> None:
         "--stdin, publish each line of the standard input as one message, in order, in "
         "batches of up to 1000.",
         epilog='example: wsrelay pub cats "are these cats?" --user-id 42\n'
-        "         seq 10000 | wsrelay pub cats --stdin",
+        "         seq 10000 | wsrelay pub cats --stdin\n"
+        '         wsrelay pub chat:1 "hi" --as-client --user-id 42 --grant-publish "chat:*"',
     )
     pub.add_argument("topic", metavar="TOPIC")
     pub.add_argument("message", metavar="MESSAGE", nargs="?", help="the message text")
     pub.add_argument(
         "--stdin", action="store_true", help="publish each line of stdin instead of MESSAGE"
     )
-    pub.add_argument("--user-id", default=None, help="deliver only to this user's clients")
+    pub.add_argument(
+        "--user-id",
+        default=None,
+        help="deliver only to this user's clients (with --as-client: the client's user id)",
+    )
+    pub.add_argument(
+        "--idempotency-key",
+        default=None,
+        metavar="KEY",
+        help="publish once per KEY and topic within the server's idempotency window; a "
+        "repeat publishes nothing and prints the first one's offset (not with --stdin)",
+    )
+    pub.add_argument(
+        "--as-client",
+        action="store_true",
+        help="publish as a client would, to test namespace rules and grants: register "
+        "(with --user-id and the --grant-* patterns), open a WebSocket and publish over it; "
+        "prints the offset, or the refusal (forbidden_topic, rate_limited...)",
+    )
+    pub.add_argument(
+        "--grant-publish",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="with --as-client: a publish grant of the registration (repeatable)",
+    )
+    pub.add_argument(
+        "--grant-subscribe",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="with --as-client: a subscribe grant of the registration (repeatable)",
+    )
+    pub.add_argument(
+        "--subscribe",
+        action="store_true",
+        help='with --as-client: subscribe the client to TOPIC first (publish = "subscribers")',
+    )
     pub.set_defaults(run=lambda args: _run_client(_pub, args))
 
 
@@ -192,9 +230,22 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
     user_id = _user_id(args.user_id)
     if args.stdin == (args.message is not None):
         return _fail("pub", "give either MESSAGE or --stdin", status=2)
+    if args.stdin and (args.idempotency_key or args.as_client):
+        return _fail("pub", "--stdin goes without --idempotency-key and --as-client", status=2)
+    if not args.as_client and (args.grant_publish or args.grant_subscribe or args.subscribe):
+        return _fail(
+            "pub", "--grant-publish, --grant-subscribe and --subscribe need --as-client", 2
+        )
+    if args.as_client:
+        return await _pub_as_client(relay, args, user_id)
     if not args.stdin:
-        recipients = await relay.publish(args.topic, args.message, user_id=user_id)
-        print(f"delivered to {recipients} connection(s) on this node")
+        published = await relay.publish(
+            args.topic, args.message, user_id=user_id, idempotency_key=args.idempotency_key
+        )
+        if published.duplicate:
+            print(f"duplicate of offset {published.offset}: nothing was published")
+        else:
+            print(f"delivered to {published} connection(s) on this node")
         return 0
     published = delivered = batches = 0
     async for lines in _stdin_batches():
@@ -206,6 +257,25 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
         f"published {published} message(s) in {batches} batch(es); "
         f"delivered to {delivered} connection(s) on this node in total"
     )
+    return 0
+
+
+async def _pub_as_client(relay: Any, args: argparse.Namespace, user_id: Any) -> int:
+    """Publish over a client's own WebSocket, registered with ``--user-id`` and the
+    grants given: what a namespace allows that client is what happens."""
+    grants = {"subscribe": args.grant_subscribe, "publish": args.grant_publish}
+    if args.subscribe:
+        client = relay.subscribe(args.topic, user_id=user_id, grants=grants)
+    else:
+        client = relay.connect(user_id=user_id, grants=grants)
+    async with client:
+        answer = await client.publish(
+            args.topic, args.message, skip_self=True, idempotency_key=args.idempotency_key
+        )
+    if answer.duplicate:
+        print(f"duplicate of offset {answer.offset}: nothing was published")
+    else:
+        print(f"published as a client at offset {answer.offset} (epoch {answer.epoch})")
     return 0
 
 

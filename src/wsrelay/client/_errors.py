@@ -85,7 +85,8 @@ class ProtocolError(RelayError):
 class HTTPError(RelayError):
     """The server refused a request with ``{"error": {"code", "message"}}``.
 
-    ``str()`` is ``"HTTP <status> <code>: <message>"``.
+    ``str()`` is ``"HTTP <status> <code>: <message>"`` (``"refused (<code>, <status>):
+    <message>"`` for an error frame that answered a client publish).
 
     Attributes:
         retry_after: the answer's ``Retry-After`` header in seconds (an HTTP date is
@@ -107,7 +108,13 @@ class HTTPError(RelayError):
         super().__init__(message, code=code, status=status)
         self.retry_after = retry_after
 
+    via_frame: bool = False
+    """The refusal came in a WebSocket error frame (a client publish), not an HTTP
+    answer; ``status`` is then the one the same refusal gets over HTTP."""
+
     def __str__(self) -> str:
+        if self.via_frame:
+            return f"refused ({self.code}, {self.status}): {self.message}"
         return f"HTTP {self.status} {self.code}: {self.message}"
 
 
@@ -293,4 +300,6 @@ def frame_error(code: str, message: str) -> HTTPError:
     """The exception for an error frame that answered a client publish: the class and
     ``status`` the same refusal gets over HTTP (an unknown code: :class:`HTTPError`
     with status 400)."""
-    return http_error(_STATUS_BY_CODE.get(code, 400), code, message)
+    error = http_error(_STATUS_BY_CODE.get(code, 400), code, message)
+    error.via_frame = True
+    return error
