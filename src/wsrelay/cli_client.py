@@ -239,13 +239,13 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
     if args.as_client:
         return await _pub_as_client(relay, args, user_id)
     if not args.stdin:
-        published = await relay.publish(
+        recipients = await relay.publish(
             args.topic, args.message, user_id=user_id, idempotency_key=args.idempotency_key
         )
-        if published.duplicate:
-            print(f"duplicate of offset {published.offset}: nothing was published")
+        if recipients.duplicate:
+            print(f"duplicate of offset {recipients.offset}: nothing was published")
         else:
-            print(f"delivered to {published} connection(s) on this node")
+            print(f"delivered to {recipients} connection(s) on this node")
         return 0
     published = delivered = batches = 0
     async for lines in _stdin_batches():
