@@ -27,6 +27,7 @@ from aiohttp import web
 from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect
 
 from tests.redis_server import RedisServer
+from tests.test_client_publish import CONFIG
 from tests.utils import TIMEOUT, Api, ServerProcess, free_port, stop_and_check
 from wsrelay import codes
 
@@ -945,3 +946,117 @@ async def test_wsrelay_js_drops_duplicates_and_reports_a_gap(page: Page) -> None
         await page.evaluate("window.relay.close()")
     finally:
         await runner.cleanup()
+
+
+# -- client publishing: wsrelay.js's publish and the console's "publish as a client" -------
+
+PUBLISH_SCRIPT = """
+async () => {
+  const { Relay } = await import("/client/wsrelay.js");
+  const register = (grants) => async () => {
+    const response = await fetch("/register", {
+      method: "POST",
+      body: JSON.stringify({ topics: [], grants }),
+    });
+    return (await response.json()).url;
+  };
+  const outcome = (promise) =>
+    promise.then(
+      (answer) => ({ ok: answer }),
+      (error) => ({ code: error.code ?? error.name, message: error.message }),
+    );
+  const listener = new Relay({ register: register(undefined) });
+  const received = [];
+  let enough;
+  const done = new Promise((resolve) => (enough = resolve));
+  listener.on("granted:js", (message, topic, offset) => {
+    received.push([message, offset]);
+    if (received.length === 2) enough();
+  });
+  await listener.connect();
+  await listener.subscribe("granted:js");
+
+  const client = new Relay({ register: register({ publish: ["granted:js"] }) });
+  const own = [];
+  let ownArrived;
+  const ownDone = new Promise((resolve) => (ownArrived = resolve));
+  client.on("granted:js", (message, topic, offset) => {
+    own.push([message, offset]);
+    ownArrived();
+  });
+  const before = await outcome(client.publish("granted:js", "too early"));
+  await client.connect();
+  await client.subscribe("granted:js");
+  const skipped = await outcome(client.publish("granted:js", "one", { skipSelf: true }));
+  const refused = await outcome(client.publish("granted:other", "no"));
+  const invalid = await outcome(client.publish("no spaces", "no"));
+  const kept = await outcome(client.publish("granted:js", "two", { idempotencyKey: "k" }));
+  const repeat = await outcome(client.publish("granted:js", "two", { idempotencyKey: "k" }));
+  await done;
+  await ownDone; // its own copy of "two" (not of "one": skipSelf)
+  const errors = [];
+  client.addEventListener("error", (event) => errors.push(event.detail.error.code));
+  const state = client.state;
+  client.close();
+  listener.close();
+  return { before, skipped, refused, invalid, kept, repeat, received, own, state, errors };
+}
+"""
+
+
+def start_rules_server(start: Callable[..., ServerProcess], tmp_path: Path) -> ServerProcess:
+    config = tmp_path / "wsrelay.toml"
+    config.write_text(CONFIG)
+    return start("--config", str(config))
+
+
+async def test_wsrelay_js_publishes_where_granted_and_is_refused_elsewhere(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, page: Page
+) -> None:
+    server = start_rules_server(start_server, tmp_path)
+    await page.goto(server.url + "/console")
+    result: dict[str, Any] = await page.evaluate(PUBLISH_SCRIPT)
+    assert result["before"]["code"] == "not_connected"
+    assert result["skipped"]["ok"]["offset"] == 1 and result["skipped"]["ok"]["epoch"]
+    assert result["refused"]["code"] == "forbidden_topic"
+    assert "granted:other" in result["refused"]["message"]
+    assert result["invalid"]["code"] == "TypeError"  # checked in the page, nothing sent
+    assert result["kept"]["ok"] == {
+        "offset": 2,
+        "epoch": result["skipped"]["ok"]["epoch"],
+        "duplicate": False,
+    }
+    assert result["repeat"]["ok"]["duplicate"] is True
+    assert result["repeat"]["ok"]["offset"] == 2
+    assert result["received"] == [["one", 1], ["two", 2]]
+    assert result["own"] == [["two", 2]]  # skip_self left "one" out
+    assert result["state"] == "open"  # a refusal leaves the connection open
+
+
+async def test_console_publishes_as_a_client_and_shows_refusals(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, page: Page
+) -> None:
+    server = start_rules_server(start_server, tmp_path)
+    await page.goto(server.url + "/console")
+    await page.get_by_label("Topics to subscribe to").fill("granted:console")
+    await page.get_by_label("Publish grants").fill("granted:console")
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    await expect(page.locator("#subscribed li:not(.pending) span")).to_have_text(
+        ["granted:console"]
+    )
+    await page.get_by_label("Publish as a client").check()
+    await expect(page.get_by_label("User id", exact=False).first).to_be_disabled()
+    result = page.locator("#publish-result")
+
+    await publish_in_page(page, "granted:console", "from the page")
+    await expect(result).to_have_text("Published as a client at offset 1.")
+    await expect(page.locator("#messages li .text").first).to_have_text("from the page")
+
+    await publish_in_page(page, "granted:elsewhere", "refused")
+    await expect(result).to_have_text(re.compile(r"^Refused \(forbidden_topic\): may not publish"))
+    await expect(result).to_have_class("bad")
+
+    # The connection carries on after the refusal.
+    await publish_in_page(page, "granted:console", "again")
+    await expect(result).to_have_text("Published as a client at offset 2.")
+    await expect(page.locator("#client-state")).to_have_text("connected")

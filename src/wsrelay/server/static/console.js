@@ -260,9 +260,39 @@ function userId(input) {
   return value === "" ? null : value;
 }
 
+// Publishing as a client goes over the subscriber's own WebSocket, under the topic's
+// namespace rules and the grants it registered with; a refusal shows its code.
+$("publish-as-client").addEventListener("change", (event) => {
+  $("publish-user").disabled = event.target.checked; // a client publish targets no user
+});
+
+async function publishAsClient(result) {
+  const topic = $("publish-topic").value.trim();
+  if (!relay || relay.state !== "open") {
+    result.className = "bad";
+    result.textContent = "Not connected: subscribe first, then publish as that client.";
+    return;
+  }
+  try {
+    const { offset, duplicate } = await relay.publish(topic, $("publish-message").value);
+    result.textContent = duplicate
+      ? `Duplicate of offset ${offset}: nothing was published.`
+      : `Published as a client at offset ${offset}.`;
+  } catch (error) {
+    result.className = "bad";
+    result.textContent = error.code ? `Refused (${error.code}): ${error.message}` : String(error.message ?? error);
+  }
+}
+
 $("publish-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const result = $("publish-result");
+  if ($("publish-as-client").checked) {
+    result.className = "";
+    result.textContent = "publishing…";
+    await publishAsClient(result);
+    return;
+  }
   const body = {
     topic: $("publish-topic").value.trim(),
     message: $("publish-message").value,
@@ -379,9 +409,11 @@ function shortUrl(url) {
   return url.replace(/\/ws\/([0-9a-f]{8})[0-9a-f]+/, "/ws/$1…");
 }
 
-function newRelay(user) {
+function newRelay(user, publishGrants = []) {
+  const body = { user_id: user, topics: [] };
+  if (publishGrants.length) body.grants = { publish: publishGrants };
   const client = new Relay({
-    register: async () => (await api("register", { method: "POST", body: { user_id: user, topics: [] } })).url,
+    register: async () => (await api("register", { method: "POST", body })).url,
     maxDelay: 5000, // a console should come back quickly
   });
   client.addEventListener("state", (event) => showClientState(event.detail.state));
@@ -408,8 +440,10 @@ $("subscribe-form").addEventListener("submit", async (event) => {
   }
   try {
     if (!relay) {
-      relay = newRelay(userId($("subscribe-user")));
+      const grants = $("subscribe-grants").value.split(/[\s,]+/).filter(Boolean);
+      relay = newRelay(userId($("subscribe-user")), grants);
       $("subscribe-user").disabled = true;
+      $("subscribe-grants").disabled = true;
       $("disconnect").disabled = false;
     }
     if (relay.state === "idle" || relay.state === "closed") relay.connect().catch(() => {});
@@ -430,6 +464,7 @@ $("disconnect").addEventListener("click", () => {
   showSubscribed([]);
   detail("");
   $("subscribe-user").disabled = false;
+  $("subscribe-grants").disabled = false;
   $("disconnect").disabled = true;
   const id = url?.match(/\/ws\/([^/?]+)/)?.[1];
   if (id) api(`register/${id}`, { method: "DELETE" }).catch(() => {}); // it may be gone already

@@ -51,6 +51,9 @@
  * relay.addEventListener("state", (event) => console.log(event.detail.state));
  * await relay.connect();
  * await relay.subscribe("cats", "dogs");
+ * // where a namespace lets this client publish (grants come with the registration
+ * // your backend makes: POST /register {"grants": {"publish": ["chat:*"]}})
+ * const { offset } = await relay.publish("chat:1", "hi", { skipSelf: true });
  *
  * Close codes (see the server's README): 1000 (registration deleted), 1002, 1003, 1007,
  * 1008, 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
@@ -191,7 +194,8 @@ export async function responseError(response) {
  *   memory broker), `"too_far_behind"` (the history no longer reaches back that far)
  *   and `"gap"` (the server lost publications on their way to this client). It comes
  *   before any message after that position.
- * - `error`: `{error}`: a {@link RelayError} from the server (with `status` and
+ * - `error`: `{error}`: a {@link RelayError} from the server (not a refused
+ *   {@link Relay#publish}: its promise rejects instead) (with `status` and
  *   `retryAfter` for an HTTP refusal), a failed `register` or `token` call, or a frame
  *   that was not JSON. The connection carries on, unless the state goes to `closed`
  *   right after: the check's refusals that stop the client (403 `origin_not_allowed`;
@@ -231,6 +235,9 @@ export class Relay extends EventTarget {
   #checkGone = false;
   /** Each topic's position, `{offset, epoch}`: the last message received. */
   #positions = new Map();
+  /** Client publishes sent and not answered yet, by id: `{resolve, reject}`. */
+  #publishes = new Map();
+  #nextId = 0;
 
   /** @param {RelayOptions} options */
   constructor({
@@ -328,6 +335,44 @@ export class Relay extends EventTarget {
       // Forget where they were: subscribing again later starts from then, not from here.
       () => topics.forEach((t) => this.#topics.has(t) || this.#positions.delete(t)),
     );
+  }
+
+  /**
+   * Publish `message` to `topic` as this client, over its own WebSocket, where the
+   * topic's namespace allows it (`publish = "granted"` with a matching publish grant in
+   * the registration or token, or `"subscribers"` with the topic subscribed to; by
+   * default no client may publish). It reaches every subscriber of the topic, this
+   * client too unless `skipSelf` (its own copy may come before or after the answer).
+   * @param {string} topic
+   * @param {string} message
+   * @param {{skipSelf?: boolean, idempotencyKey?: string}} [options] `idempotencyKey`:
+   *   a repeat within the server's window publishes nothing and answers the first
+   *   position with `duplicate: true`
+   * @returns {Promise<{offset: number, epoch: string, duplicate: boolean}>} where the
+   *   server put it. Rejects with a {@link RelayError} whose `code` is the server's
+   *   (`forbidden_topic`, `rate_limited`, `message_too_large`, `invalid_topic`…; the
+   *   connection stays open), `not_connected` when the client is not open (nothing
+   *   was sent), or `publish_interrupted` when the connection was lost before the
+   *   answer (it may or may not have been published: publish again with the same
+   *   `idempotencyKey` to be sure); a TypeError for a topic that cannot be valid.
+   */
+  publish(topic, message, { skipSelf = false, idempotencyKey } = {}) {
+    const invalid = topicProblem([topic]);
+    if (invalid) return Promise.reject(invalid);
+    if (typeof message !== "string") return Promise.reject(new TypeError("message must be a string"));
+    if (this.#state !== States.OPEN || !this.#socket) {
+      return Promise.reject(
+        new RelayError("not_connected", `cannot publish while ${this.#state}: nothing was sent`),
+      );
+    }
+    const id = (this.#nextId += 1);
+    const body = { topic, message, id };
+    if (skipSelf) body.skip_self = true;
+    if (idempotencyKey !== undefined && idempotencyKey !== null) body.idempotency_key = idempotencyKey;
+    return new Promise((resolve, reject) => {
+      this.#publishes.set(id, { resolve, reject });
+      this.#socket.send(JSON.stringify({ publish: body }));
+    });
   }
 
   /**
@@ -438,6 +483,7 @@ export class Relay extends EventTarget {
     socket.addEventListener("close", (event) => {
       if (socket !== this.#socket) return; // replaced, or closed by close()
       this.#socket = null;
+      this.#interrupt();
       this.#waiting.push(...this.#pending.splice(0)); // answered after the next open
       if (opened && Date.now() - this.#openedAt >= this.#stableAfter) this.#attempt = 0;
       if (opened && closeAction(event.code) === "stop") {
@@ -594,6 +640,15 @@ export class Relay extends EventTarget {
       if (known && known.epoch === frame.epoch) offset = Math.max(offset, known.offset);
       this.#positions.set(frame.topic, { offset, epoch: frame.epoch });
       this.#notRecovered(frame.topic, { offset, epoch: frame.epoch }, known, "gap");
+    } else if (frame.type === "published") {
+      const entry = this.#publishes.get(frame.id);
+      this.#publishes.delete(frame.id);
+      entry?.resolve({ offset: frame.offset, epoch: frame.epoch, duplicate: frame.duplicate === true });
+    } else if (frame.type === "error" && frame.id !== undefined && frame.id !== null) {
+      // A refused publish: its promise rejects; never a command's error.
+      const entry = this.#publishes.get(frame.id);
+      this.#publishes.delete(frame.id);
+      entry?.reject(new RelayError(frame.error?.code ?? "error", frame.error?.message ?? ""));
     } else if (frame.type === "error") {
       const error = new RelayError(frame.error?.code ?? "error", frame.error?.message ?? "");
       this.#pending.shift()?.reject(error);
@@ -620,7 +675,18 @@ export class Relay extends EventTarget {
     this.#stop(error);
   }
 
+  /** Reject every client publish waiting for its answer: the connection is gone. */
+  #interrupt() {
+    const error = new RelayError(
+      "publish_interrupted",
+      "the connection was lost before the publish was answered: it may or may not have been published",
+    );
+    for (const entry of this.#publishes.values()) entry.reject(error);
+    this.#publishes.clear();
+  }
+
   #stop(error) {
+    this.#interrupt();
     this.#setState(States.CLOSED);
     for (const entry of this.#waiting.splice(0)) entry.reject(error);
     for (const entry of this.#pending.splice(0)) entry.reject(error);
