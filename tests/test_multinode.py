@@ -76,7 +76,9 @@ async def test_a_batch_published_on_one_node_arrives_in_order_on_another(
     await remote.subscribe("fence")  # acknowledged: n2's Redis subscriptions are in place
     messages = [{"topic": "xy"[i % 2], "message": str(i)} for i in range(300)]
     status, body = await a.call("POST", "/publish/batch", {"messages": messages})
-    assert (status, body) == (200, {"recipients": [1] * 300})
+    assert (status, body["recipients"]) == (200, [1] * 300)
+    # Offsets count per topic: x and y each get 1..150, in the batch's order.
+    assert [p["offset"] for p in body["positions"]] == [i // 2 + 1 for i in range(300)]
     expected = [("xy"[i % 2], str(i)) for i in range(300)]
     assert [await local.message() for _ in range(300)] == expected
     assert [await remote.message() for _ in range(300)] == expected

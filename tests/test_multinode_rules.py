@@ -100,11 +100,6 @@ async def test_a_client_publish_reaches_subscribers_on_the_other_node(
     await remote.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Redis broker's _Data (src/wsrelay/brokers/redis.py) does not carry "
-    "Publication.skip yet: the publisher's own node gets its publication back without it",
-)
 async def test_skip_self_holds_across_redis(
     nodes: list[ServerProcess], session: aiohttp.ClientSession
 ) -> None:
