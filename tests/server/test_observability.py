@@ -112,3 +112,20 @@ async def test_json_logs_one_line_per_connection_and_refusal(start_server, sessi
         ("/register/{client_id}", 404, "unknown_client")
     ]
     assert sub.id not in server.log() and big.id not in server.log()
+
+
+async def test_the_memory_history_reports_its_size_and_evictions(start_server, session) -> None:
+    server = start_server("--history-memory", "16KiB")
+    api = Api(session, server.url)
+    _, before = await scrape(session, server)
+    assert value(before, "wsrelay_history_evicted_topics_total") == 0
+    assert value(before, "wsrelay_gaps_total") == 0
+    for i in range(40):
+        await api.publish(f"history.{i}", "x" * 1000)
+    _, after = await scrape(session, server)
+    assert 0 < value(after, "wsrelay_history_bytes") <= 16 * 1024
+    assert value(after, "wsrelay_history_evicted_topics_total") >= 20
+    status, first = await api.call("GET", "/history", params={"topic": "history.0"})
+    assert status == 200 and first["publications"] == []  # evicted: the oldest went first
+    status, last = await api.call("GET", "/history", params={"topic": "history.39"})
+    assert [p["message"] for p in last["publications"]] == ["x" * 1000]
