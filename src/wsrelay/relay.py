@@ -34,6 +34,7 @@ from wsrelay.config import Settings
 from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.history import MAX_REPLAY, HistoryPage, Position, Receipt, recovered
+from wsrelay.core.patterns import is_pattern
 from wsrelay.core.registry import Client, Hold, Occupancy, Registry, Sink, user_key
 from wsrelay.core.rules import NO_GRANTS, Grants, Namespace
 from wsrelay.core.schema import GapFrame, encode
@@ -163,7 +164,7 @@ class Relay:
             BrokerUnavailable: the store is unreachable.
         """
         user, wanted = user_key(user_id), self._validate(topics)
-        self.rules.check_subscribe(wanted, user, grants)
+        self._check_subscribe(wanted, user, grants)
         client = Client(secrets.token_hex(CLIENT_ID_BYTES), user, wanted, grants)
         limit = self.settings.max_registrations_per_user
         if not await self.registrations.add(client, limit):
@@ -239,7 +240,7 @@ class Relay:
     ) -> Followed:
         """Replace the client's topics; see :meth:`subscribe` for ``since``."""
         wanted = self._validate(topics)
-        self.rules.check_subscribe(wanted, client.user, client.grants)
+        self._check_subscribe(wanted, client.user, client.grants)
         return await self._follow(client, wanted, wanted, since or {})
 
     async def subscribe(
@@ -257,7 +258,7 @@ class Relay:
             BrokerUnavailable: the backend is unreachable; nothing changed.
         """
         wanted = self._validate(topics)
-        self.rules.check_subscribe(wanted, client.user, client.grants)
+        self._check_subscribe(wanted, client.user, client.grants)
         total = len(client.topics | wanted)
         if total > self.settings.max_topics_per_client:
             raise TooManyTopics(
@@ -285,6 +286,14 @@ class Relay:
             raise InvalidField(
                 f"since names topics the command does not: {', '.join(sorted(unknown))}"
             )
+        patterns = {name for name in since if is_pattern(name)}
+        if patterns:
+            raise InvalidField(
+                f"since names patterns ({', '.join(sorted(patterns))}): a pattern has no "
+                "position of its own, so it cannot be recovered; recover its topics by name"
+            )
+        # A pattern has no position: it is followed (indexed) but neither held nor read.
+        named = {name for name in named if not is_pattern(name)}
         held = client.held
         if held is None:
             held = client.held = Hold(client)
@@ -396,7 +405,7 @@ class Relay:
             MessageTooLarge: the namespace's ``max_message_size`` is exceeded.
         """
         topic_rules.validate_topic(topic, self.settings.max_topic_length)
-        subscribed = topic in client.topics
+        subscribed = self.registry.receives(client, topic)
         return self.rules.check_publish(topic, message, client.user, client.grants, subscribed)
 
     async def publish_many(self, items: Sequence[PublishItem]) -> list[Published]:
@@ -461,7 +470,7 @@ class Relay:
             return self._handed[2]
         count = self.registry.count_recipients(topic, user)
         skipped = publication.skip and self.registry.attached(publication.skip)
-        if skipped and topic in skipped.topics and user in (None, skipped.user):
+        if skipped and user in (None, skipped.user) and self.registry.receives(skipped, topic):
             count -= 1
         return count
 
@@ -479,7 +488,10 @@ class Relay:
 
     def _on_broker_publication(self, publication: Publication) -> None:
         if publication.topic != CONTROL_TOPIC:
-            self._last[publication.topic] = Position(publication.epoch, publication.offset)
+            # Kept for topics subscribed by name only (those vacated drop theirs): a topic
+            # reaching this node through a pattern alone has no entry to remember.
+            if self.registry.subscriber_count(publication.topic):
+                self._last[publication.topic] = Position(publication.epoch, publication.offset)
             self.deliver(publication)
             return
         try:
@@ -511,6 +523,15 @@ class Relay:
             sink = client.sink
             sink.close(code, reason)
             await self.detach(client, sink)
+
+    def _check_subscribe(self, wanted: set[str], user: str | None, grants: Grants) -> None:
+        """Namespace and grant rules for topics by name, and for patterns as a whole
+        (:func:`~wsrelay.core.topics.check_subscribe_patterns`)."""
+        if self.rules.open:
+            return
+        names, patterns = topic_rules.split_patterns(wanted)
+        self.rules.check_subscribe(names, user, grants)
+        topic_rules.check_subscribe_patterns(self.rules, patterns, user, grants)
 
     def _validate(self, topics: Iterable[str]) -> set[str]:
         s = self.settings

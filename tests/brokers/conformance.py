@@ -314,6 +314,77 @@ class BrokerConformance:
         assert [p.message for p in inbox_b.items] == ["fence"]
         assert [p.message for p in await inbox_a.wait_for(2)] == ["after stop", "fence"]
 
+    # -- subscription patterns ---------------------------------------------------------------
+
+    async def test_a_pattern_brings_the_topics_it_matches_and_no_other(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """NATS semantics: * is one segment, > one or more; the engine's own wildcards
+        (Redis's * also matches ".") must not widen them."""
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("news.*", "sport.>")
+        for topic in ("news.eu", "news.eu.fr", "news", "sport.foot.eu", "sport", "other.eu"):
+            await a.publish(Publication(topic, topic))
+        await a.publish(Publication("sport.fence", "fence"))
+        await inbox.wait_for(3)
+        assert [p.message for p in inbox.items] == ["news.eu", "sport.foot.eu", "fence"]
+
+    async def test_a_publication_matching_several_subscriptions_arrives_once(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """By its topic and two patterns (Redis: a channel and two globs): once, in order,
+        each with its offset."""
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("news.eu", "news.*", "news.>", ">")
+        for i in range(20):
+            await a.publish(Publication("news.eu", str(i)))
+        await a.publish(Publication("fence.x", "fence"))
+        got = await inbox.wait_for(21)
+        assert [p.message for p in got] == [*map(str, range(20)), "fence"]
+        assert [p.offset for p in got[:20]] == list(range(1, 21))
+
+    async def test_an_announcement_through_patterns_arrives_once(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("news.*", ">", "fence")  # two globs, and a channel
+        await a.announce(Publication("news.eu", "announced"))
+        await a.announce(Publication("fence", "fence"))
+        await inbox.wait_for(2)
+        await a.publish(Publication("fence", "last"))
+        await inbox.wait_for(3)
+        assert sorted(p.message for p in inbox.items) == ["announced", "fence", "last"]
+
+    async def test_unsubscribing_a_pattern_stops_its_topics_but_not_others(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """``news.*`` and ``news.>`` share one Redis glob: dropping one keeps the other."""
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("news.*", "news.>", "news.kept")
+        await b.unsubscribe("news.*")
+        await a.publish(Publication("news.eu", "still, by news.>"))
+        await inbox.wait_for(1)
+        await b.unsubscribe("news.>")
+        await a.publish(Publication("news.eu", "no"))
+        await a.publish(Publication("news.eu.fr", "no"))
+        await a.publish(Publication("news.kept", "by name"))
+        await inbox.wait_for(2)
+        assert [p.message for p in inbox.items] == ["still, by news.>", "by name"]
+
+    async def test_a_topic_reached_by_a_pattern_keeps_its_order(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """Several topics through one pattern, interleaved: each in its offset order."""
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("room.>")
+        batch = [Publication(f"room.{i % 3}", str(i)) for i in range(90)]
+        await a.publish_many(batch)
+        got = await inbox.wait_for(90)
+        for room in range(3):
+            mine = [p for p in got if p.topic == f"room.{room}"]
+            assert [p.offset for p in mine] == list(range(1, 31))
+            assert [p.message for p in mine] == [str(i) for i in range(room, 90, 3)]
+
 
 Stores = tuple[RegistrationStore, RegistrationStore]
 

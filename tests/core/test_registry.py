@@ -138,3 +138,60 @@ def test_release_all_hands_back_everything_held_each_topic_in_order() -> None:
         assert not hold.admit(p)
     assert hold.release_all() == [_pub(1), _pub(2), _pub(1, topic="u")]
     assert client.held is None
+
+
+# -- wildcard subscriptions ------------------------------------------------------------------
+
+
+def test_a_pattern_is_occupied_and_vacated_like_a_topic() -> None:
+    """The broker is told of a pattern's first and last subscriber here, as of a topic's."""
+    reg = Registry()
+    a, b = make("a"), make("b")
+    reg.attach(a, RecordingSink())
+    reg.attach(b, RecordingSink())
+    assert reg.subscribe(a, {"news.*"}).occupied == ["news.*"]
+    assert not reg.subscribe(b, {"news.*"})
+    assert not reg.unsubscribe(a, {"news.*"})
+    assert reg.unsubscribe(b, {"news.*"}).vacated == ["news.*"]
+    assert reg.patterns == 0 and reg.topics == 0
+
+
+def test_pattern_subscribers_receive_matching_topics_each_once() -> None:
+    """A client subscribed to a topic and to two patterns matching it is one recipient."""
+    reg = Registry()
+    both = make("both", topics={"news.eu", "news.*", "news.>"})
+    one = make("one", topics={"news.*"})
+    rest = make("rest", topics={"news.>"})
+    other = make("other", topics={"sport.*", "news"})
+    for client in (both, one, rest, other):
+        reg.attach(client, RecordingSink())
+    assert sorted(c.id for c in reg.recipients("news.eu", None)) == ["both", "one", "rest"]
+    assert sorted(c.id for c in reg.recipients("news.eu.fr", None)) == ["both", "rest"]
+    assert list(reg.recipients("news", None)) == [other]
+    assert reg.count_recipients("news.eu", None) == 3
+
+
+def test_pattern_recipients_narrow_by_user() -> None:
+    reg = Registry()
+    alice = make("alice", "alice", {"news.*"})
+    bob = make("bob", "bob", {"news.eu"})
+    reg.attach(alice, RecordingSink())
+    reg.attach(bob, RecordingSink())
+    assert list(reg.recipients("news.eu", "alice")) == [alice]
+    assert reg.count_recipients("news.eu", "bob") == 1
+
+
+def test_a_detached_pattern_subscriber_receives_nothing() -> None:
+    reg = Registry()
+    a = make("a", topics={"news.>"})
+    sink = RecordingSink()
+    reg.attach(a, sink)
+    assert reg.detach(a, sink).vacated == ["news.>"]
+    assert list(reg.recipients("news.eu", None)) == []
+
+
+def test_receives_says_whether_a_topic_reaches_a_client() -> None:
+    reg = Registry()
+    a = make("a", topics={"news.*", "cats"})
+    assert reg.receives(a, "cats") and reg.receives(a, "news.eu")
+    assert not reg.receives(a, "news.eu.fr") and not reg.receives(a, "dogs")

@@ -5,7 +5,9 @@ A backend is a :class:`Broker` and a :class:`RegistrationStore` over one engine
 
 The broker never sees clients. The node tells it which topics have local
 subscribers (:meth:`Broker.subscribe` on the first, :meth:`Broker.unsubscribe`
-after the last; several topics in one call, as one request to the engine) and
+after the last; several topics in one call, as one request to the engine), and
+which subscription patterns (``news.*``, ``news.>``: names for which
+:func:`wsrelay.core.patterns.is_pattern` is true, wildcards as whole segments) the same way, and
 hands it every publication accepted here (:meth:`Broker.publish`). The broker
 gives each publication its position (:mod:`wsrelay.core.history`: an offset per
 topic, an epoch per topic history), keeps the last ones, and hands every
@@ -67,13 +69,19 @@ class Broker(Protocol):
     async def subscribe(self, *topics: str) -> None:
         """Start receiving other nodes' publications on each of ``topics`` (none: no-op).
 
+        A pattern among them (:func:`~wsrelay.core.patterns.is_pattern`) subscribes every
+        topic it matches (:func:`~wsrelay.core.patterns.matches`, NATS semantics, and no
+        other): their publications are handed over like a subscribed topic's, per topic
+        in offset order, each once however many of the node's topics and patterns match.
+
         Returns once the engine confirmed them, so that a client told it is subscribed
         gets every publication from then on (or, if the engine is unreachable, after a
         bounded wait: the broker subscribes again by itself when it is back)."""
         ...
 
     async def unsubscribe(self, *topics: str) -> None:
-        """Stop receiving publications on each of ``topics`` (none: no-op)."""
+        """Stop receiving publications on each of ``topics`` (none: no-op); a pattern
+        among them stops its topics except those still subscribed otherwise."""
         ...
 
     async def publish(self, publication: Publication, key: str | None = None) -> Receipt:

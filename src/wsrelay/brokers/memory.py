@@ -7,7 +7,8 @@ so a single node does no work at all per publish.
 
 Positions and history live in the bus (:class:`~wsrelay.core.history.MemoryHistory`),
 shared by its nodes as Redis is; a publish hands the publication to every node
-subscribed to its topic, its own included, at once and so in offset order.
+subscribed to its topic or to a pattern matching it (once, however many match), its
+own included, at once and so in offset order.
 
 Registrations expire as they do in Redis: ``registration_ttl`` seconds after they
 were made or their last connection closed, and never while a connection is open.
@@ -31,8 +32,10 @@ from wsrelay.core.history import (
     Position,
     Receipt,
 )
+from wsrelay.core.patterns import is_pattern
 from wsrelay.core.registry import Client
 from wsrelay.core.rules import Grants
+from wsrelay.core.topics import PatternIndex
 
 
 class MemoryBus:
@@ -63,6 +66,8 @@ class MemoryBroker:
     def __init__(self, bus: MemoryBus | None = None) -> None:
         self.bus = bus if bus is not None else MemoryBus()
         self.topics: set[str] = set()
+        self.patterns: PatternIndex[str] = PatternIndex()
+        """Subscribed patterns, each held by itself (subscribing twice is once)."""
         self._listener: Listener | None = None
 
     async def start(self, listener: Listener, origin: str = "") -> None:
@@ -75,12 +80,25 @@ class MemoryBroker:
         if self in self.bus.members:
             self.bus.members.remove(self)
         self.topics.clear()
+        self.patterns = PatternIndex()
 
     async def subscribe(self, *topics: str) -> None:
-        self.topics.update(topics)
+        for name in topics:
+            if is_pattern(name):
+                self.patterns.add(name, name)
+            else:
+                self.topics.add(name)
 
     async def unsubscribe(self, *topics: str) -> None:
-        self.topics.difference_update(topics)
+        for name in topics:
+            if is_pattern(name):
+                self.patterns.discard(name, name)
+            else:
+                self.topics.discard(name)
+
+    def serves(self, topic: str) -> bool:
+        """Whether this node is subscribed to ``topic``, by name or by a pattern."""
+        return topic in self.topics or (bool(self.patterns) and self.patterns.matches_any(topic))
 
     async def publish(self, publication: Publication, key: str | None = None) -> Receipt:
         return self._publish(publication, key)
@@ -103,7 +121,11 @@ class MemoryBroker:
             listener = member._listener
             if others_only and member is self:
                 continue
-            if listener is not None and publication.topic in member.topics:
+            if listener is None:
+                continue
+            # Inlined rather than serves(): the by-name test is the hot path.
+            topic = publication.topic
+            if topic in member.topics or (member.patterns and member.patterns.matches_any(topic)):
                 listener.publication(publication)
 
     async def announce(self, publication: Publication) -> None:

@@ -28,7 +28,19 @@ position, no stream, not handed to the node that made them.
 Subscribing costs one command for many topics: the topics asked for while the
 previous ``SUBSCRIBE`` or ``UNSUBSCRIBE`` was being written go together in the
 next one (in the order asked), and each caller waits for the confirmations of its
-own. Every other command goes through
+own.
+
+Subscription patterns (``news.*``, ``news.>``) go to Redis as ``PSUBSCRIBE`` of the
+glob ``wsrelay:{news.*}:live`` (both: Redis's ``*`` also matches ``.``, so a glob
+is wider than its patterns and what arrives is filtered with
+:func:`wsrelay.core.patterns.matches`): a node receives only the topics it serves. A
+publication reaching the node by several routes (its topic's channel and one or more
+globs) is handed over once: the :class:`~wsrelay.brokers.redis_order.Sequencer` orders
+a topic's publications by offset whichever route brought them (a ``pmessage`` names
+the channel, so the topic) and drops those handed over already; an announcement,
+which has no offset, is taken from one route only (the topic's channel if subscribed,
+else the least glob matching). The Sequencer remembers a position per topic that
+arrived through a pattern until that pattern is unsubscribed. Every other command goes through
 :class:`~wsrelay.brokers.redis_client.Commands`, pipelined with whatever else the
 node is sending (docs/decisions/0006). Registrations are kept by
 :mod:`wsrelay.brokers.redis_registrations`, over the same client.
@@ -71,6 +83,8 @@ from wsrelay.core.history import (
     Receipt,
     new_epoch,
 )
+from wsrelay.core.patterns import is_pattern
+from wsrelay.core.topics import PatternIndex
 from wsrelay.errors import BrokerUnavailable, PublishOutcomeUnknown
 
 __all__ = ["Commands", "RedisBroker", "RedisRegistrations", "make_client", "redis_backend"]
@@ -113,6 +127,12 @@ def _entries(raw: list[Any]) -> Entries:
         offset = int(entry_id.rsplit(b"-", 1)[1])
         entries.append((offset, fields[fields.index(b"d") + 1]))
     return entries
+
+
+def glob(pattern: str) -> str:
+    """The Redis glob whose channels include those of every topic ``pattern`` matches
+    (and more: its ``*`` also matches ``.``)."""
+    return scripts.channel(pattern.replace(">", "*"))
 
 
 def redis_backend(
@@ -162,6 +182,11 @@ class RedisBroker:
         self._in_flight: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
         self._topics: set[str] = set()
+        self._patterns: PatternIndex[str] = PatternIndex()
+        """Subscribed patterns, each held by itself."""
+        self._globs: dict[str, set[str]] = {}
+        """glob -> the subscribed patterns it stands for (``news.*`` and ``news.>`` share
+        one)."""
         self._sequencer = Sequencer(self._read, self._hand, self._gap)
         self._pubsub: Any = None
         self._pubsub_ready = asyncio.Event()
@@ -222,6 +247,8 @@ class RedisBroker:
         self._connected.clear()
         self._up.clear()
         self._topics.clear()
+        self._patterns = PatternIndex()
+        self._globs.clear()
         self._sequencer.clear()
         for client in (self._client, self._subscriber):
             # Bounded: closing TLS connections to a dead Redis can wait forever.
@@ -251,17 +278,27 @@ class RedisBroker:
         """Returns once Redis confirmed every one of ``topics``, so that a client told it
         is subscribed gets every publication from then on (or after a timeout, if Redis
         is down; the listener subscribes again when it reconnects)."""
-        self._topics.update(topics)
+        channels, globs = [], []
+        for name in topics:
+            if is_pattern(name):
+                self._patterns.add(name, name)
+                globs.append(glob(name))
+                self._globs.setdefault(globs[-1], set()).add(name)
+            else:
+                self._topics.add(name)
+                channels.append(scripts.channel(name))
         if self._pubsub is None or not topics:
             return
         loop = asyncio.get_running_loop()
-        channels = [scripts.channel(topic) for topic in topics]
         waiting: list[tuple[bytes, asyncio.Future[None]]] = []
-        for name in channels:
+        for name in (*channels, *globs):  # a glob cannot be a channel's name: it has a *
             confirmed: asyncio.Future[None] = loop.create_future()
             self._confirmations.setdefault(name.encode(), []).append(confirmed)
             waiting.append((name.encode(), confirmed))
-        self._request("subscribe", channels)
+        if channels:
+            self._request("subscribe", channels)
+        if globs:
+            self._request("psubscribe", globs)
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(confirmed for _, confirmed in waiting)), SUBSCRIBE_TIMEOUT
@@ -277,11 +314,38 @@ class RedisBroker:
                         del self._confirmations[channel_key]
 
     async def unsubscribe(self, *topics: str) -> None:
-        for topic in topics:
-            self._topics.discard(topic)
-            self._sequencer.forget(topic)
-        if self._pubsub is not None and topics:
-            self._request("unsubscribe", [scripts.channel(topic) for topic in topics])
+        channels, globs = [], []
+        patterns = False
+        for name in topics:
+            if is_pattern(name):
+                if not self._patterns.discard(name, name):
+                    continue
+                patterns = True
+                held = self._globs.get(glob(name))
+                if held is not None:
+                    held.discard(name)
+                    if not held:
+                        del self._globs[glob(name)]
+                        globs.append(glob(name))
+            else:
+                self._topics.discard(name)
+                channels.append(scripts.channel(name))
+                if not self._serves(name):
+                    self._sequencer.forget(name)
+        if patterns:
+            # Topics that came through a pattern alone are no longer this node's business.
+            for topic in self._sequencer.topics():
+                if not self._serves(topic):
+                    self._sequencer.forget(topic)
+        if self._pubsub is not None:
+            if channels:
+                self._request("unsubscribe", channels)
+            if globs:
+                self._request("punsubscribe", globs)
+
+    def _serves(self, topic: str) -> bool:
+        """Whether this node is subscribed to ``topic``, by name or by a pattern."""
+        return topic in self._topics or (bool(self._patterns) and self._patterns.matches_any(topic))
 
     def _request(self, command: str, channels: list[str]) -> None:
         """Queue a (UN)SUBSCRIBE: merged with the one queued last if it is the same
@@ -307,20 +371,17 @@ class RedisBroker:
             try:
                 for start in range(0, len(channels), SUBSCRIBE_BATCH):
                     chunk = channels[start : start + SUBSCRIBE_BATCH]
-                    if command == "subscribe":
-                        await pubsub.subscribe(*chunk)
-                    else:
-                        await pubsub.unsubscribe(*chunk)
+                    await getattr(pubsub, command)(*chunk)  # (p)(un)subscribe
             except (RedisError, OSError) as exc:
                 log.debug("%s skipped, Redis is down: %s", command, exc)
-                if command == "subscribe":
+                if command in ("subscribe", "psubscribe"):
                     self._confirm_all(channels)  # don't wait: resubscribed on reconnect
 
     def _drop_requests(self) -> None:
         """The pub/sub connection is gone: the next one subscribes to ``self._topics``,
         which every request queued so far is already part of."""
         for command, channels in self._pubsub_requests:
-            if command == "subscribe":
+            if command in ("subscribe", "psubscribe"):
                 self._confirm_all(channels)
         self._pubsub_requests.clear()
 
@@ -534,12 +595,19 @@ class RedisBroker:
             except Exception:
                 log.exception("the listener failed on a gap of %s", topic)
 
-    async def _on_message(self, name: str, data: bytes) -> None:
+    async def _on_message(self, name: str, data: bytes, via: bytes | None = None) -> None:
+        """A message on channel ``name``; ``via``: the glob it came through (a
+        ``pmessage``), else None (its own channel)."""
         topic = scripts.topic_of(name)
-        if topic not in self._topics:
-            return  # unsubscribed while the message was in flight
+        if via is None:
+            if topic not in self._topics:
+                return  # unsubscribed while the message was in flight
+        elif not self._patterns or not self._patterns.matches_any(topic):
+            return  # the glob is wider than the patterns (or unsubscribed meanwhile)
         epoch, offset, payload = data.split(b" ", 2)
         if epoch == ANNOUNCED:
+            if via is not None and via.decode() != self._route(topic):
+                return  # it comes by another route too: hand it over once
             announced = _decode_data(payload)
             if announced.origin != self._origin and self._listener is not None:
                 self._listener.publication(
@@ -547,6 +615,13 @@ class RedisBroker:
                 )
             return
         await self._sequencer.live(topic, epoch.decode(), int(offset), payload)
+
+    def _route(self, topic: str) -> str:
+        """The one route an announcement on ``topic`` is taken from: its channel if
+        subscribed, else the least glob of the patterns matching it."""
+        if topic in self._topics:
+            return scripts.channel(topic)
+        return min(glob(p) for held in self._patterns.match(topic) for p in held)
 
     # -- the subscriber connection ---------------------------------------------------------
 
@@ -609,43 +684,56 @@ class RedisBroker:
         pubsub = self._pubsub = self._subscriber.pubsub()
         # A channel of our own keeps the connection open while no topic is wanted.
         channels = [f"wsrelay:node:{self._origin}", *map(scripts.channel, self._topics)]
+        globs = list(self._globs)
         await pubsub.subscribe(*channels)
+        if globs:
+            await pubsub.psubscribe(*globs)
         # The subscriptions must be in effect before the streams are read: else a
         # publication made between the read and the SUBSCRIBE would be in neither.
-        early = await asyncio.wait_for(self._confirmed(pubsub, channels), SUBSCRIBE_TIMEOUT * 2)
+        early = await asyncio.wait_for(
+            self._confirmed(pubsub, [*channels, *globs]), SUBSCRIBE_TIMEOUT * 2
+        )
         self._pubsub_ready.set()  # subscriptions asked for meanwhile may go now
-        await self._sequencer.catch_up(list(self._topics), self._read_all)
-        for name, data in early:
-            await self._dispatch(name, data)
+        # Topics known through patterns catch up too (those never seen have no position).
+        known = self._topics | {t for t in self._sequencer.topics() if self._serves(t)}
+        await self._sequencer.catch_up(list(known), self._read_all)
+        for name, data, via in early:
+            await self._dispatch(name, data, via)
         if not self._connected.is_set():
             await self._drop_idle_connections()
             self._connected.set()
             self._last_error = None
             self._health_changed("")
         async for message in pubsub.listen():
-            if message["type"] == "subscribe":
+            kind = message["type"]
+            if kind == "subscribe" or kind == "psubscribe":
                 for confirmed in self._confirmations.get(message["channel"], ()):
                     if not confirmed.done():
                         confirmed.set_result(None)
-            elif message["type"] == "message":
-                await self._dispatch(message["channel"].decode(), message["data"])
+            elif kind == "message" or kind == "pmessage":
+                await self._dispatch(
+                    message["channel"].decode(), message["data"], message["pattern"]
+                )
 
-    async def _confirmed(self, pubsub: Any, channels: list[str]) -> list[tuple[str, bytes]]:
-        """Wait for Redis to confirm ``channels``; the messages that came meanwhile."""
+    async def _confirmed(
+        self, pubsub: Any, channels: list[str]
+    ) -> list[tuple[str, bytes, bytes | None]]:
+        """Wait for Redis to confirm ``channels`` (and globs); the messages that came
+        meanwhile, with the glob each came through (None: its channel)."""
         pending = {name.encode() for name in channels}
-        early: list[tuple[str, bytes]] = []
+        early: list[tuple[str, bytes, bytes | None]] = []
         async for message in pubsub.listen():
-            if message["type"] == "subscribe":
+            if message["type"] in ("subscribe", "psubscribe"):
                 pending.discard(message["channel"])
                 if not pending:
                     break
-            elif message["type"] == "message":
-                early.append((message["channel"].decode(), message["data"]))
+            elif message["type"] in ("message", "pmessage"):
+                early.append((message["channel"].decode(), message["data"], message["pattern"]))
         return early
 
-    async def _dispatch(self, name: str, data: bytes) -> None:
+    async def _dispatch(self, name: str, data: bytes, via: bytes | None = None) -> None:
         try:
-            await self._on_message(name, data)
+            await self._on_message(name, data, via)
         except FAILURES:
             raise  # the read that fills a gap failed: reconnect, and catch up
         except Exception:  # not ours, or a listener bug: drop it, keep listening

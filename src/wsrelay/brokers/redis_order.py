@@ -21,6 +21,9 @@ Nothing is handed over twice or out of order, and nothing is skipped without a
 ``gap``. A topic whose history is gone altogether keeps its old epoch here, so
 that the new epoch's first publication is reported as a gap.
 
+A topic is handled alike whether it arrived on its own channel or through a pattern
+(the node may get it by both: the second copy is dropped as handed over already).
+
 A topic on which nothing arrived yet since it was subscribed has no position;
 the positions the node answers clients (:meth:`Sequencer.floor`, from history
 reads made after subscribing) say where a catch-up starts for it.
@@ -74,6 +77,10 @@ class Sequencer:
         """Unsubscribed: its positions no longer mean anything."""
         self.positions.pop(topic, None)
         self.floors.pop(topic, None)
+
+    def topics(self) -> list[str]:
+        """The topics it holds a position or a floor for."""
+        return [*self.positions, *(t for t in self.floors if t not in self.positions)]
 
     def clear(self) -> None:
         self.positions.clear()

@@ -12,14 +12,18 @@ A registration is *attached* while a WebSocket connection (a :class:`Sink`) is
 open for it on this node. Only attached clients are in the two indexes:
 
 * ``topic -> clients``: the clients a publication on that topic goes to;
+* ``pattern -> clients`` (:class:`~wsrelay.core.topics.PatternIndex`, a trie by
+  segment): those subscribed to ``news.*`` or ``news.>``;
 * ``user -> clients``: narrows a user-targeted publication.
 
-So a publish looks at the subscribers of one topic (or one user's clients,
-whichever set is smaller), never at every client as the seed did.
+So a publish looks at the subscribers of one topic and of the patterns matching it
+(or one user's clients, whichever set is smaller), never at every client as the seed
+did, nor at every pattern held. While no pattern is held, a publish costs what it
+did before patterns existed: one test of an empty index.
 
-Every mutation returns a :class:`Occupancy` change: the topics that just gained
-their first attached subscriber here and those that just lost their last one.
-The node passes these to the broker, so that it receives traffic only for
+Every mutation returns a :class:`Occupancy` change: the topics (and patterns) that
+just gained their first attached subscriber here and those that just lost their last
+one. The node passes these to the broker, so that it receives traffic only for
 topics someone here listens to.
 """
 
@@ -29,7 +33,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from wsrelay.core.patterns import is_pattern, matches
 from wsrelay.core.rules import NO_GRANTS, Grants
+from wsrelay.core.topics import PatternIndex
 
 if TYPE_CHECKING:
     from wsrelay.core.fanout import Publication
@@ -146,7 +152,8 @@ class Hold:
 @dataclass(slots=True)
 class Occupancy:
     """Topics that gained their first (``occupied``) or lost their last
-    (``vacated``) attached subscriber on this node."""
+    (``vacated``) attached subscriber on this node; patterns among them are patterns
+    (:func:`~wsrelay.core.patterns.is_pattern`) gaining or losing theirs."""
 
     occupied: list[str] = field(default_factory=list)
     vacated: list[str] = field(default_factory=list)
@@ -171,6 +178,7 @@ class Registry:
     def __init__(self) -> None:
         self._attached: dict[str, Client] = {}
         self._by_topic: dict[str, set[Client]] = {}
+        self._patterns: PatternIndex[Client] = PatternIndex()
         self._by_user: dict[str, set[Client]] = {}
 
     # -- connections ----------------------------------------------------------------------
@@ -234,6 +242,10 @@ class Registry:
 
     def _index(self, client: Client, topics: Iterable[str], change: Occupancy) -> None:
         for topic in topics:
+            if is_pattern(topic):
+                if self._patterns.add(topic, client):
+                    change.occupied.append(topic)
+                continue
             subscribers = self._by_topic.get(topic)
             if subscribers is None:
                 subscribers = self._by_topic[topic] = set()
@@ -242,15 +254,22 @@ class Registry:
 
     def _unindex(self, client: Client, topics: Iterable[str], change: Occupancy) -> None:
         for topic in topics:
-            if _discard(self._by_topic, topic, client):
+            if is_pattern(topic):
+                if self._patterns.discard(topic, client):
+                    change.vacated.append(topic)
+            elif _discard(self._by_topic, topic, client):
                 change.vacated.append(topic)
 
     # -- lookups -------------------------------------------------------------------------------
 
     def recipients(self, topic: str, user: str | None) -> Iterator[Client]:
         """Attached clients that a publication on ``topic`` (for ``user``, if
-        given) goes to. Cost: the smaller of the two index entries."""
+        given) goes to, each once however many of its subscriptions match. Cost: the
+        smaller of the two index entries (the topic's subscribers and its patterns'
+        together), plus one walk of the pattern index if it holds any."""
         subscribers = self._by_topic.get(topic)
+        if self._patterns:
+            subscribers = self._with_patterns(topic, subscribers)
         if not subscribers:
             return iter(())
         if user is None:
@@ -262,14 +281,33 @@ class Registry:
             return (c for c in users_clients if c in subscribers)
         return (c for c in subscribers if c.user == user)
 
+    def _with_patterns(self, topic: str, subscribers: set[Client] | None) -> set[Client] | None:
+        """``subscribers`` of ``topic`` joined with those of the patterns matching it;
+        a new set only where several sets must be merged (so each client is once)."""
+        groups = self._patterns.match(topic)
+        if not groups:
+            return subscribers
+        if not subscribers and len(groups) == 1:
+            return groups[0]
+        merged = set(subscribers) if subscribers else set()
+        for group in groups:
+            merged |= group
+        return merged
+
+    def receives(self, client: Client, topic: str) -> bool:
+        """Whether ``client`` is subscribed to ``topic``, by name or by a pattern."""
+        if topic in client.topics:
+            return True
+        return any(is_pattern(name) and matches(name, topic) for name in client.topics)
+
     def count_recipients(self, topic: str, user: str | None) -> int:
         """How many attached clients a publication on ``topic`` (for ``user``) goes to."""
-        if user is None:
+        if user is None and not self._patterns:
             return self.subscriber_count(topic)
         return sum(1 for _ in self.recipients(topic, user))
 
     def subscriber_count(self, topic: str) -> int:
-        """Attached clients subscribed to ``topic``."""
+        """Attached clients subscribed to ``topic`` by name (not by a pattern)."""
         return len(self._by_topic.get(topic, ()))
 
     def busiest_topics(
@@ -287,8 +325,13 @@ class Registry:
 
     @property
     def topics(self) -> int:
-        """Topics with at least one attached subscriber."""
+        """Topics with at least one attached subscriber (by name)."""
         return len(self._by_topic)
+
+    @property
+    def patterns(self) -> int:
+        """Patterns with at least one attached subscriber."""
+        return len(self._patterns)
 
     def clients(self) -> list[Client]:
         """A snapshot of the attached clients."""
