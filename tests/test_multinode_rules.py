@@ -21,6 +21,10 @@ CONFIG = """
 pattern = "chat:*"
 subscribe = "granted"
 publish = "subscribers"
+
+[[namespace]]
+pattern = "short:*"
+history_size = 3
 """
 CHAT = {"subscribe": ["chat:*"]}
 
@@ -120,3 +124,19 @@ async def test_skip_self_holds_across_redis(
     assert await publisher.message() == ("chat:y", "fence")  # not "not back" first
     await publisher.close()
     await remote.close()
+
+
+async def test_a_namespace_history_size_bounds_the_redis_history(
+    nodes: list[ServerProcess], session: aiohttp.ClientSession
+) -> None:
+    n1, n2 = nodes
+    a, b = Api(session, n1.url), Api(session, n2.url)
+    for topic in ("short:1", "long:1"):
+        for i in range(5):
+            status, body = await a.call("POST", "/publish", {"topic": topic, "message": str(i)})
+            assert status == 200, body
+    status, short = await b.call("GET", "/history", params={"topic": "short:1"})
+    assert status == 200, short
+    assert [p["message"] for p in short["publications"]] == ["2", "3", "4"]
+    status, long = await b.call("GET", "/history", params={"topic": "long:1"})
+    assert [p["message"] for p in long["publications"]] == ["0", "1", "2", "3", "4"]

@@ -39,8 +39,8 @@ def from_url(
 ) -> Backend:
     """The backend for ``url``. ``pool_size`` (connections for commands) and ``timeout``
     (seconds any command may take, waiting for a connection included) concern Redis only;
-    ``history_size`` (publications kept per topic, if not ``history.size`` for all: the
-    namespaces' ``history_size``) the memory broker only, for now.
+    ``history_size``: publications kept per topic, if not ``history.size`` for all (the
+    namespaces' ``history_size``).
 
     Raises:
         ValueError: the scheme is not supported.
@@ -58,6 +58,7 @@ def from_url(
             history=history,
             pool_size=pool_size,
             timeout=timeout,
+            history_size=history_size,
         )
     raise ValueError(
         f"unsupported broker URL {url!r}: the scheme must be one of "

@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -142,14 +142,17 @@ def redis_backend(
     history: HistoryLimits = DEFAULT_LIMITS,
     pool_size: int = DEFAULT_POOL_SIZE,
     timeout: float = DEFAULT_TIMEOUT,
+    history_size: Callable[[str], int] | None = None,
 ) -> Backend:
     """A broker and a registration store sharing one Redis client for ``url``: at most
     ``pool_size`` connections for commands, one more for publishes (sent in order),
-    one for pub/sub and one for the health probe; ``timeout`` bounds every command."""
+    one for pub/sub and one for the health probe; ``timeout`` bounds every command.
+    ``history_size``: publications kept per topic, if not ``history.size`` for all."""
     client = make_client(url, pool_size=pool_size + 1, timeout=timeout)
     commands = Commands(client, lanes=pool_size, timeout=timeout)
     registrations = RedisRegistrations(commands, int(registration_ttl))
-    return Backend(RedisBroker(commands, history, registrations), registrations)
+    broker = RedisBroker(commands, history, registrations, history_size)
+    return Backend(broker, registrations)
 
 
 class _Pending:
@@ -168,8 +171,10 @@ class RedisBroker:
         client: aioredis.Redis | Commands,
         history: HistoryLimits = DEFAULT_LIMITS,
         registrations: RedisRegistrations | None = None,
+        history_size: Callable[[str], int] | None = None,
     ) -> None:
         self._commands = client if isinstance(client, Commands) else Commands.over(client)
+        self._size_of = history_size
         self._client = self._commands.client
         self._subscriber = pubsub_client(self._client)
         self._limits = history
@@ -433,7 +438,6 @@ class RedisBroker:
         names: tuple[str, ...] = scripts.keys(topic)
         if key is not None:
             names = (*names, scripts.idempotency_key(topic, key))
-        limits = self._limits
         command = (
             "EVALSHA",
             scripts.PUBLISH.sha,
@@ -441,7 +445,7 @@ class RedisBroker:
             *names,
             _encode(_Data(self._origin, publication.user, publication.message, publication.skip)),
             new_epoch(),
-            limits.size,
+            self._size(topic),
             self._history_ms,
             self._meta_ms,
             scripts.channel(topic),
@@ -516,10 +520,14 @@ class RedisBroker:
 
     # -- history --------------------------------------------------------------------------
 
+    def _size(self, topic: str) -> int:
+        """Publications kept for ``topic`` (its namespace's ``history_size``, if set)."""
+        return self._limits.size if self._size_of is None else self._size_of(topic)
+
     async def history(
         self, topic: str, *, since: int | None = None, limit: int = 0, reverse: bool = False
     ) -> HistoryPage:
-        size = self._limits.size
+        size = self._size(topic)
         try:
             reply = await self._commands.script(
                 scripts.HISTORY,
@@ -559,11 +567,14 @@ class RedisBroker:
     ) -> list[tuple[str | None, int, Entries]]:
         """What the streams of several topics hold from an offset on (one script each,
         pipelined together)."""
-        count = max(1, self._limits.size)
         end = "+" if last is None else last
         replies = await asyncio.gather(
             *(
-                self._commands.script(scripts.READ, scripts.keys(topic), (epoch, first, end, count))
+                self._commands.script(
+                    scripts.READ,
+                    scripts.keys(topic),
+                    (epoch, first, end, max(1, self._size(topic))),
+                )
                 for topic, epoch, first in wanted
             )
         )
