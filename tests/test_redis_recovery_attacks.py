@@ -84,11 +84,6 @@ async def test_subscribing_to_fresh_topics_does_not_fill_redis(
     assert grown < 100, f"{grown} keys left in Redis by subscriptions alone"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Redis: idempotency keys are per topic only (wsrelay:{topic}:key:<key>), so a "
-    "client's key pre-empts a backend's: the backend's publish answers duplicate",
-)
 async def test_a_client_cannot_suppress_a_backend_publish_on_redis(
     start_server: Start,
     redis_server: RedisServer,

@@ -479,6 +479,8 @@ class Relay:
         stream continues after ``offset`` (those recovering the topic learn it from
         their recovery's answer)."""
         self.gaps += 1
+        if topic in self._last:
+            self._last[topic] = Position(epoch, offset)
         frame = self.framer(encode(GapFrame(topic, offset, epoch)))
         for client in list(self.registry.recipients(topic, None)):
             sink = client.sink
@@ -491,6 +493,12 @@ class Relay:
             # Kept for topics subscribed by name only (those vacated drop theirs): a topic
             # reaching this node through a pattern alone has no entry to remember.
             if self.registry.subscriber_count(publication.topic):
+                last = self._last.get(publication.topic)
+                if last is not None and last.epoch != publication.epoch:
+                    # The topic's history was lost (evicted, expired, a broker that did
+                    # not say so): offsets restart, and clients that dedupe by offset
+                    # must be told before the new epoch's first publication.
+                    self._on_gap(publication.topic, publication.epoch, publication.offset - 1)
                 self._last[publication.topic] = Position(publication.epoch, publication.offset)
             self.deliver(publication)
             return

@@ -104,11 +104,6 @@ async def history_bytes(api: Api) -> float:
 # -- the memory history's limit -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory broker: a topic evicted by --history-memory starts a new epoch at offset 1 "
-    "and its live subscribers get no gap frame (the epoch change is silent)",
-)
 @pytest.mark.parametrize("stack", STACKS)
 async def test_an_evicted_topic_tells_its_live_subscribers_before_its_new_epoch(
     start_server: Start, session: aiohttp.ClientSession, stack: str
@@ -141,11 +136,6 @@ async def test_an_evicted_topic_tells_its_live_subscribers_before_its_new_epoch(
     await sub.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory broker: after an eviction the Python client drops the new epoch's first "
-    "publications as duplicates (offsets <= the old epoch's) and reports nothing",
-)
 async def test_the_python_client_loses_nothing_when_a_live_topic_is_evicted(
     start_server: Start, session: aiohttp.ClientSession
 ) -> None:
@@ -245,11 +235,6 @@ async def test_a_subscriber_cannot_evict_other_topics_history(
 # -- idempotency keys ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idempotency keys are per topic only: another client's publish with the same key "
-    "(README's own 'm-1') is answered duplicate and silently not published",
-)
 async def test_two_clients_using_the_same_key_both_publish(api: Api) -> None:
     alice = await connect(api, topics=["chat:keys1"])
     bob = await connect(api, topics=["chat:keys1"])
@@ -266,11 +251,6 @@ async def test_two_clients_using_the_same_key_both_publish(api: Api) -> None:
     await bob.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client holding a publish right can pre-empt a backend's idempotency key: the "
-    "backend's later POST /publish with it answers duplicate and publishes nothing",
-)
 async def test_a_client_cannot_suppress_a_backend_publish_by_guessing_its_key(api: Api) -> None:
     listener = await connect(api, topics=["chat:keys2"])
     mallory = await connect(api, topics=["chat:keys2"])
@@ -478,11 +458,6 @@ async def test_a_recover_connection_that_never_sends_a_command_gets_its_messages
 # -- documentation ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README's --api-key row lists the routes that need the key but not GET /history, "
-    "which does",
-)
 def test_readme_lists_history_among_the_routes_the_api_key_protects() -> None:
     row = next(line for line in README.read_text().splitlines() if line.startswith("| `--api-key`"))
     assert "/history" in row, row

@@ -381,9 +381,12 @@ class Session:
             self._limiter = PublishLimiter()
         self._limiter.take(namespace, self.gate.clock())
         skip = client.id if command.skip_self else None
-        published = await relay.publish(
-            command.topic, command.message, None, command.idempotency_key, skip
-        )
+        key = command.idempotency_key
+        if key is not None:
+            # Keys are the publisher's own: another client's (or the backend's) publish
+            # with the same text must not be taken for a repeat of this one.
+            key = f"client:{client.user if client.user is not None else client.id}:{key}"
+        published = await relay.publish(command.topic, command.message, None, key, skip)
         if self.raw:
             return None  # raw mode acknowledges nothing
         receipt = published.receipt

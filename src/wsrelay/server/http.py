@@ -153,7 +153,7 @@ async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
         request.topic,
         request.message,
         request.user_id,
-        request.idempotency_key,
+        backend_key(request.idempotency_key),
         request.skip_client,
     )
     metrics = app[METRICS]
@@ -168,7 +168,8 @@ async def publish_many(app: web.Application, body: bytes) -> BatchPublishRespons
     """``POST /publish/batch`` once its body has arrived."""
     request = decode(body, BatchPublishRequest)
     items: list[PublishItem] = [
-        (m.topic, m.message, m.user_id, m.idempotency_key, m.skip_client) for m in request.messages
+        (m.topic, m.message, m.user_id, backend_key(m.idempotency_key), m.skip_client)
+        for m in request.messages
     ]
     answers = await app[RELAY].publish_many(items)
     metrics = app[METRICS]
@@ -179,6 +180,12 @@ async def publish_many(app: web.Application, body: bytes) -> BatchPublishRespons
         recipients=[recipients for recipients, _ in answers],
         positions=[PositionBody(r.position.offset, r.position.epoch) for _, r in answers],
     )
+
+
+def backend_key(key: str | None) -> str | None:
+    """The backend's idempotency keys live apart from clients' (``client:<user>:<key>``), so
+    that a client cannot claim a key the backend will use and silence its publish."""
+    return None if key is None else "api:" + key
 
 
 async def history(request: web.Request) -> web.Response:
