@@ -147,3 +147,16 @@ def test_the_idempotency_cache_remembers_within_its_window_and_capacity() -> Non
     for key in "abc":
         cache.put("t", key, receipt)
     assert cache.get("t", "a") is None and cache.get("t", "c") is not None
+
+
+def test_positions_asked_by_subscriptions_are_evicted_before_any_publications() -> None:
+    text = "x" * 1000
+    limit = 3 * TOPIC_OVERHEAD + ENTRY_OVERHEAD + sys.getsizeof(text)
+    h, _ = history(memory=limit)
+    kept = publish(h, "kept", text)
+    for i in range(50):  # a client subscribing to fresh names
+        h.position(f"fresh.{i}")
+    assert h.stats.bytes <= limit
+    assert h.stats.evicted_positions >= 48 and h.stats.evicted_topics == 0
+    page = h.read("kept", limit=10)
+    assert page.position == Position(kept.epoch, 1) and len(page.publications) == 1

@@ -184,12 +184,6 @@ async def test_the_python_client_loses_nothing_when_a_live_topic_is_evicted(
                 await task
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory broker: reading a never-published topic's position (every subscribe) "
-    "adds it to the history and only publishes evict, so subscriptions alone grow the "
-    "history past --history-memory",
-)
 async def test_subscriptions_alone_keep_the_history_within_its_memory_limit(
     start_server: Start, session: aiohttp.ClientSession
 ) -> None:
@@ -204,11 +198,6 @@ async def test_subscriptions_alone_keep_the_history_within_its_memory_limit(
     assert await history_bytes(api) <= limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory broker: an anonymous client that subscribes to many fresh topics pushes "
-    "every other topic's history out (the next publish evicts the least recently touched)",
-)
 async def test_a_subscriber_cannot_evict_other_topics_history(
     start_server: Start, session: aiohttp.ClientSession
 ) -> None:

@@ -131,6 +131,9 @@ class HistoryStats:
     """Topics whose history was dropped to stay within ``memory_limit``."""
     bytes: int = 0
     """What the kept history is estimated to take."""
+    evicted_positions: int = 0
+    """Positions of topics never published to (asked by a subscription) dropped to stay
+    within ``memory_limit``; they are dropped before any topic's publications."""
 
 
 class MemoryHistory:
@@ -157,12 +160,16 @@ class MemoryHistory:
         self.stats = HistoryStats()
         self._clock = clock
         self._topics: OrderedDict[str, _Topic] = OrderedDict()  # least recently touched first
+        self._bare: OrderedDict[str, _Topic] = OrderedDict()
+        """Topics with a position and no publication yet (a subscription asked): kept
+        apart and evicted first, so that subscribing to fresh names, which anyone may do,
+        never pushes out a topic's publications."""
 
     def append(self, publication: Publication) -> Publication:
         """Give ``publication`` the topic's next offset, keep it, and return it with
         its position."""
         now = self._clock()
-        topic = self._touch(publication.topic, now)
+        topic = self._touch(publication.topic, now, publishing=True)
         topic.offset += 1
         stored = Publication(
             publication.topic,
@@ -205,28 +212,35 @@ class MemoryHistory:
         chosen = kept[-limit:][::-1] if reverse else kept[:limit]
         return HistoryPage(chosen, position)
 
-    def _touch(self, name: str, now: float) -> _Topic:
-        topics = self._topics
+    def _touch(self, name: str, now: float, *, publishing: bool = False) -> _Topic:
+        topics, bare = self._topics, self._bare
         topic = topics.get(name)
-        if topic is None:
+        if topic is not None:
+            topics.move_to_end(name)
+        elif (topic := bare.get(name)) is not None:
+            if publishing:
+                topics[name] = bare.pop(name)
+            else:
+                bare.move_to_end(name)
+        else:
             self._forget_stale(now)
             limit = self.size if self.size_of is None else self.size_of(name)
-            topic = topics[name] = _Topic(new_epoch(), now, limit)
+            topic = _Topic(new_epoch(), now, limit)
+            (topics if publishing else bare)[name] = topic
             self.stats.bytes += topic.size
-        else:
-            topics.move_to_end(name)
+            self._evict()
         topic.touched = now
         return topic
 
     def _forget_stale(self, now: float) -> None:
         """Drop topics untouched for META_TTL (the least recently touched come first)."""
-        topics = self._topics
-        while topics:
-            name, oldest = next(iter(topics.items()))
-            if now - oldest.touched < META_TTL:
-                break
-            del topics[name]
-            self.stats.bytes -= oldest.size
+        for topics in (self._bare, self._topics):
+            while topics:
+                name, oldest = next(iter(topics.items()))
+                if now - oldest.touched < META_TTL:
+                    break
+                del topics[name]
+                self.stats.bytes -= oldest.size
 
     def _expire(self, topic: _Topic, now: float) -> None:
         entries = topic.entries
@@ -242,6 +256,11 @@ class MemoryHistory:
     def _evict(self) -> None:
         if self.stats.bytes <= self.memory_limit:
             return
+        bare = self._bare
+        while self.stats.bytes > self.memory_limit and len(bare) > 1:
+            _, oldest = bare.popitem(last=False)
+            self.stats.bytes -= oldest.size
+            self.stats.evicted_positions += 1
         topics = self._topics
         while self.stats.bytes > self.memory_limit and len(topics) > 1:
             name, oldest = next(iter(topics.items()))
