@@ -105,6 +105,7 @@ async def test_a_stalled_redis_refuses_before_the_upgrade_with_retry_after(
     assert outcomes["refused 503 with Retry-After"] + outcomes["subscribed"] > 0, outcomes
 
 
+@pytest.mark.timeout(300)  # connecting the 5,000 clients first may take up to 120 s
 async def test_every_client_of_a_restarted_node_is_back_within_30_s(
     start_server: Start, redis_server: RedisServer
 ) -> None:
