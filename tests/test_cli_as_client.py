@@ -73,7 +73,9 @@ def test_pub_as_client_subscribes_first_where_subscribers_publish(
 
 
 def test_pub_idempotency_key_publishes_once(rules_server: ServerProcess) -> None:
-    for as_client in ((), ("--as-client", "--grant-publish", "granted:*")):
+    # A client's keys are its user's (an anonymous --as-client run is a new registration
+    # each time, with no identity to repeat): the retry names the same user.
+    for as_client in ((), ("--as-client", "--user-id", "7", "--grant-publish", "granted:*")):
         topic = f"granted:key{len(as_client)}"
         args = ("pub", topic, "once", "--url", rules_server.url, "--idempotency-key", "k")
         first = run(*args, *as_client)
