@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.redis_server import RedisServer
 from tests.utils import TIMEOUT, ServerProcess, free_port
-from wsrelay.client import Relay, Subscribed
+from wsrelay.client import ConnectionFailed, Relay, Subscribed
 
 Start = Callable[..., ServerProcess]
 
@@ -135,9 +135,19 @@ async def test_every_client_of_a_restarted_node_is_back_within_30_s(
                     if len(resubscribed) == clients:
                         all_back.set()
 
-            async with relay.subscribe(f"restart.{i % 100}", on_event=on_event) as messages:
-                async for _ in messages:
-                    pass
+            # The claim is the reconnect after the restart. Connecting 5,000 clients from
+            # one test process first is only the setup: a first connection that times out
+            # on a loaded machine (first connections are not retried) tries again.
+            for _ in range(3):
+                try:
+                    async with relay.subscribe(f"restart.{i % 100}", on_event=on_event) as sub:
+                        async for _ in sub:
+                            pass
+                except ConnectionFailed:
+                    if i in first:
+                        raise
+                else:
+                    return
 
         tasks = [asyncio.create_task(run(i)) for i in range(clients)]
         await asyncio.wait_for(all_up.wait(), 120)
