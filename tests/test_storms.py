@@ -105,6 +105,14 @@ async def test_a_stalled_redis_refuses_before_the_upgrade_with_retry_after(
     assert outcomes["refused 503 with Retry-After"] + outcomes["subscribed"] > 0, outcomes
 
 
+RESTART_BUDGET = 75.0
+"""Seconds for every client to be back. The claim is 30 s uninstrumented (bench/storm.py
+measures it; docs/benchmarks.md); here coverage traces the node (every Python subprocess
+of the suite), which runs it about 2.5 times slower. This test's own process is not
+traced (no_cover): it runs the 5,000 clients."""
+
+
+@pytest.mark.no_cover
 @pytest.mark.timeout(300)  # connecting the 5,000 clients first may take up to 120 s
 async def test_every_client_of_a_restarted_node_is_back_within_30_s(
     start_server: Start, redis_server: RedisServer
@@ -156,7 +164,7 @@ async def test_every_client_of_a_restarted_node_is_back_within_30_s(
         node.stop()
         restarted = start_server(*args)
         try:
-            await asyncio.wait_for(all_back.wait(), 30)
+            await asyncio.wait_for(all_back.wait(), RESTART_BUDGET)
         finally:
             for task in tasks:
                 task.cancel()

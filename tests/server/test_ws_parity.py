@@ -165,7 +165,10 @@ async def test_a_command_flood_from_a_client_that_never_reads_is_cut_off(
 
     flooding = asyncio.ensure_future(flood())
     try:
-        await asyncio.wait_for(_until_closed(server, api), TIMEOUT * 2)
+        # Cut-off takes 7-8 s on this machine (the outbox fills through the kernel's
+        # buffers first); under coverage it came close to 10 s: the claim is that it
+        # happens, with memory bounded, not how fast.
+        await asyncio.wait_for(_until_closed(server, api), TIMEOUT * 4)
     finally:
         flooding.cancel()
         client.abort()
