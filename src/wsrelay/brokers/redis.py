@@ -222,7 +222,8 @@ class RedisBroker:
         if self._registrations is not None:
             self._registrations.start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), 5)
+            async with asyncio.timeout(5):
+                await self._up.wait()
         if not self.healthy:
             log.warning(
                 "broker down: Redis is unreachable (%s); retrying in the background",
@@ -258,7 +259,8 @@ class RedisBroker:
         for client in (self._client, self._subscriber):
             # Bounded: closing TLS connections to a dead Redis can wait forever.
             with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await client.aclose()
 
     def _health_changed(self, reason: str) -> None:
         if self.healthy == self._up.is_set():
@@ -305,9 +307,8 @@ class RedisBroker:
         if globs:
             self._request("psubscribe", globs)
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(confirmed for _, confirmed in waiting)), SUBSCRIBE_TIMEOUT
-            )
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await asyncio.gather(*(confirmed for _, confirmed in waiting))
         except TimeoutError:
             log.debug("subscriptions to %d topic(s) not confirmed yet", len(topics))
         finally:
@@ -662,7 +663,8 @@ class RedisBroker:
                     pubsub, self._pubsub = self._pubsub, None
                     self._drop_requests()
                     with contextlib.suppress(RedisError, OSError, TimeoutError):
-                        await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT)
+                        async with asyncio.timeout(CLOSE_TIMEOUT):
+                            await pubsub.aclose()
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
 
@@ -689,7 +691,8 @@ class RedisBroker:
         # Bounded: closing each connection to a dead Redis may wait (TLS: for its close
         # to be acknowledged), and meanwhile the pool's lock keeps every command waiting.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await asyncio.wait_for(drop(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await drop()
 
     async def _listen_once(self) -> None:
         pubsub = self._pubsub = self._subscriber.pubsub()
@@ -701,9 +704,8 @@ class RedisBroker:
             await pubsub.psubscribe(*globs)
         # The subscriptions must be in effect before the streams are read: else a
         # publication made between the read and the SUBSCRIBE would be in neither.
-        early = await asyncio.wait_for(
-            self._confirmed(pubsub, [*channels, *globs]), SUBSCRIBE_TIMEOUT * 2
-        )
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT * 2):
+            early = await self._confirmed(pubsub, [*channels, *globs])
         self._pubsub_ready.set()  # subscriptions asked for meanwhile may go now
         # Topics known through patterns catch up too (those never seen have no position).
         known = self._topics | {t for t in self._sequencer.topics() if self._serves(t)}

@@ -140,7 +140,8 @@ async def send_pipeline(client: aioredis.Redis, commands: Sequence[tuple[Any, ..
             # Written (perhaps in part) and not all answered: the connection is out of step
             # with its replies, and what Redis did with the rest is unknown.
             with contextlib.suppress(RedisError, OSError, TimeoutError):  # (TLS: may hang)
-                await asyncio.wait_for(connection.disconnect(nowait=True), CONNECT_TIMEOUT)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await connection.disconnect(nowait=True)
             replies.extend([outcome_unknown(exc)] * (len(commands) - len(replies)))
         return replies
     finally:

@@ -81,8 +81,9 @@ class HealthProbe:
         task, self._task = self._task, None
         self.up = False
         while task is not None and not task.done():
-            # Again until it ends: Python 3.11's wait_for may turn a cancellation that
-            # meets its timeout into a TimeoutError, which the probe takes for an outage.
+            # Again until it ends: a cancellation that meets a timeout inside redis-py
+            # (which still uses wait_for) may come out as a TimeoutError, which the
+            # probe takes for an outage.
             task.cancel()
             await asyncio.wait({task}, timeout=0.1)
 
@@ -97,7 +98,8 @@ class HealthProbe:
 
     async def _pause(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kicked.wait(), self._interval)
+            async with asyncio.timeout(self._interval):
+                await self._kicked.wait()
         self._kicked.clear()
 
     async def _run(self) -> None:
@@ -105,7 +107,8 @@ class HealthProbe:
             answered = False
             connection = self._connection_class(**self._kwargs)
             try:
-                await asyncio.wait_for(connection.connect(), self._timeout)  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(self._timeout):
+                    await connection.connect()  # type: ignore[no-untyped-call]
                 while True:
                     await self._ping(connection)
                     answered = True
@@ -121,7 +124,8 @@ class HealthProbe:
                 # Bounded: closing a TLS connection to a dead Redis can wait forever (seen
                 # on shutdown), and this runs when the probe is cancelled too.
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(connection.disconnect(nowait=True), self._timeout)
+                    async with asyncio.timeout(self._timeout):
+                        await connection.disconnect(nowait=True)
             await self._pause()
 
     async def _ping(self, connection: Any) -> None:

@@ -1034,7 +1034,8 @@ class Subscription:
                 delay = self.backoff.after(retry_after, self._rng)
             self._emit(Reconnecting(attempt, delay, close_code, reason, retry_after))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
             if self._closed:
                 raise StopAsyncIteration
             try:
