@@ -11,7 +11,12 @@ Built-in targets, each started as a subprocess on a free loopback port:
   The bench spreads subscribers over both nodes and publishes to the first one;
 * ``wsrelay-redis1``: the same with one node;
 * ``wsrelay-nohistory``: ``wsrelay`` with ``--history-size 0`` (no per-topic history, no
-  recovery), to measure what the history costs beside the default.
+  recovery), to measure what the history costs beside the default;
+* ``wsrelay-namespaces``: ``wsrelay`` with ``--config bench/namespaces.toml`` (eight
+  namespaces, the bench's topics in the last), to measure what the rules cost;
+* ``wsrelay-patterns``: ``wsrelay`` holding 10,000 wildcard subscriptions that match no
+  bench topic (``bench/hold_patterns.py``, started once the relay is up), to measure what
+  holding patterns costs a publish.
 
 Any other target must be a URL (``http://127.0.0.1:8000``) of a server that is already running;
 its CPU and memory are only measured when its pid is given (``--server-pid``).
@@ -35,7 +40,18 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 NODE_DIR = BENCH_DIR / "peers" / "node"
-BUILTIN = ("wsrelay", "node", "naive", "wsrelay-redis", "wsrelay-redis1", "wsrelay-nohistory")
+BUILTIN = (
+    "wsrelay",
+    "node",
+    "naive",
+    "wsrelay-redis",
+    "wsrelay-redis1",
+    "wsrelay-nohistory",
+    "wsrelay-namespaces",
+    "wsrelay-patterns",
+)
+HELD_PATTERNS = 10000
+"""Wildcard subscriptions the ``wsrelay-patterns`` target holds (issue 13's figure)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class Target:
     nodes: int = 1  # relay processes; more than 1 share a private redis-server (wsrelay-redis)
     redis: bool = False  # the nodes use a private redis-server the bench starts
     acks: bool = False  # answers a subscription command with an acknowledgement (JSON mode)
+    patterns: int = 0  # wildcard subscriptions held by bench/hold_patterns.py once it is up
 
 
 def _wsrelay_env(connections: int, src_dir: str | None = None) -> dict[str, str]:
@@ -82,6 +99,11 @@ def resolve_target(
         if spec == "wsrelay-nohistory":
             argv += ("--history-size", "0", *wsrelay_args)
             return Target(spec, argv, env=env, acks=True)
+        if spec == "wsrelay-namespaces":
+            argv += ("--config", str(BENCH_DIR / "namespaces.toml"), *wsrelay_args)
+            return Target(spec, argv, env=env, acks=True)
+        if spec == "wsrelay-patterns":
+            return Target(spec, argv + wsrelay_args, env=env, acks=True, patterns=HELD_PATTERNS)
         argv += ("--broker", "{broker}", *wsrelay_args)
         if spec == "wsrelay-redis":
             return Target(spec, argv, env=env, nodes=2, redis=True, acks=True)
@@ -145,6 +167,7 @@ class Server:
         self.redis_pid: int | None = None
         self.redis_port: int | None = None
         self._redis_dir: str | None = None
+        self._holder: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -164,6 +187,19 @@ class Server:
         for url, process in zip(self.node_urls, self.processes, strict=True):
             # /ready: a Redis node answers 200 only once its broker is connected.
             self._wait_healthy(url, process, timeout, "/ready" if broker else "/health")
+        if self.target.patterns:
+            self._hold_patterns(timeout)
+
+    def _hold_patterns(self, timeout: float) -> None:
+        """Start bench/hold_patterns.py on the first node and wait for its ``ready``."""
+        argv = [sys.executable, str(BENCH_DIR / "hold_patterns.py"), "--url", self.base_url]
+        argv += ["--patterns", str(self.target.patterns)]
+        self._holder = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert self._holder.stdout is not None
+        # readline blocks: bounded by the holder's own 30 s timeout per acknowledgement.
+        line = self._holder.stdout.readline().decode()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"hold_patterns.py did not get ready: {line!r}\n{self.log_tail()}")
 
     def _popen(
         self, argv: list[str], name: str, cpus: set[int] | None, env: dict[str, str] | None = None
@@ -261,6 +297,10 @@ class Server:
 
     def stop(self, keep_logs: str | None = None) -> None:
         """Stop every process; ``keep_logs``: a directory to move their logs to first."""
+        if self._holder is not None:
+            self._holder.terminate()
+            self._holder.wait(10)
+            self._holder = None
         for process in [*self.processes, *([self.redis] if self.redis else [])]:
             if process.poll() is None:
                 process.terminate()
