@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import faulthandler
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
@@ -26,6 +27,35 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     cov = config.pluginmanager.getplugin("_cov")
     if cov is not None and getattr(cov, "options", None) is not None:
         cov.options.cov_fail_under = None
+
+
+# A backstop behind pytest-timeout: its signal method raises inside whatever runs, and
+# an asyncio task may swallow that (one did, in a fixture's teardown, and CI waited its
+# whole 90 minutes). Past this, every thread's stack is printed and the run ends.
+HANG_BACKSTOP = 60.0
+"""Seconds past a test's own timeout before the run is ended."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    marker = item.get_closest_marker("timeout")
+    own = float(marker.args[0]) if marker and marker.args else item.config.getini("timeout")
+    faulthandler.dump_traceback_later(
+        float(own or 120) + HANG_BACKSTOP, exit=True, file=_terminal(item.config)
+    )
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _terminal(config: pytest.Config) -> int:
+    """The run's real stderr: pytest captures fd 2 while a test runs, and a dump written
+    there would be lost with the process. (A private attribute; fd 2 if it moves.)"""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    err = getattr(getattr(capman, "_global_capturing", None), "err", None)
+    saved = getattr(err, "targetfd_save", None)
+    return saved if isinstance(saved, int) else 2
 
 
 @pytest.fixture(scope="session")

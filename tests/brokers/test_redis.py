@@ -106,7 +106,8 @@ async def test_redis_restart_is_survived_and_reported(redis_server: RedisServer)
 
     redis_server.kill()
     await wait_until(lambda: not b.healthy, "B to notice Redis is gone")
-    with pytest.raises(BrokerUnavailable, match="Redis is unreachable"):
+    # Which words depends on where the publish meets the dead connection; both say so.
+    with pytest.raises(BrokerUnavailable, match="unreachable|nothing was published"):
         await a.publish(Publication("t", "during"))
 
     redis_server.start()
