@@ -6,6 +6,8 @@ Built-in targets, each started as a subprocess on a free loopback port:
   an editable install is not required; its dependencies must be importable by this interpreter);
 * ``node``: ``bench/peers/node/relay.js`` (``npm install`` runs first if node_modules is missing);
 * ``naive``: ``bench/peers/naive_aiohttp.py``, the seed design on aiohttp;
+* ``uws``: ``bench/peers/uws/relay.js``, the seed API on uWebSockets.js (C++) with its native
+  topic pub/sub (``npm install`` runs first if node_modules is missing);
 * ``wsrelay-redis``: a private ``redis-server`` on a free port (no persistence, in a temporary
   directory) and two ``python -m wsrelay serve --broker redis://...`` nodes on their own ports.
   The bench spreads subscribers over both nodes and publishes to the first one;
@@ -40,10 +42,12 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 NODE_DIR = BENCH_DIR / "peers" / "node"
+UWS_DIR = BENCH_DIR / "peers" / "uws"
 BUILTIN = (
     "wsrelay",
     "node",
     "naive",
+    "uws",
     "wsrelay-redis",
     "wsrelay-redis1",
     "wsrelay-nohistory",
@@ -112,6 +116,9 @@ def resolve_target(
     if spec == "node":
         script = str(NODE_DIR / "relay.js")
         return Target("node", ("node", script, "--host", "127.0.0.1", "--port", "{port}"))
+    if spec == "uws":
+        script = str(UWS_DIR / "relay.js")
+        return Target("uws", ("node", script, "--host", "127.0.0.1", "--port", "{port}"))
     if spec == "naive":
         script = str(BENCH_DIR / "peers" / "naive_aiohttp.py")
         return Target("naive", (py, script, "--host", "127.0.0.1", "--port", "{port}"))
@@ -120,15 +127,16 @@ def resolve_target(
     raise ValueError(f"unknown target {spec!r}: use {', '.join(BUILTIN)} or an http:// URL")
 
 
-def ensure_node_modules() -> None:
-    if (NODE_DIR / "node_modules" / "ws").is_dir():
+def ensure_node_modules(peer: Path = NODE_DIR, module: str = "ws") -> None:
+    """``npm install`` in the peer's directory unless ``module`` is already there."""
+    if (peer / "node_modules" / module).is_dir():
         return
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError("the node target needs npm (Node.js 18+) on PATH")
-    print(f"bench: npm install --prefix {NODE_DIR}", file=sys.stderr)
+        raise RuntimeError(f"the {peer.name} target needs npm (Node.js 18+) on PATH")
+    print(f"bench: npm install --prefix {peer}", file=sys.stderr)
     subprocess.run(
-        [npm, "install", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"],
+        [npm, "install", "--prefix", str(peer), "--no-audit", "--no-fund"],
         check=True,
         stdout=sys.stderr,
     )
@@ -180,6 +188,8 @@ class Server:
             return
         if self.target.name == "node":
             ensure_node_modules()
+        elif self.target.name == "uws":
+            ensure_node_modules(UWS_DIR, "uWebSockets.js")
         broker = self._start_redis(cpus, timeout) if self.target.redis else ""
         for _ in range(self.target.nodes):
             self._start_node(broker, cpus)
