@@ -64,7 +64,7 @@ def test_readme_close_code_advice_matches_should_reconnect() -> None:
 def test_readme_lists_every_route() -> None:
     app = create_app()
     for resource in app.router.resources():
-        path = resource.canonical.replace("{client_id}", "<id>")
+        path = resource.canonical.replace("{client_id}", "<id>").replace("{user_id}", "<id>")
         assert path in README, path
 
 

@@ -51,6 +51,12 @@ REPLACED: Final = 4500
 """Another connection was opened with the same registration id and took over.
 Do not reconnect: the two connections would keep replacing each other."""
 
+BANNED: Final = 4503
+"""The backend disconnected the client's user everywhere (``DELETE
+/users/<id>/connections``) and deleted the user's registrations. Do not reconnect:
+whether the user may come back is the backend's decision (it registers them again,
+or issues a new connection token, when it is)."""
+
 RECONNECT_RANGE: Final = range(4000, 4500)
 TERMINAL_RANGE: Final = range(4500, 5000)
 

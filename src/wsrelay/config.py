@@ -95,6 +95,14 @@ class Settings:
         "nothing and answers the first position.",
         metavar="SECONDS",
     )
+    presence_ttl: float = _setting(
+        30.0,
+        "Seconds a node's presence entries (GET /presence, GET /users/<id>) outlive its "
+        "last heartbeat (sent every third of it): a node that died without saying so "
+        "drops out of presence within this time (Redis broker; the memory broker's "
+        "nodes end with their process).",
+        metavar="SECONDS",
+    )
     broker_pool_size: int = _setting(
         10,
         "Redis connections this process sends commands on (registrations, connections, "
@@ -257,7 +265,7 @@ class Settings:
             problems.append("request_timeout must be more than 0")
         if self.history_size < 0:
             problems.append("history_size must be 0 (no history) or more")
-        for name in ("history_ttl", "history_memory", "idempotency_window"):
+        for name in ("history_ttl", "history_memory", "idempotency_window", "presence_ttl"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be more than 0")
         if self.broker_timeout <= 0:

@@ -9,6 +9,7 @@ The hierarchy::
     │   │   ├── InvalidField        400 invalid_field (wrong type, missing, unknown)
     │   │   ├── InvalidTopic        400 invalid_topic
     │   │   ├── TooManyTopics       400 too_many_topics
+    │   │   ├── PresenceDisabled    400 presence_disabled (the topic's namespace keeps none)
     │   │   └── UnsupportedFrame    400 unsupported_frame (binary WebSocket frame)
     │   ├── Unauthorized            401 unauthorized (missing or wrong API key)
     │   │   ├── TokenExpired        401 token_expired (refresh the token, reconnect)
@@ -89,6 +90,13 @@ class InvalidTopic(BadRequest):
 
 class TooManyTopics(BadRequest):
     code = "too_many_topics"
+
+
+class PresenceDisabled(BadRequest):
+    """Presence was asked for a topic whose namespace does not keep it (``presence =
+    true`` in a ``[[namespace]]`` turns it on)."""
+
+    code = "presence_disabled"
 
 
 class UnsupportedFrame(BadRequest):

@@ -30,14 +30,16 @@ import msgspec
 
 from wsrelay import codes
 from wsrelay.brokers import Backend, MemoryBus
+from wsrelay.brokers.memory import MemoryPresence
 from wsrelay.config import Settings
+from wsrelay.core import presence as presence_rules
 from wsrelay.core import topics as topic_rules
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.history import MAX_REPLAY, HistoryPage, Position, Receipt, recovered
 from wsrelay.core.patterns import is_pattern
 from wsrelay.core.registry import Client, Hold, Occupancy, Registry, Sink, user_key
 from wsrelay.core.rules import NO_GRANTS, Grants, Namespace
-from wsrelay.core.schema import GapFrame, encode
+from wsrelay.core.schema import GapFrame, JoinFrame, LeaveFrame, PresenceClient, encode
 from wsrelay.errors import (
     BrokerUnavailable,
     InvalidField,
@@ -46,6 +48,7 @@ from wsrelay.errors import (
     TooManyRegistrations,
     TooManyTopics,
 )
+from wsrelay.presence import PresenceTracker
 
 log = logging.getLogger("wsrelay")
 
@@ -69,8 +72,10 @@ ENVELOPE_OVERHEAD: Final = 64
 PublishItem = (
     tuple[str, str, int | str | None, str | None]
     | tuple[str, str, int | str | None, str | None, str | None]
+    | tuple[str, str, int | str | None, str | None, str | None, bool]
 )
-"""``(topic, message, user_id, idempotency_key[, skip_client])`` for :meth:`Relay.publish_many`."""
+"""``(topic, message, user_id, idempotency_key[, skip_client[, json]])`` for
+:meth:`Relay.publish_many`; ``json``: ``message`` is JSON text (see :meth:`Relay.publish`)."""
 
 
 class Published(NamedTuple):
@@ -91,7 +96,8 @@ class Followed(NamedTuple):
 
 class ControlEvent(msgspec.Struct, array_like=True):
     """``unregistered``: close the client's socket (1000). ``attached``: a newer
-    connection opened on node ``node``; close any other (4500).
+    connection opened on node ``node``; close any other (4500). ``banned``: close every
+    connection of the user named in ``client_id`` (4503).
 
     ``unregistered`` is published (kept, so a node that was cut off from the broker
     catches up on it: a deleted registration's socket is closed wherever it is).
@@ -130,12 +136,16 @@ class Relay:
         self._handed: tuple[str, int, int] = ("", 0, 0)  # the last delivery: topic, offset, count
         self.gaps = 0
         """Times this node's subscribers of a topic were told publications were lost."""
+        store = backend.presence if backend.presence is not None else MemoryPresence()
+        self.presence = PresenceTracker(store, self.rules, self.node_id, self._announce_presence)
 
     async def start(self) -> None:
         await self.broker.start(_Inbox(self), self.node_id)
         await self.broker.subscribe(CONTROL_TOPIC)
+        await self.presence.start()
 
     async def stop(self) -> None:
+        await self.presence.stop()
         await self.broker.stop()
 
     async def __aenter__(self) -> Relay:
@@ -218,10 +228,11 @@ class Relay:
             previous.close(codes.REPLACED, "replaced by a newer connection")
         # Independent of each other: sent together (one round trip with Redis). An
         # announcement for a registration found deleted is harmless: it is gone anyway.
-        _, exists, _ = await _together(
+        _, exists, _, _ = await _together(
             self._sync_broker(change),
             self.registrations.attached(client),
             self._tell_nodes("attached", client.id, live=True),
+            self.presence.attached(client),
         )
         if not exists:
             await self.detach(client, sink)
@@ -231,7 +242,11 @@ class Relay:
         """The connection ``sink`` ended; the registration stays."""
         change = self.registry.detach(client, sink)
         if client.sink is None and self.registry.attached(client.id) is None:
-            await _together(self._sync_broker(change), self.registrations.detached(client))
+            await _together(
+                self._sync_broker(change),
+                self.registrations.detached(client),
+                self.presence.detached(client),
+            )
         else:
             await self._sync_broker(change)
 
@@ -366,6 +381,8 @@ class Relay:
             with contextlib.suppress(BrokerUnavailable):  # the first failure is the one told
                 await self._sync_broker(undo)
             raise
+        if self.registry.attached(client.id) is client:
+            await self.presence.topics_changed(client, before)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -376,10 +393,14 @@ class Relay:
         user_id: int | str | None = None,
         idempotency_key: str | None = None,
         skip: str | None = None,
+        *,
+        json: bool = False,
     ) -> Published:
         """Publish to every subscriber of ``topic`` (only ``user_id``'s, if given), on
         every node, in the topic's order, except the client whose id is ``skip``; answers
-        how many connections on this node it went to, and its position.
+        how many connections on this node it went to, and its position. With ``json``,
+        ``message`` is the compact JSON text of a value other than a string
+        (:func:`wsrelay.core.payload.message_text` makes it), delivered as that value.
 
         Raises:
             InvalidTopic: ``topic`` breaks the topic rules.
@@ -388,7 +409,7 @@ class Relay:
         """
         topic_rules.validate_topic(topic, self.settings.max_topic_length)
         user = user_key(user_id)
-        publication = Publication(topic, message, user, skip=skip)
+        publication = Publication(topic, message, user, skip=skip, json=json)
         receipt = await self.broker.publish(publication, idempotency_key)
         if receipt.duplicate:
             return Published(0, receipt)
@@ -409,8 +430,8 @@ class Relay:
         return self.rules.check_publish(topic, message, client.user, client.grants, subscribed)
 
     async def publish_many(self, items: Sequence[PublishItem]) -> list[Published]:
-        """Publish several ``(topic, message, user_id, idempotency_key[, skip])`` at once, in
-        order; answers each one as :meth:`publish` does. Every topic is checked before
+        """Publish several ``(topic, message, user_id, idempotency_key[, skip[, json]])`` at
+        once, in order; answers each one as :meth:`publish` does. Every topic is checked before
         anything is published.
 
         The broker gets them all together (the Redis broker pipelines them). If it fails
@@ -425,11 +446,14 @@ class Relay:
         for index, item in enumerate(items):
             topic, message, user_id, key = item[:4]
             skip = item[4] if len(item) > 4 else None
+            json = len(item) > 5 and bool(item[5])
             try:
                 topic_rules.validate_topic(topic, self.settings.max_topic_length)
             except InvalidTopic as exc:
                 raise InvalidTopic(f"messages[{index}]: {exc.message}") from None
-            publications.append(Publication(topic, message, user_key(user_id), skip=skip))
+            publications.append(
+                Publication(topic, message, user_key(user_id), skip=skip, json=json)
+            )
             keys.append(key)
         outcomes = await self.broker.publish_many(publications, keys)
         answers: list[Published] = []
@@ -489,6 +513,10 @@ class Relay:
             sink.send(frame)
 
     def _on_broker_publication(self, publication: Publication) -> None:
+        if publication.offset == 0 and publication.topic != CONTROL_TOPIC:
+            # An announcement on a topic: a join or leave made on another node.
+            self._hand_presence_event(publication.topic, publication.message, publication.skip)
+            return
         if publication.topic != CONTROL_TOPIC:
             # Kept for topics subscribed by name only (those vacated drop theirs): a topic
             # reaching this node through a pattern alone has no entry to remember.
@@ -507,6 +535,10 @@ class Relay:
         except msgspec.DecodeError:
             log.warning("ignored a malformed control event")
             return
+        if event.event == "banned":
+            if event.node != self.node_id:
+                self._close_user(event.client_id)
+            return
         client = self.registry.attached(event.client_id)
         if client is None or client.sink is None or event.node == self.node_id:
             return
@@ -514,6 +546,100 @@ class Relay:
             client.sink.close(codes.NORMAL, "unregistered")
         elif event.event == "attached":
             client.sink.close(codes.REPLACED, "replaced by a newer connection")
+
+    # -- presence ---------------------------------------------------------------------------
+
+    def check_presence_query(self, client: Client, topic: str) -> None:
+        """Whether ``client`` may read the presence of ``topic``: only if it may subscribe
+        to it and the topic keeps presence.
+
+        Raises:
+            InvalidTopic: not a valid topic name.
+            ForbiddenTopic: the client may not subscribe to it.
+            PresenceDisabled: its namespace keeps no presence.
+        """
+        presence_rules.check_query(
+            self.rules, topic, self.settings.max_topic_length, client.user, client.grants
+        )
+
+    def check_presence_topic(self, topic: str) -> None:
+        """Whether ``topic`` keeps presence (for the API key's routes).
+
+        Raises:
+            InvalidTopic, PresenceDisabled: see :func:`wsrelay.core.presence.check_topic`.
+        """
+        presence_rules.check_topic(self.rules, topic, self.settings.max_topic_length)
+
+    async def presence_of(self, topic: str) -> list[PresenceClient]:
+        """The connections subscribed to ``topic`` on every node, oldest first (the caller
+        checked that the topic keeps presence).
+
+        Raises:
+            BrokerUnavailable: the presence store is unreachable.
+        """
+        entries = await self.presence.store.entries(presence_rules.topic_set(topic))
+        return presence_rules.ordered(entries)
+
+    async def presence_stats(self, topic: str) -> tuple[int, int]:
+        """``(connections, distinct users)`` subscribed to ``topic`` on every node."""
+        entries = await self.presence.store.entries(presence_rules.topic_set(topic))
+        return presence_rules.counts(entries)
+
+    async def user_connections(self, user_id: int | str) -> int:
+        """How many connections ``user_id`` has open on every node.
+
+        Raises:
+            BrokerUnavailable: the presence store is unreachable.
+        """
+        return await self.presence.store.count(presence_rules.user_set(str(user_id)))
+
+    async def disconnect_user(self, user_id: int | str) -> tuple[int, int]:
+        """Ban ``user_id`` for now: delete its registrations and close its connections on
+        every node with :data:`~wsrelay.codes.BANNED`. Returns how many connections it
+        had open and how many registrations were deleted.
+
+        Raises:
+            BrokerUnavailable: the store is unreachable (nothing may have been done).
+        """
+        user = str(user_id)
+        connections = await self.user_connections(user)
+        removed = await self.registrations.remove_user(user)
+        await self._close_user_here(user)
+        await self._tell_nodes("banned", user)
+        return connections, len(removed)
+
+    def _close_user(self, user: str) -> None:
+        """Close this node's connections of ``user`` (the ban event of another node)."""
+        for client in self.registry.clients_of(user):
+            if client.sink is not None:
+                client.sink.close(codes.BANNED, "banned: the user was disconnected")
+
+    async def _close_user_here(self, user: str) -> None:
+        for client in self.registry.clients_of(user):
+            await self._close_local(client.id, codes.BANNED, "banned: the user was disconnected")
+
+    async def _announce_presence(
+        self, topic: str, frame: JoinFrame | LeaveFrame, skip: str
+    ) -> None:
+        """Send a join or leave to the topic's subscribers here (except ``skip``, whose
+        own it is) and on the other nodes serving the topic."""
+        message = encode(frame).decode()
+        self._hand_presence_event(topic, message, skip)
+        await self.broker.announce(Publication(topic, message, skip=skip))
+
+    def _hand_presence_event(self, topic: str, message: str, skip: str | None) -> None:
+        """A join or leave frame to the topic's JSON-mode subscribers here, except ``skip``
+        and those recovering the topic (raw mode carries messages only)."""
+        frame: bytes | None = None
+        for client in list(self.registry.recipients(topic, None)):
+            sink = client.sink
+            if sink is None or sink.raw or client.id == skip:
+                continue
+            if client.held is not None and client.held.holding(topic):
+                continue
+            if frame is None:
+                frame = self.framer(message.encode())
+            sink.send(frame)
 
     # -- helpers ----------------------------------------------------------------------------
 

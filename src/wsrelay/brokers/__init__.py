@@ -36,11 +36,13 @@ def from_url(
     pool_size: int = 10,
     timeout: float = 5.0,
     history_size: Callable[[str], int] | None = None,
+    presence_ttl: float = 30.0,
 ) -> Backend:
     """The backend for ``url``. ``pool_size`` (connections for commands) and ``timeout``
     (seconds any command may take, waiting for a connection included) concern Redis only;
     ``history_size``: publications kept per topic, if not ``history.size`` for all (the
-    namespaces' ``history_size``).
+    namespaces' ``history_size``); ``presence_ttl``: seconds a presence entry outlives its
+    node's last heartbeat (Redis).
 
     Raises:
         ValueError: the scheme is not supported.
@@ -59,6 +61,7 @@ def from_url(
             pool_size=pool_size,
             timeout=timeout,
             history_size=history_size,
+            presence_ttl=presence_ttl,
         )
     raise ValueError(
         f"unsupported broker URL {url!r}: the scheme must be one of "

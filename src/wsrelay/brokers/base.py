@@ -21,6 +21,11 @@ nodes that only matter to whoever listens right now go by
 The store keeps registrations, so that a client may register on one node and
 connect to another, and survive a node's restart. It also counts each user's
 registrations, so that ``max_registrations_per_user`` holds across all nodes.
+
+The :class:`PresenceStore` keeps, per *set* (a topic's subscribers, or a user's
+connections), an entry per connection, written by the node holding it, so that any
+node can list them all. A node that dies without removing its entries loses them
+after the store's expiry: the store refreshes the entries its node holds.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Protocol
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import HistoryPage, Receipt
 from wsrelay.core.registry import Client
+from wsrelay.core.schema import PresenceClient
 
 
 class Listener(Protocol):
@@ -168,10 +174,52 @@ class RegistrationStore(Protocol):
         """How many registrations exist, if the store can tell cheaply."""
         ...
 
+    async def remove_user(self, user: str) -> list[str]:
+        """Delete every registration of ``user`` (on every node); the ids deleted."""
+        ...
+
+
+class PresenceStore(Protocol):
+    """Presence entries, by set: ``topic:<topic>`` (the connections subscribed to the
+    topic) and ``user:<user>`` (the user's connections). An entry is keyed by its
+    connection's public id and belongs to the node named in it.
+
+    Methods raise :class:`~wsrelay.errors.BrokerUnavailable` when the engine is down;
+    the entries this node holds are written again by the next refresh."""
+
+    async def start(self, node: str) -> None:
+        """Begin refreshing the entries this node (``node``) adds, if they expire."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop refreshing. Idempotent."""
+        ...
+
+    async def add(self, key: str, entry: PresenceClient) -> bool:
+        """Add (or replace) ``entry`` in set ``key``; True if the set had no entry for
+        its client (a join), False if it replaced one (the connection moved, or this
+        node added it already)."""
+        ...
+
+    async def remove(self, key: str, client: str, node: str) -> bool:
+        """Remove ``client``'s entry from set ``key`` if ``node`` holds it (a newer
+        connection on another node keeps its own); True if it was removed (a leave)."""
+        ...
+
+    async def entries(self, key: str) -> list[PresenceClient]:
+        """The live entries of set ``key`` (expired ones are dropped first)."""
+        ...
+
+    async def count(self, key: str) -> int:
+        """How many live entries set ``key`` holds."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    """A broker and a registration store over the same engine."""
+    """A broker, a registration store and a presence store over the same engine
+    (``presence`` None: the node keeps presence to itself, in memory)."""
 
     broker: Broker
     registrations: RegistrationStore
+    presence: PresenceStore | None = None

@@ -35,6 +35,7 @@ from wsrelay.core.history import (
 from wsrelay.core.patterns import is_pattern
 from wsrelay.core.registry import Client
 from wsrelay.core.rules import Grants
+from wsrelay.core.schema import PresenceClient
 from wsrelay.core.topics import PatternIndex
 
 
@@ -52,10 +53,11 @@ class MemoryBus:
         self.registrations = MemoryRegistrations(registration_ttl)
         self.history = MemoryHistory(limits.size, limits.ttl, limits.memory, size_of=history_size)
         self.keys = IdempotencyCache(limits.idempotency_window)
+        self.presence = MemoryPresence()
 
     def backend(self) -> Backend:
         """A new node's view of this bus."""
-        return Backend(MemoryBroker(self), self.registrations)
+        return Backend(MemoryBroker(self), self.registrations, self.presence)
 
 
 class MemoryBroker:
@@ -224,6 +226,13 @@ class MemoryRegistrations:
         self._expire()
         return len(self._clients)
 
+    async def remove_user(self, user: str) -> list[str]:
+        self._expire()
+        ids = sorted(self._by_user.get(user, ()))
+        for client_id in ids:
+            self._remove(client_id)
+        return ids
+
     # -- expiry ---------------------------------------------------------------------------
 
     def _start_countdown(self, client_id: str, stored: _Stored) -> None:
@@ -255,3 +264,41 @@ class MemoryRegistrations:
             if not ids:
                 del self._by_user[stored.user]
         return True
+
+
+class MemoryPresence:
+    """A :class:`~wsrelay.brokers.base.PresenceStore` in dicts, shared by the nodes of a
+    bus. Entries never expire: the nodes of a bus live and die with their process."""
+
+    def __init__(self) -> None:
+        self._sets: dict[str, dict[str, PresenceClient]] = {}
+
+    async def start(self, node: str) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def add(self, key: str, entry: PresenceClient) -> bool:
+        entries = self._sets.setdefault(key, {})
+        new = entry.client not in entries
+        entries[entry.client] = entry
+        return new
+
+    async def remove(self, key: str, client: str, node: str) -> bool:
+        entries = self._sets.get(key)
+        if entries is None:
+            return False
+        entry = entries.get(client)
+        if entry is None or entry.node != node:
+            return False
+        del entries[client]
+        if not entries:
+            del self._sets[key]
+        return True
+
+    async def entries(self, key: str) -> list[PresenceClient]:
+        return list(self._sets.get(key, {}).values())
+
+    async def count(self, key: str) -> int:
+        return len(self._sets.get(key, ()))

@@ -71,6 +71,7 @@ from wsrelay.brokers.redis_client import (
     unavailable,
 )
 from wsrelay.brokers.redis_order import Entries, Sequencer
+from wsrelay.brokers.redis_presence import RedisPresence
 from wsrelay.brokers.redis_probe import HealthProbe
 from wsrelay.brokers.redis_registrations import RedisRegistrations
 from wsrelay.core.fanout import Publication
@@ -114,10 +115,23 @@ class _Data(msgspec.Struct, array_like=True):
     user: str | None
     message: str
     skip: str | None = None  # a client it must not reach (optional: older payloads lack it)
+    json: bool = False
+    """``message`` is JSON text (Publication.json); only JSON payloads carry it."""
 
 
 _encode = msgspec.json.Encoder().encode
 _decode_data = msgspec.json.Decoder(_Data).decode
+
+
+def _payload(origin: str, publication: Publication) -> bytes:
+    """``publication`` as stored and sent, from node ``origin``: ``[origin, user, message,
+    skip]`` as before JSON messages existed (so string payloads are what they were, and
+    nodes of either version read them), with ``true`` added when the message is JSON text.
+    JSON text goes as a string: a node never parses the value it carries."""
+    p = publication
+    if p.json:
+        return _encode((origin, p.user, p.message, p.skip, True))
+    return _encode((origin, p.user, p.message, p.skip))
 
 
 def _entries(raw: list[Any]) -> Entries:
@@ -127,6 +141,31 @@ def _entries(raw: list[Any]) -> Entries:
         offset = int(entry_id.rsplit(b"-", 1)[1])
         entries.append((offset, fields[fields.index(b"d") + 1]))
     return entries
+
+
+def publish_command(
+    publication: Publication, key: str | None, *, origin: str, size: int, limits: HistoryLimits
+) -> tuple[Any, ...]:
+    """The ``EVALSHA`` of :data:`~wsrelay.brokers.redis_scripts.PUBLISH` that publishes
+    ``publication`` (with idempotency ``key``, if given) from ``origin``, keeping ``size``
+    publications of its topic: what a node sends, and :mod:`wsrelay.emitter` too."""
+    topic = publication.topic
+    names: tuple[str, ...] = scripts.keys(topic)
+    if key is not None:
+        names = (*names, scripts.idempotency_key(topic, key))
+    return (
+        "EVALSHA",
+        scripts.PUBLISH.sha,
+        len(names),
+        *names,
+        _payload(origin, publication),
+        new_epoch(),
+        size,
+        max(1, int(limits.ttl * 1000)),
+        int(max(limits.ttl, META_TTL) * 1000),
+        scripts.channel(topic),
+        max(1, int(limits.idempotency_window * 1000)),
+    )
 
 
 def glob(pattern: str) -> str:
@@ -143,8 +182,10 @@ def redis_backend(
     pool_size: int = DEFAULT_POOL_SIZE,
     timeout: float = DEFAULT_TIMEOUT,
     history_size: Callable[[str], int] | None = None,
+    presence_ttl: float = 30.0,
 ) -> Backend:
-    """A broker and a registration store sharing one Redis client for ``url``: at most
+    """A broker, a registration store and a presence store sharing one Redis client for
+    ``url`` (presence entries expire ``presence_ttl`` after their node's last heartbeat): at most
     ``pool_size`` connections for commands, one more for publishes (sent in order),
     one for pub/sub and one for the health probe; ``timeout`` bounds every command.
     ``history_size``: publications kept per topic, if not ``history.size`` for all."""
@@ -152,7 +193,7 @@ def redis_backend(
     commands = Commands(client, lanes=pool_size, timeout=timeout)
     registrations = RedisRegistrations(commands, int(registration_ttl))
     broker = RedisBroker(commands, history, registrations, history_size)
-    return Backend(broker, registrations)
+    return Backend(broker, registrations, RedisPresence(commands, presence_ttl))
 
 
 class _Pending:
@@ -415,7 +456,7 @@ class RedisBroker:
 
     async def announce(self, publication: Publication) -> None:
         """One ``PUBLISH``, pipelined with the node's other commands; no stream."""
-        data = _encode(_Data(self._origin, publication.user, publication.message, publication.skip))
+        data = _payload(self._origin, publication)
         try:
             await self._commands.call(
                 "PUBLISH",
@@ -435,22 +476,12 @@ class RedisBroker:
                 )
             )
             return done
-        topic = publication.topic
-        names: tuple[str, ...] = scripts.keys(topic)
-        if key is not None:
-            names = (*names, scripts.idempotency_key(topic, key))
-        command = (
-            "EVALSHA",
-            scripts.PUBLISH.sha,
-            len(names),
-            *names,
-            _encode(_Data(self._origin, publication.user, publication.message, publication.skip)),
-            new_epoch(),
-            self._size(topic),
-            self._history_ms,
-            self._meta_ms,
-            scripts.channel(topic),
-            self._window_ms,
+        command = publish_command(
+            publication,
+            key,
+            origin=self._origin,
+            size=self._size(publication.topic),
+            limits=self._limits,
         )
         self._batch.append(_Pending(command, done))
         if self._sender is None or self._sender.done():
@@ -553,7 +584,7 @@ class RedisBroker:
         for offset, payload in _entries(raw):
             data = _decode_data(payload)
             publications.append(
-                Publication(topic, data.message, data.user, offset, epoch, data.skip)
+                Publication(topic, data.message, data.user, offset, epoch, data.skip, data.json)
             )
         return HistoryPage(publications, Position(epoch, top))
 
@@ -595,7 +626,9 @@ class RedisBroker:
         if self._listener is not None:
             try:
                 self._listener.publication(
-                    Publication(topic, data.message, data.user, offset, epoch, data.skip)
+                    Publication(
+                        topic, data.message, data.user, offset, epoch, data.skip, data.json
+                    )
                 )
             except Exception:  # the listener's bug must not stop delivery of the rest
                 log.exception("the listener failed on a publication of %s", topic)
@@ -623,7 +656,13 @@ class RedisBroker:
             announced = _decode_data(payload)
             if announced.origin != self._origin and self._listener is not None:
                 self._listener.publication(
-                    Publication(topic, announced.message, announced.user, skip=announced.skip)
+                    Publication(
+                        topic,
+                        announced.message,
+                        announced.user,
+                        skip=announced.skip,
+                        json=announced.json,
+                    )
                 )
             return
         await self._sequencer.live(topic, epoch.decode(), int(offset), payload)

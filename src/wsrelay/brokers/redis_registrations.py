@@ -196,6 +196,22 @@ class RedisRegistrations:
     async def count(self) -> int | None:
         return None  # counting keys would need a SCAN of the keyspace
 
+    async def remove_user(self, user: str) -> list[str]:
+        """Delete each registration in the user's set (one script each, queued together)."""
+        members = await self._run(self._commands.call("ZRANGE", f"wsrelay:user-regs:{user}", 0, -1))
+        ids = [member.decode() for member in members]
+        for client_id in ids:
+            self._attached.pop(client_id, None)
+        removed = await self._run(
+            asyncio.gather(
+                *(
+                    self._commands.script(_REMOVE, self._keys(client_id, user), [client_id])
+                    for client_id in ids
+                )
+            )
+        )
+        return [client_id for client_id, done in zip(ids, removed, strict=True) if done]
+
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(max(self._ttl / 3, 0.1))

@@ -1,5 +1,5 @@
 """Decoding a client's WebSocket command into what :class:`~wsrelay.core.session.Session`
-carries out: a subscription change or a publish. No I/O and no relay calls."""
+carries out: a subscription change, a publish or a presence query. No I/O and no relay calls."""
 
 from __future__ import annotations
 
@@ -24,7 +24,18 @@ class TopicCommand:
     since: dict[str, Position] | None
 
 
-Command = TopicCommand | ClientPublish
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """``presence`` (the topic's connections) or ``presence_stats`` (their counts)."""
+
+    name: str
+    topic: str
+    id: int | str | None
+
+
+PRESENCE_COMMANDS: Final = ("presence", "presence_stats")
+
+Command = TopicCommand | ClientPublish | PresenceQuery
 
 
 def decode_command(text: str) -> Command:
@@ -42,12 +53,33 @@ def decode_command(text: str) -> Command:
         )
         if topics is not None
     ]
+    queries = [
+        (name, topic)
+        for name, topic in zip(
+            PRESENCE_COMMANDS, (command.presence, command.presence_stats), strict=True
+        )
+        if topic is not None
+    ]
+    if queries:
+        if len(queries) > 1 or present or command.since is not None or command.publish:
+            raise InvalidField(
+                f'"{queries[0][0]}" goes alone (with its "id"): send other commands in '
+                "their own frames"
+            )
+        return PresenceQuery(queries[0][0], queries[0][1], command.id)
+    if command.id is not None:
+        raise InvalidField(
+            '"id" goes with "presence" or "presence_stats" (a publish carries its own)'
+        )
     if command.publish is not None:
         if present or command.since is not None:
             raise InvalidField('"publish" goes alone: send other commands in their own frames')
         return command.publish
     if len(present) != 1:
-        raise InvalidField('send exactly one of "topics", "subscribe", "unsubscribe" or "publish"')
+        raise InvalidField(
+            'send exactly one of "topics", "subscribe", "unsubscribe", "publish", '
+            '"presence" or "presence_stats"'
+        )
     name, topics = present[0]
     if command.since is None:
         return TopicCommand(name, topics, None)
@@ -63,16 +95,17 @@ class _PublishId(msgspec.Struct):
 
 class _IdOnly(msgspec.Struct):
     publish: _PublishId | None = None
+    id: int | str | None = None
 
 
 _decode_id = msgspec.json.Decoder(_IdOnly).decode
 
 
 def request_id(text: str) -> int | str | None:
-    """The ``id`` of a ``publish`` command that could not be decoded, if it can be read,
-    so that its error frame names it (else None)."""
+    """The ``id`` of a ``publish`` (or presence) command that could not be decoded, if
+    it can be read, so that its error frame names it (else None)."""
     try:
         found = _decode_id(text)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return None
-    return found.publish.id if found.publish is not None else None
+    return found.publish.id if found.publish is not None else found.id

@@ -337,6 +337,10 @@ class Registry:
         """A snapshot of the attached clients."""
         return list(self._attached.values())
 
+    def clients_of(self, user: str) -> list[Client]:
+        """A snapshot of ``user``'s attached clients."""
+        return list(self._by_user.get(user, ()))
+
 
 def _net(change: Occupancy) -> Occupancy:
     """Cancel topics both vacated and re-occupied within one change."""

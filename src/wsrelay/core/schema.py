@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from wsrelay.core.payload import MAX_DEPTH, JsonMessage, JsonValue
 from wsrelay.errors import InvalidField, InvalidJSON
 
 UserId = Annotated[
@@ -89,10 +90,11 @@ ClientId = Annotated[
 
 
 class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of ``POST /publish``. With ``user_id``, only that user's clients receive it."""
+    """Body of ``POST /publish``. With ``user_id``, only that user's clients receive it.
+    ``message`` is a string or any JSON value (:mod:`wsrelay.core.payload`)."""
 
     topic: Topic
-    message: str
+    message: JsonMessage
     user_id: UserId = None
     idempotency_key: IdempotencyKey | None = None
     skip_client: ClientId | None = None
@@ -143,7 +145,7 @@ MAX_HISTORY_PAGE = 1000
 
 class HistoryItem(msgspec.Struct):
     offset: int
-    message: str
+    message: JsonValue
     user_id: str | None
     """The user it was published for, as a string; null: everyone."""
 
@@ -248,7 +250,7 @@ class ClientPublish(msgspec.Struct, forbid_unknown_fields=True):
     frame, or an error frame, carrying ``id``."""
 
     topic: Topic
-    message: str
+    message: JsonMessage
     id: RequestId | None = None
     skip_self: bool = False
     idempotency_key: IdempotencyKey | None = None
@@ -268,6 +270,12 @@ class ClientCommand(msgspec.Struct, forbid_unknown_fields=True):
     unsubscribe: list[Topic] | None = None
     since: dict[Topic, SincePosition] | None = None
     publish: ClientPublish | None = None
+    presence: Topic | None = None
+    """``{"presence": "chat:1", "id": 3}``: who is subscribed to the topic, on every node."""
+    presence_stats: Topic | None = None
+    """``{"presence_stats": "chat:1", "id": 4}``: how many clients and distinct users."""
+    id: RequestId | None = None
+    """With ``presence`` or ``presence_stats``: echoed in the answer (or error frame)."""
 
 
 class PublishedFrame(msgspec.Struct, tag_field="type", tag="published", omit_defaults=True):
@@ -284,7 +292,7 @@ class MessageFrame(msgspec.Struct, tag_field="type", tag="message"):
     """A publication, as JSON-mode clients receive it, with its offset in the topic."""
 
     topic: str
-    message: str
+    message: JsonValue
     offset: int
 
 
@@ -324,6 +332,102 @@ class ErrorFrame(msgspec.Struct, tag_field="type", tag="error", omit_defaults=Tr
     id: int | str | None = None
 
 
+# -- presence ------------------------------------------------------------------------------
+
+
+class PresenceClient(msgspec.Struct):
+    """One connection subscribed to a topic (by name), on some node. ``client`` is the
+    connection's public id: the first 32 hex digits of the SHA-256 of its registration
+    id (never the id itself, which is the capability to connect)."""
+
+    client: str
+    user: str | None
+    """The connection's user id, as a string; null: anonymous."""
+    node: str
+    """The node holding the connection (``node`` in its ``GET /stats``)."""
+    connected_at: float
+    """When the connection opened, in seconds since the Unix epoch (the node's clock)."""
+
+
+class PresenceResponse(msgspec.Struct):
+    """Answer to ``GET /presence``: every connection subscribed to ``topic`` on every
+    node, oldest connection first."""
+
+    topic: str
+    clients: list[PresenceClient]
+
+
+class PresenceStatsResponse(msgspec.Struct):
+    """Answer to ``GET /presence/stats``: how many connections are subscribed to
+    ``topic`` on every node, and how many distinct users they belong to (anonymous
+    connections count as clients, not users)."""
+
+    topic: str
+    num_clients: int
+    num_users: int
+
+
+class UserResponse(msgspec.Struct):
+    """Answer to ``GET /users/<id>``: whether the user has a connection open, on any
+    node and to any topic, and how many."""
+
+    user_id: str
+    online: bool
+    connections: int
+
+
+class DisconnectUserResponse(msgspec.Struct):
+    """Answer to ``DELETE /users/<id>/connections``: the user's connections on every node
+    are being closed with 4503 (``connections``: how many were open) and its
+    ``registrations`` were deleted."""
+
+    user_id: str
+    connections: int
+    registrations: int
+
+
+class PresenceFrame(msgspec.Struct, tag_field="type", tag="presence", omit_defaults=True):
+    """The answer to ``{"presence": topic}``: the topic's connections, on every node,
+    oldest first, at most :data:`MAX_PRESENCE_FRAME` of them; ``total`` counts them all."""
+
+    topic: str
+    clients: list[PresenceClient]
+    total: int
+    id: int | str | None = None
+
+
+MAX_PRESENCE_FRAME = 1000
+"""Most connections one WebSocket ``presence`` answer lists (``GET /presence`` lists all)."""
+
+
+class PresenceStatsFrame(
+    msgspec.Struct, tag_field="type", tag="presence_stats", omit_defaults=True
+):
+    """The answer to ``{"presence_stats": topic}``."""
+
+    topic: str
+    num_clients: int
+    num_users: int
+    id: int | str | None = None
+
+
+class JoinFrame(msgspec.Struct, tag_field="type", tag="join"):
+    """A connection subscribed to ``topic`` (a namespace with ``join_leave``); sent to its
+    other subscribers, on every node, never to the connection itself."""
+
+    topic: str
+    user: str | None
+    client: str
+
+
+class LeaveFrame(msgspec.Struct, tag_field="type", tag="leave"):
+    """A connection unsubscribed from ``topic`` or disconnected (see :class:`JoinFrame`)."""
+
+    topic: str
+    user: str | None
+    client: str
+
+
 # -- decoding ------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -344,6 +448,11 @@ def decode(data: bytes | str, into: type[T]) -> T:
         decoder = _decoders[into] = msgspec.json.Decoder(into)
     try:
         return decoder.decode(data)  # type: ignore[no-any-return]
+    except RecursionError:  # a message's JSON value nested past the interpreter's limit
+        raise InvalidField(
+            "arrays and objects nest too deeply (a message may nest at most "
+            f"{MAX_DEPTH})"
+        ) from None
     except msgspec.ValidationError as exc:
         raise InvalidField(_describe(exc)) from None
     except msgspec.DecodeError as exc:

@@ -32,15 +32,20 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from wsrelay import codes
-from wsrelay.core.commands import decode_command, request_id
+from wsrelay.core.commands import PresenceQuery, decode_command, request_id
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import Position, Receipt
+from wsrelay.core.payload import message_text
 from wsrelay.core.registry import Client
 from wsrelay.core.rules import NO_GRANTS, Grants, Namespace, PublishLimiter
 from wsrelay.core.schema import (
+    MAX_PRESENCE_FRAME,
     ClientPublish,
     ErrorDetail,
     ErrorFrame,
+    PresenceClient,
+    PresenceFrame,
+    PresenceStatsFrame,
     PublishedFrame,
     SubscribedFrame,
     TopicPosition,
@@ -50,6 +55,7 @@ from wsrelay.errors import (
     BadRequest,
     BrokerUnavailable,
     ClientError,
+    InvalidField,
     InvalidToken,
     NotFound,
     RelayError,
@@ -181,7 +187,12 @@ class RelayLike(Protocol):
         user_id: int | str | None = None,
         idempotency_key: str | None = None,
         skip: str | None = None,
+        *,
+        json: bool = False,
     ) -> PublishedLike: ...
+    def check_presence_query(self, client: Client, topic: str) -> None: ...
+    async def presence_of(self, topic: str) -> list[PresenceClient]: ...
+    async def presence_stats(self, topic: str) -> tuple[int, int]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +351,9 @@ class Session:
             if isinstance(command, ClientPublish):
                 request = command.id
                 return await self._publish(command)
+            if isinstance(command, PresenceQuery):
+                request = command.id
+                return await self._presence(command)
             relay, client, topics, since = (
                 self.gate.relay,
                 self.client,
@@ -376,7 +390,8 @@ class Session:
         """A client publish: allowed by the topic's namespace (rule, message size), within
         the connection's rate there, then published as ``POST /publish`` does."""
         relay, client = self.gate.relay, self.client
-        namespace = relay.check_client_publish(client, command.topic, command.message)
+        message, is_json = message_text(command.message, "publish.message")
+        namespace = relay.check_client_publish(client, command.topic, message)
         if self._limiter is None:
             self._limiter = PublishLimiter()
         self._limiter.take(namespace, self.gate.clock())
@@ -386,13 +401,27 @@ class Session:
             # Keys are the publisher's own: another client's (or the backend's) publish
             # with the same text must not be taken for a repeat of this one.
             key = f"client:{client.user if client.user is not None else client.id}:{key}"
-        published = await relay.publish(command.topic, command.message, None, key, skip)
+        published = await relay.publish(command.topic, message, None, key, skip, json=is_json)
         if self.raw:
             return None  # raw mode acknowledges nothing
         receipt = published.receipt
         position = receipt.position
         frame = PublishedFrame(position.offset, position.epoch, command.id, receipt.duplicate)
         return Send(encode_json(frame))
+
+    async def _presence(self, query: PresenceQuery) -> Action:
+        """``presence`` or ``presence_stats``: allowed to a client that may subscribe to
+        the topic, where its namespace keeps presence; answered in JSON mode only."""
+        if self.raw:
+            raise InvalidField(f"{query.name} is answered in JSON: connect without format=raw")
+        relay = self.gate.relay
+        relay.check_presence_query(self.client, query.topic)
+        if query.name == "presence":
+            entries = await relay.presence_of(query.topic)
+            frame = PresenceFrame(query.topic, entries[:MAX_PRESENCE_FRAME], len(entries), query.id)
+            return Send(encode_json(frame))
+        clients, users = await relay.presence_stats(query.topic)
+        return Send(encode_json(PresenceStatsFrame(query.topic, clients, users, query.id)))
 
     def on_binary(self) -> Action:
         """A binary message arrived (whole): refused."""

@@ -62,6 +62,7 @@ def create_app(
             pool_size=settings.broker_pool_size,
             timeout=settings.broker_timeout,
             history_size=settings.rules().history_sizes(settings.history_size),
+            presence_ttl=settings.presence_ttl,
         )
     app[RELAY] = Relay(settings, frame_text, backend)
     connections: set[Connection] = set()
@@ -75,6 +76,10 @@ def create_app(
     app.router.add_get(routes.STATS, protected(http.stats))
     app.router.add_get(routes.TOPICS, protected(http.topics))
     app.router.add_get(routes.HISTORY, protected(http.history))
+    app.router.add_get(routes.PRESENCE, protected(http.presence))
+    app.router.add_get(routes.PRESENCE_STATS, protected(http.presence_stats))
+    app.router.add_get(routes.USER, protected(http.user))
+    app.router.add_delete(routes.USER_CONNECTIONS, protected(http.disconnect_user))
     app.router.add_get(routes.WEBSOCKET_BY_ID, ws.websocket)
     app.router.add_get(routes.WEBSOCKET_BY_TOKEN, ws.token_websocket)
     app.router.add_get(routes.METRICS, protected(metrics.metrics))

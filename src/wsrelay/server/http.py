@@ -10,15 +10,19 @@ import msgspec
 from aiohttp import web
 
 from wsrelay import __version__
+from wsrelay.core.payload import message_text, wire_value
 from wsrelay.core.rules import NO_GRANTS, Grants
 from wsrelay.core.schema import (
     MAX_HISTORY_PAGE,
     BatchPublishRequest,
     BatchPublishResponse,
+    DisconnectUserResponse,
     HealthResponse,
     HistoryItem,
     HistoryResponse,
     PositionBody,
+    PresenceResponse,
+    PresenceStatsResponse,
     PublishRequest,
     PublishResponse,
     ReadyResponse,
@@ -28,6 +32,7 @@ from wsrelay.core.schema import (
     TopicInfo,
     TopicsResponse,
     UnregisterResponse,
+    UserResponse,
     decode,
     encode,
 )
@@ -35,6 +40,7 @@ from wsrelay.core.topics import validate_topic
 from wsrelay.errors import (
     BadRequest,
     BrokerUnavailable,
+    ClientError,
     InvalidField,
     PayloadTooLarge,
     RequestTimeout,
@@ -149,12 +155,14 @@ async def publish_batch(request: web.Request) -> web.Response:
 async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
     """``POST /publish`` once its body has arrived."""
     request = decode(body, PublishRequest)
+    message, is_json = message_text(request.message)
     recipients, receipt = await app[RELAY].publish(
         request.topic,
-        request.message,
+        message,
         request.user_id,
         backend_key(request.idempotency_key),
         request.skip_client,
+        json=is_json,
     )
     metrics = app[METRICS]
     if not receipt.duplicate:
@@ -167,10 +175,14 @@ async def publish_one(app: web.Application, body: bytes) -> PublishResponse:
 async def publish_many(app: web.Application, body: bytes) -> BatchPublishResponse:
     """``POST /publish/batch`` once its body has arrived."""
     request = decode(body, BatchPublishRequest)
-    items: list[PublishItem] = [
-        (m.topic, m.message, m.user_id, backend_key(m.idempotency_key), m.skip_client)
-        for m in request.messages
-    ]
+    items: list[PublishItem] = []
+    for index, m in enumerate(request.messages):
+        try:
+            message, is_json = message_text(m.message)
+        except ClientError as exc:
+            raise type(exc)(f"messages[{index}].{exc.message}") from None
+        key = backend_key(m.idempotency_key)
+        items.append((m.topic, message, m.user_id, key, m.skip_client, is_json))
     answers = await app[RELAY].publish_many(items)
     metrics = app[METRICS]
     fresh = [recipients for recipients, receipt in answers if not receipt.duplicate]
@@ -205,9 +217,50 @@ async def history(request: web.Request) -> web.Response:
             topic=topic,
             offset=page.position.offset,
             epoch=page.position.epoch,
-            publications=[HistoryItem(p.offset, p.message, p.user) for p in page.publications],
+            publications=[
+                HistoryItem(p.offset, wire_value(p.message, p.json), p.user)
+                for p in page.publications
+            ],
         )
     )
+
+
+async def presence(request: web.Request) -> web.Response:
+    """``GET /presence?topic=``: the topic's connections on every node."""
+    relay = request.app[RELAY]
+    topic = _presence_topic(request, "/presence")
+    return json_response(PresenceResponse(topic, await relay.presence_of(topic)))
+
+
+async def presence_stats(request: web.Request) -> web.Response:
+    """``GET /presence/stats?topic=``: how many connections and distinct users."""
+    relay = request.app[RELAY]
+    topic = _presence_topic(request, "/presence/stats")
+    clients, users = await relay.presence_stats(topic)
+    return json_response(PresenceStatsResponse(topic, clients, users))
+
+
+def _presence_topic(request: web.Request, route: str) -> str:
+    topic = request.query.get("topic")
+    if not topic:
+        raise InvalidField(f"topic is required: GET {route}?topic=<topic>")
+    request.app[RELAY].check_presence_topic(topic)
+    return topic
+
+
+async def user(request: web.Request) -> web.Response:
+    """``GET /users/<id>``: whether the user has connections open, on any node."""
+    user_id = request.match_info["user_id"]
+    connections = await request.app[RELAY].user_connections(user_id)
+    return json_response(UserResponse(user_id, connections > 0, connections))
+
+
+async def disconnect_user(request: web.Request) -> web.Response:
+    """``DELETE /users/<id>/connections``: close every connection of the user, on every
+    node, with 4503, and delete its registrations."""
+    user_id = request.match_info["user_id"]
+    connections, registrations = await request.app[RELAY].disconnect_user(user_id)
+    return json_response(DisconnectUserResponse(user_id, connections, registrations))
 
 
 HISTORY_LIMIT = 100
