@@ -13,16 +13,7 @@
 
 const crypto = require('node:crypto');
 const uWS = require('uWebSockets.js');
-
-function parseArgs(argv) {
-  const opts = { host: process.env.HOST || '127.0.0.1', port: Number(process.env.PORT || 8000) };
-  for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === '--host') opts.host = argv[++i];
-    else if (argv[i] === '--port') opts.port = Number(argv[++i]);
-    else throw new Error(`unknown argument: ${argv[i]}`);
-  }
-  return opts;
-}
+const { parseArgs } = require('../args.js');
 
 /** @type {Map<string, {userId: unknown, topics: string[], ws: object | null}>} */
 const clients = new Map();
