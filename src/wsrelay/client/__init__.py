@@ -23,6 +23,11 @@ by itself and recovers what was published meanwhile (or reports a
 own connection (:meth:`Subscription.publish`, where a namespace allows it; grants
 go with ``subscribe(..., grants=...)`` or :meth:`Relay.connect`). Failures are :class:`RelayError`
 subclasses carrying the server's error ``code`` and HTTP ``status``.
+
+:class:`SyncRelay` publishes (``publish``, ``publish_many``, ``history``, ``presence``,
+``stats``) from code without an event loop (Django, Flask, Celery), on pooled
+keep-alive connections, retrying under a :class:`RetryPolicy` with an idempotency key
+per publish; it raises the same exceptions.
 """
 
 from __future__ import annotations
@@ -71,11 +76,14 @@ from wsrelay.client._models import (
     Topics,
     UserId,
 )
+from wsrelay.client._publishing import NO_RETRY, RetryPolicy, new_idempotency_key
 from wsrelay.client._relay import DEFAULT_URL, MAX_BATCH, Relay, Subscription, normalize_url
+from wsrelay.client._sync import Presence, SyncRelay
 
 __all__ = [
     "DEFAULT_URL",
     "MAX_BATCH",
+    "NO_RETRY",
     "Backoff",
     "BadRequest",
     "ClientPublished",
@@ -96,6 +104,7 @@ __all__ = [
     "NotRecovered",
     "PayloadTooLarge",
     "Position",
+    "Presence",
     "ProtocolError",
     "Publish",
     "PublishInterrupted",
@@ -107,16 +116,19 @@ __all__ = [
     "Relay",
     "RelayError",
     "Replaced",
+    "RetryPolicy",
     "ServerError",
     "ServiceUnavailable",
     "Stats",
     "Subscribed",
     "Subscription",
+    "SyncRelay",
     "TooManyRequests",
     "TopicCount",
     "Topics",
     "Unauthorized",
     "Unregistered",
     "UserId",
+    "new_idempotency_key",
     "normalize_url",
 ]
