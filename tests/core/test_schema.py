@@ -1,5 +1,6 @@
 import pytest
 
+from wsrelay.core.payload import message_text
 from wsrelay.core.schema import (
     ClientCommand,
     MessageFrame,
@@ -14,7 +15,7 @@ from wsrelay.errors import InvalidField, InvalidJSON, RelayError
 def test_publish_request_accepts_the_seed_body() -> None:
     """The seed's {"topic", "user_id", "message"} decodes as is."""
     body = decode(b'{"topic": "cats", "user_id": 1, "message": "hi"}', PublishRequest)
-    assert (body.topic, body.user_id, body.message) == ("cats", 1, "hi")
+    assert (body.topic, body.user_id, message_text(body.message)) == ("cats", 1, ("hi", False))
 
 
 def test_user_id_may_be_a_string_or_absent() -> None:
@@ -30,7 +31,13 @@ def test_user_id_may_be_a_string_or_absent() -> None:
         (b'{"topic":"a","message":"\xff"}', InvalidJSON, "UTF-8"),
         (b'{"message":"m"}', InvalidField, "missing required field `topic`"),
         (b'{"topic":1,"message":"m"}', InvalidField, "$.topic"),
-        (b'{"topic":"a","message":1}', InvalidField, "$.message"),
+        (b'{"topic":"a"}', InvalidField, "missing required field `message`"),
+        (b'{"topic":"a","message":NaN}', InvalidJSON, "not valid JSON"),
+        (b'{"topic":"a","message":{"a":}}', InvalidJSON, "not valid JSON"),
+        (b'{"topic":"a","message":[1,2}', InvalidJSON, "not valid JSON"),
+        (b'{"topic":"a","message":{"a":"\xff"}}', InvalidJSON, "message: not valid UTF-8"),
+        (b'{"topic":"a","message":' + b"[" * 129 + b"]" * 129 + b"}", InvalidField, "at most 128"),
+        (b'{"topic":"a","message":' + b"[" * 5000 + b"]" * 5000 + b"}", InvalidField, "128"),
         (b'{"topic":"a","message":"m","user_id":true}', InvalidField, "$.user_id"),
         (b'{"topic":"a","message":"m","user_id":1.5}', InvalidField, "$.user_id"),
         (b'{"topic":"a","message":"m","user_id":1' + b"0" * 5000 + b"}", InvalidField, "$.user_id"),
@@ -42,9 +49,10 @@ def test_user_id_may_be_a_string_or_absent() -> None:
 def test_bad_publish_bodies_name_the_problem(
     body: bytes, error: type[RelayError], fragment: str
 ) -> None:
-    """Malformed JSON and wrong shapes raise errors whose message names the field."""
+    """Malformed JSON and wrong shapes raise errors whose message names the field, the
+    message's own problems included (as the server decodes it: body, then message)."""
     with pytest.raises(error) as info:
-        decode(body, PublishRequest)
+        message_text(decode(body, PublishRequest).message)
     assert fragment in info.value.message
 
 

@@ -626,9 +626,7 @@ class RedisBroker:
         if self._listener is not None:
             try:
                 self._listener.publication(
-                    Publication(
-                        topic, data.message, data.user, offset, epoch, data.skip, data.json
-                    )
+                    Publication(topic, data.message, data.user, offset, epoch, data.skip, data.json)
                 )
             except Exception:  # the listener's bug must not stop delivery of the rest
                 log.exception("the listener failed on a publication of %s", topic)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import msgspec
+
 from wsrelay.core.registry import Client
 from wsrelay.core.schema import MessageFrame, encode
 
@@ -32,10 +34,16 @@ class Publication:
     skip: str | None = None
     """The id of a client it must not reach (the publisher's own, for ``skip_self``);
     every broker carries it to every node, and the history keeps it for replays."""
+    json: bool = False
+    """``message`` is the compact JSON text of a JSON value other than a string
+    (:mod:`wsrelay.core.payload`): embedded as is in the envelope, sent as is in raw
+    mode. False: ``message`` is the string itself."""
 
     def envelope(self) -> bytes:
-        """The JSON-mode payload: ``{"type":"message","topic":...,"message":...,"offset":...}``."""
-        return encode(MessageFrame(self.topic, self.message, self.offset))
+        """The JSON-mode payload: ``{"type":"message","topic":...,"message":...,"offset":...}``
+        (``message`` a JSON string, or the JSON value embedded as its text)."""
+        message = msgspec.Raw(self.message) if self.json else self.message
+        return encode(MessageFrame(self.topic, message, self.offset))
 
 
 def deliver(publication: Publication, recipients: Iterable[Client], framer: Framer) -> int:

@@ -178,6 +178,7 @@ class MemoryHistory:
             topic.offset,
             topic.epoch,
             publication.skip,
+            publication.json,
         )
         if topic.limit > 0:
             entries = topic.entries

@@ -450,8 +450,7 @@ def decode(data: bytes | str, into: type[T]) -> T:
         return decoder.decode(data)  # type: ignore[no-any-return]
     except RecursionError:  # a message's JSON value nested past the interpreter's limit
         raise InvalidField(
-            "arrays and objects nest too deeply (a message may nest at most "
-            f"{MAX_DEPTH})"
+            f"arrays and objects nest too deeply (a message may nest at most {MAX_DEPTH})"
         ) from None
     except msgspec.ValidationError as exc:
         raise InvalidField(_describe(exc)) from None
