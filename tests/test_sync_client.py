@@ -16,6 +16,8 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -27,6 +29,8 @@ from wsrelay.client import (
     BadRequest,
     ConnectionFailed,
     History,
+    Presence,
+    PresenceStats,
     Publish,
     Published,
     RetryPolicy,
@@ -213,3 +217,26 @@ def test_a_forked_process_gets_a_pool_of_its_own(
         monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a child
         assert relay._connections() is not parent_pool
         assert relay.publish("fork", "child").offset == 2
+
+
+async def test_presence_and_its_stats(start_server: Start, tmp_path: Path, session: Any) -> None:
+    config = tmp_path / "wsrelay.toml"
+    config.write_text('[[namespace]]\npattern = "room:*"\npresence = true\n')
+    node = start_server("--config", str(config))
+    api = Api(session, node.url)
+    alice = await api.connect("alice", ["room:1"])
+    anonymous = await api.connect(None, ["room:1"])
+    with SyncRelay(node.url) as relay:
+        presence = await asyncio.to_thread(relay.presence, "room:1")
+        stats = await asyncio.to_thread(relay.presence_stats, "room:1")
+        waits = recorded(relay)
+        with pytest.raises(BadRequest) as caught:  # no presence outside the namespace
+            await asyncio.to_thread(relay.presence, "lobby")
+    assert isinstance(presence, Presence) and presence.topic == "room:1"
+    assert [c.user for c in presence.clients] == ["alice", None]  # oldest first
+    assert presence.users == {"alice"}
+    assert all(c.client not in (alice.id, anonymous.id) for c in presence.clients)
+    assert stats == PresenceStats("room:1", num_clients=2, num_users=1)
+    assert caught.value.code == "presence_disabled" and waits == []
+    await alice.close()
+    await anonymous.close()

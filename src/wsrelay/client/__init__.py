@@ -76,9 +76,10 @@ from wsrelay.client._models import (
     Topics,
     UserId,
 )
+from wsrelay.client._presence import Presence, PresenceClient, PresenceStats
 from wsrelay.client._publishing import NO_RETRY, RetryPolicy, new_idempotency_key
 from wsrelay.client._relay import DEFAULT_URL, MAX_BATCH, Relay, Subscription, normalize_url
-from wsrelay.client._sync import Presence, SyncRelay
+from wsrelay.client._sync import SyncRelay
 
 __all__ = [
     "DEFAULT_URL",
@@ -105,6 +106,8 @@ __all__ = [
     "PayloadTooLarge",
     "Position",
     "Presence",
+    "PresenceClient",
+    "PresenceStats",
     "ProtocolError",
     "Publish",
     "PublishInterrupted",

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
@@ -23,6 +23,7 @@ import urllib3
 
 from wsrelay.client._errors import ConnectionFailed, ProtocolError, RelayError
 from wsrelay.client._models import History, Position, Publish, Published, Stats, UserId
+from wsrelay.client._presence import Presence, PresenceStats
 from wsrelay.client._publishing import (
     Item,
     RetryPolicy,
@@ -44,9 +45,6 @@ from wsrelay.client._relay import (
 T = TypeVar("T")
 
 _encode = msgspec.json.Encoder().encode
-
-Presence = dict[str, Any]
-"""``GET /presence`` and ``GET /presence/stats`` answers, as the server sends them."""
 
 
 class SyncRelay:
@@ -170,14 +168,15 @@ class SyncRelay:
         return self._call("GET", "/history", History, params=params)
 
     def presence(self, topic: str) -> Presence:
-        """``GET /presence?topic=``: who is subscribed to ``topic``, as the server
-        answers it (a JSON object)."""
+        """``GET /presence?topic=``: the connections subscribed to ``topic`` on every
+        node (the topic's namespace must have ``presence = true``, else
+        :class:`~wsrelay.client.Forbidden`)."""
         return self._call("GET", "/presence", Presence, params={"topic": topic})
 
-    def presence_stats(self, topic: str) -> Presence:
-        """``GET /presence/stats?topic=``: how many are subscribed to ``topic``, as the
-        server answers it (a JSON object)."""
-        return self._call("GET", "/presence/stats", Presence, params={"topic": topic})
+    def presence_stats(self, topic: str) -> PresenceStats:
+        """``GET /presence/stats?topic=``: how many connections and distinct users are
+        subscribed to ``topic`` on every node."""
+        return self._call("GET", "/presence/stats", PresenceStats, params={"topic": topic})
 
     def stats(self) -> Stats:
         """``GET /stats``: the answering node's live counters."""
@@ -253,4 +252,4 @@ class SyncRelay:
             return self._pool
 
 
-__all__ = ["Presence", "SyncRelay"]
+__all__ = ["SyncRelay"]
