@@ -1,7 +1,9 @@
 """The node, in-process over memory backends, with recording sinks."""
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -349,3 +351,42 @@ async def test_a_gap_the_broker_reports_is_told_to_json_subscribers_of_the_topic
         assert json_sink.frames == [b'{"type":"gap","topic":"t","offset":5,"epoch":"e2"}']
         assert raw_sink.frames == [] and other_sink.frames == []
         assert relay.gaps == 1
+
+
+async def test_commands_at_once_share_one_position_read_and_later_ones_read_anew() -> None:
+    """A reconnect storm: many clients subscribe to the same topic at once; the node reads
+    its position once. A command whose hold began after that read was sent reads again
+    (the earlier position could miss a publication made in between)."""
+    backend = MemoryBus().backend()
+    broker = backend.broker
+    reads: list[str] = []
+    gate = asyncio.Event()
+    real_history = broker.history
+
+    async def slow_history(topic: str, **kwargs: Any) -> Any:
+        reads.append(topic)
+        await gate.wait()
+        return await real_history(topic, **kwargs)
+
+    broker.history = slow_history  # type: ignore[method-assign]
+    async with Relay(Settings(), identity_framer, backend) as relay:
+        await relay.publish("t", "before")
+        clients = [await relay.register(i, []) for i in range(20)]
+        sinks = [RecordingSink() for _ in clients]
+        for client, sink in zip(clients, sinks, strict=True):
+            await relay.attach(client, sink)
+        first = [asyncio.create_task(relay.subscribe(c, ["t"])) for c in clients[:10]]
+        await asyncio.sleep(0)  # (the shared read is sent now, from its task's first step)
+        while not reads:
+            await asyncio.sleep(0)
+        assert reads == ["t"]
+        later = [asyncio.create_task(relay.subscribe(c, ["t"])) for c in clients[10:]]
+        while len(reads) < 2:
+            await asyncio.sleep(0)
+        gate.set()
+        answers = await asyncio.gather(*first, *later)
+        assert reads == ["t", "t"]
+        assert {a.positions["t"][0].offset for a in answers} == {1}
+        await relay.publish("t", "after")
+        for sink in sinks:
+            assert sink.frames == [b'{"type":"message","topic":"t","message":"after","offset":2}']

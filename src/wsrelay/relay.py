@@ -134,6 +134,8 @@ class Relay:
         self._last: dict[str, Position] = {}
         """Per topic with subscribers here, the last publication handed to them."""
         self._handed: tuple[str, int, int] = ("", 0, 0)  # the last delivery: topic, offset, count
+        self._position_reads: dict[str, asyncio.Future[HistoryPage]] = {}
+        """Per topic, a position read about to be sent, for commands to share."""
         self.gaps = 0
         """Times this node's subscribers of a topic were told publications were lost."""
         store = backend.presence if backend.presence is not None else MemoryPresence()
@@ -358,8 +360,28 @@ class Relay:
 
     async def _read(self, topic: str, since: Position | None) -> HistoryPage:
         if since is None:
-            return await self.broker.history(topic)
+            return await self._read_position(topic)
         return await self.broker.history(topic, since=since.offset, limit=MAX_REPLAY + 1)
+
+    async def _read_position(self, topic: str) -> HistoryPage:
+        """The topic's position, one read shared by every command asking for it in the
+        same pass of the event loop (a reconnect storm brings many at once).
+
+        Only commands whose hold began before the read was sent may share it (a position
+        read before a hold could miss what came in between): the read is sent from a
+        task's first step, which runs after the callbacks of the current pass, and it
+        leaves :attr:`_position_reads` as it starts, so later commands read anew."""
+        shared = self._position_reads.get(topic)
+        if shared is None:
+            shared = asyncio.ensure_future(self._read_position_now(topic))
+            shared.add_done_callback(_retrieved)  # if every sharer went away meanwhile
+            self._position_reads[topic] = shared
+        # Shielded: one command cancelled (its connection closed) must not fail the others.
+        return await asyncio.shield(shared)
+
+    async def _read_position_now(self, topic: str) -> HistoryPage:
+        del self._position_reads[topic]
+        return await self.broker.history(topic)
 
     def _flush_held(self, client: Client, held: Hold) -> None:
         """Send what ``held`` still holds as it is (a command failed, or never came)."""
@@ -695,6 +717,12 @@ class _Inbox:
 
     def gap(self, topic: str, epoch: str, offset: int) -> None:
         self._relay._on_gap(topic, epoch, offset)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a shared future's exception as seen: those who await it report it."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _together(*steps: Awaitable[Any]) -> list[Any]:
