@@ -37,9 +37,9 @@ join_leave = true
 
 
 @pytest.fixture(scope="module", params=["native", "aiohttp"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    ServerProcess
-]:
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     config = tmp_path_factory.mktemp("presence") / "wsrelay.toml"
     config.write_text(CONFIG)
     process = ServerProcess(["--stack", request.param, "--config", str(config)]).start()
@@ -111,6 +111,7 @@ async def test_get_presence_lists_every_subscriber_by_its_public_id(api: Api) ->
     assert counts == {"topic": "quiet:list", "num_clients": 3, "num_users": 2}
     await a.command({"unsubscribe": ["quiet:list"]})
     status, body = await api.call("GET", "/presence", params={"topic": "quiet:list"})
+    assert status == 200, body
     assert {e["client"] for e in body["clients"]} == {public(b.id), public(anonymous.id)}
     for sub in (a, b, anonymous):
         await sub.close()
@@ -119,6 +120,7 @@ async def test_get_presence_lists_every_subscriber_by_its_public_id(api: Api) ->
 async def test_a_connection_with_initial_topics_is_present_from_the_upgrade(api: Api) -> None:
     sub = await connect(api, 5, topics=("quiet:initial", "other:topic"))
     status, body = await api.call("GET", "/presence", params={"topic": "quiet:initial"})
+    assert status == 200, body
     assert [e["client"] for e in body["clients"]] == [public(sub.id)]
     await sub.close()
 
@@ -147,6 +149,7 @@ async def test_join_and_leave_reach_the_other_subscribers_not_the_joiner(api: Ap
     await again.close()
     assert (await next_of(watcher, "leave"))["client"] == public(again.id)
     status, body = await api.call("GET", "/presence", params={"topic": "room:a"})
+    assert status == 200, body
     assert [e["client"] for e in body["clients"]] == [public(watcher.id)]
     await watcher.close()
     await joiner.close()
@@ -276,6 +279,7 @@ async def test_users_online_and_ban(api: Api) -> None:
     assert leave["client"] == public(second.id)
     await fence(api, bystander, "room:ban")
     status, body = await api.call("GET", "/users/77")
+    assert status == 200, body
     assert body["connections"] == 0 and body["online"] is False
     status, body = await api.call("DELETE", "/users/77/connections")
     assert (status, body) == (200, {"user_id": "77", "connections": 0, "registrations": 0})

@@ -63,10 +63,20 @@ class PresenceTracker:
         self._since[client.id] = time.time()
         await self._add(client, rules_of.presence_topics(self.rules, client.topics), user=True)
 
-    async def detached(self, client: Client) -> None:
-        """``client`` has no connection here any more."""
-        await self._remove(client, rules_of.presence_topics(self.rules, client.topics), user=True)
+    async def detached(self, client: Client, *, moved: bool = False) -> None:
+        """``client`` has no connection here any more. ``moved``: because a newer
+        connection opened on another node, which writes the entries now (removing them
+        here could overtake its writes: a leave and a join for a connection that stayed)."""
         self._since.pop(client.id, None)
+        topics = rules_of.presence_topics(self.rules, client.topics)
+        if not moved:
+            await self._remove(client, topics, user=True)
+            return
+        public = rules_of.public_id(client.id)
+        for topic in topics:
+            self.store.forget(rules_of.topic_set(topic), public)
+        if client.user is not None:
+            self.store.forget(rules_of.user_set(client.user), public)
 
     async def topics_changed(self, client: Client, before: Iterable[str]) -> None:
         """The attached ``client``'s topics changed from ``before`` to ``client.topics``."""

@@ -138,6 +138,8 @@ class Relay:
         """Per topic, a position read about to be sent, for commands to share."""
         self.gaps = 0
         """Times this node's subscribers of a topic were told publications were lost."""
+        self._moved: set[str] = set()
+        """Clients whose connection here is closing because it reconnected elsewhere."""
         store = backend.presence if backend.presence is not None else MemoryPresence()
         self.presence = PresenceTracker(store, self.rules, self.node_id, self._announce_presence)
 
@@ -243,11 +245,14 @@ class Relay:
     async def detach(self, client: Client, sink: Sink) -> None:
         """The connection ``sink`` ended; the registration stays."""
         change = self.registry.detach(client, sink)
+        moved = client.id in self._moved
+        if moved and client.sink is None:
+            self._moved.discard(client.id)
         if client.sink is None and self.registry.attached(client.id) is None:
             await _together(
                 self._sync_broker(change),
                 self.registrations.detached(client),
-                self.presence.detached(client),
+                self.presence.detached(client, moved=moved),
             )
         else:
             await self._sync_broker(change)
@@ -567,6 +572,7 @@ class Relay:
         if event.event == "unregistered":
             client.sink.close(codes.NORMAL, "unregistered")
         elif event.event == "attached":
+            self._moved.add(client.id)
             client.sink.close(codes.REPLACED, "replaced by a newer connection")
 
     # -- presence ---------------------------------------------------------------------------

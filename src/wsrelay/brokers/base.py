@@ -206,6 +206,11 @@ class PresenceStore(Protocol):
         connection on another node keeps its own); True if it was removed (a leave)."""
         ...
 
+    def forget(self, key: str, client: str) -> None:
+        """Stop refreshing ``client``'s entry in set ``key`` without removing it: its
+        connection moved to another node, whose entry replaces it (or it expires)."""
+        ...
+
     async def entries(self, key: str) -> list[PresenceClient]:
         """The live entries of set ``key`` (expired ones are dropped first)."""
         ...

@@ -297,6 +297,9 @@ class MemoryPresence:
             del self._sets[key]
         return True
 
+    def forget(self, key: str, client: str) -> None:
+        pass  # nothing is refreshed
+
     async def entries(self, key: str) -> list[PresenceClient]:
         return list(self._sets.get(key, {}).values())
 

@@ -155,12 +155,15 @@ class RedisPresence:
 
     async def remove(self, key: str, client: str, node: str) -> bool:
         if node == self._node:
-            held = self._held.get(key)
-            if held is not None:
-                held.pop(client, None)
-                if not held:
-                    del self._held[key]
+            self.forget(key, client)
         return bool(await self._run(self._commands.script(REMOVE, keys(key), (client, node))))
+
+    def forget(self, key: str, client: str) -> None:
+        held = self._held.get(key)
+        if held is not None:
+            held.pop(client, None)
+            if not held:
+                del self._held[key]
 
     async def entries(self, key: str) -> list[PresenceClient]:
         raw = await self._run(self._commands.script(READ, keys(key), ("entries",)))
