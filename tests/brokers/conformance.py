@@ -20,8 +20,10 @@ import pytest
 
 from tests.utils import TIMEOUT
 from wsrelay.brokers import Broker, RegistrationStore
+from wsrelay.brokers.base import PresenceStore
 from wsrelay.core.fanout import Publication
 from wsrelay.core.registry import Client
+from wsrelay.core.schema import PresenceClient
 
 
 class Inbox:
@@ -500,3 +502,76 @@ class RegistrationStoreConformance:
         assert await a.get("kept") is not None
         assert await b.add(reg("other"), 1) is False
         await b.detached(reg("kept"))
+
+    async def test_remove_user_deletes_every_registration_of_the_user(
+        self, stores: Stores
+    ) -> None:
+        a, b = stores
+        await add_all(a, ["x1", "x2"], "banned", limit=0)
+        await add_all(b, ["x3"], "banned", limit=0)
+        await add_all(a, ["y1"], "kept", limit=0)
+        assert sorted(await b.remove_user("banned")) == ["x1", "x2", "x3"]
+        for client_id in ("x1", "x2", "x3"):
+            assert await a.get(client_id) is None
+        assert await a.get("y1") is not None
+        assert await a.remove_user("banned") == []
+        assert await a.add(reg("x4", "banned"), 1)  # the user's count went with them
+
+
+PresenceStores = tuple[PresenceStore, PresenceStore]
+
+
+def entry(client: str, node: str, user: str | None = "u", at: float = 1.0) -> PresenceClient:
+    return PresenceClient(client, user, node, at)
+
+
+class PresenceStoreConformance:
+    """Presence entries shared by nodes. Subclasses define ``presence_stores``: two nodes'
+    views of one store, started as ``node-a`` and ``node-b``."""
+
+    @pytest.fixture
+    async def presence_stores(self) -> AsyncIterator[PresenceStores]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    async def test_entries_added_on_either_node_are_listed_on_both(
+        self, presence_stores: PresenceStores
+    ) -> None:
+        a, b = presence_stores
+        assert await a.add("topic:t", entry("c1", "node-a", "1")) is True
+        assert await b.add("topic:t", entry("c2", "node-b", None)) is True
+        for store in (a, b):
+            listed = sorted(await store.entries("topic:t"), key=lambda e: e.client)
+            assert listed == [entry("c1", "node-a", "1"), entry("c2", "node-b", None)]
+            assert await store.count("topic:t") == 2
+        assert await a.entries("topic:other") == []
+        assert await a.count("user:nobody") == 0
+
+    async def test_adding_again_replaces_and_is_no_join(
+        self, presence_stores: PresenceStores
+    ) -> None:
+        a, b = presence_stores
+        assert await a.add("topic:t", entry("c1", "node-a", at=1.0)) is True
+        assert await b.add("topic:t", entry("c1", "node-b", at=2.0)) is False  # it moved
+        assert await a.entries("topic:t") == [entry("c1", "node-b", at=2.0)]
+
+    async def test_only_the_holding_node_removes_an_entry(
+        self, presence_stores: PresenceStores
+    ) -> None:
+        a, b = presence_stores
+        await a.add("topic:t", entry("c1", "node-a"))
+        await b.add("topic:t", entry("c1", "node-b"))  # moved to node-b
+        assert await a.remove("topic:t", "c1", "node-a") is False  # node-b's now
+        assert await a.count("topic:t") == 1
+        assert await b.remove("topic:t", "c1", "node-b") is True  # a leave
+        assert await b.remove("topic:t", "c1", "node-b") is False  # once
+        assert await a.entries("topic:t") == []
+        assert await a.remove("topic:never", "c9", "node-a") is False
+
+    async def test_sets_are_apart(self, presence_stores: PresenceStores) -> None:
+        a, _ = presence_stores
+        await a.add("topic:u", entry("c1", "node-a"))
+        await a.add("user:u", entry("c1", "node-a"))
+        await a.remove("topic:u", "c1", "node-a")
+        assert await a.count("user:u") == 1
+        assert await a.count("topic:u") == 0

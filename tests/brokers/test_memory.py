@@ -7,6 +7,8 @@ from tests.brokers.conformance import (
     BrokerConformance,
     Inbox,
     Node,
+    PresenceStoreConformance,
+    PresenceStores,
     RegistrationStoreConformance,
     Stores,
 )
@@ -37,6 +39,15 @@ class TestMemoryRegistrations(RegistrationStoreConformance):
     async def expiring_stores(self) -> AsyncIterator[Stores]:
         bus = MemoryBus(registration_ttl=EXPIRING_TTL)
         yield bus.backend().registrations, bus.backend().registrations
+
+
+class TestMemoryPresence(PresenceStoreConformance):
+    @pytest.fixture
+    async def presence_stores(self) -> AsyncIterator[PresenceStores]:
+        bus = MemoryBus()
+        a, b = bus.backend().presence, bus.backend().presence
+        assert a is not None and b is not None
+        yield a, b
 
 
 class Clock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -14,6 +15,8 @@ from tests.brokers.conformance import (
     BrokerConformance,
     Inbox,
     Node,
+    PresenceStoreConformance,
+    PresenceStores,
     RegistrationStoreConformance,
     Stores,
 )
@@ -21,9 +24,12 @@ from tests.redis_server import RedisServer
 from tests.utils import TIMEOUT
 from wsrelay.brokers import from_url
 from wsrelay.brokers.redis import Commands, RedisBroker, RedisRegistrations, make_client
+from wsrelay.brokers.redis_presence import RedisPresence
+from wsrelay.brokers.redis_presence import keys as presence_keys
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import HistoryLimits
 from wsrelay.core.registry import Client
+from wsrelay.core.schema import PresenceClient
 from wsrelay.errors import BrokerUnavailable
 
 
@@ -73,6 +79,74 @@ class TestRedisRegistrations(RegistrationStoreConformance):
     async def expiring_stores(self, redis_server: RedisServer) -> AsyncIterator[Stores]:
         async for stores in two_stores(redis_server.url, ttl=EXPIRING_TTL):
             yield stores
+
+
+async def two_presences(url: str, ttl: float) -> AsyncIterator[tuple[RedisPresence, ...]]:
+    clients = [make_client(url), make_client(url)]  # two nodes, two connections
+    stores = RedisPresence(clients[0], ttl), RedisPresence(clients[1], ttl)
+    for store, node in zip(stores, ("node-a", "node-b"), strict=True):
+        await store.start(node)
+    yield stores
+    for store in stores:
+        await store.stop()
+    for client in clients:
+        await client.aclose()
+
+
+class TestRedisPresence(PresenceStoreConformance):
+    @pytest.fixture
+    async def presence_stores(self, redis_server: RedisServer) -> AsyncIterator[PresenceStores]:
+        async for stores in two_presences(redis_server.url, ttl=60):
+            yield stores[0], stores[1]
+
+
+async def test_presence_entries_expire_without_their_nodes_heartbeat(
+    redis_server: RedisServer,
+) -> None:
+    """node-b stops (as if killed: its entries are not removed): they go after the TTL,
+    while node-a's heartbeat keeps its own; the keys of an abandoned set expire."""
+    ttl = 1.0
+    async for a, b in two_presences(redis_server.url, ttl=ttl):
+        await a.add("topic:t", PresenceClient("ca", "1", "node-a", 1.0))
+        await b.add("topic:t", PresenceClient("cb", "2", "node-b", 1.0))
+        await b.add("user:2", PresenceClient("cb", "2", "node-b", 1.0))
+        await b.stop()  # no more heartbeats from node-b
+        started = time.monotonic()
+        while {e.client for e in await a.entries("topic:t")} != {"ca"}:
+            assert time.monotonic() - started < ttl + TIMEOUT, "node-b's entry stayed"
+            await asyncio.sleep(0.05)
+        assert await a.count("user:2") == 0
+        # Past several TTLs, node-a's entry is still there: its heartbeat rewrote it.
+        while time.monotonic() - started < ttl * 2.5:
+            assert await a.count("topic:t") == 1
+            await asyncio.sleep(0.1)
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            for key in presence_keys("user:2"):
+                assert await raw.exists(key) == 0, key
+            assert 0 < await raw.pttl(presence_keys("topic:t")[0]) <= ttl * 1000
+        finally:
+            await raw.aclose()
+
+
+async def test_presence_entries_come_back_after_redis_lost_them(
+    redis_server: RedisServer,
+) -> None:
+    """The heartbeat writes whole entries: a FLUSHALL (Redis restarted empty) is repaired
+    by the next one."""
+    async for a, _ in two_presences(redis_server.url, ttl=60):
+        await a.add("topic:t", PresenceClient("ca", "1", "node-a", 1.0))
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await raw.flushall()
+        finally:
+            await raw.aclose()
+        assert await a.count("topic:t") == 0
+        await a.refresh()
+        assert await a.entries("topic:t") == [PresenceClient("ca", "1", "node-a", 1.0)]
+        await a.remove("topic:t", "ca", "node-a")
+        await a.refresh()  # removed entries are not written again
+        assert await a.count("topic:t") == 0
 
 
 async def test_a_dropped_subscriber_connection_catches_up_without_gaps(
