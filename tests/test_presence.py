@@ -302,3 +302,31 @@ async def test_user_routes_need_the_api_key(start_server: Any, tmp_path: Path) -
             "GET", "/users/1", headers={"Authorization": "Bearer " + "k" * 16}
         )
         assert status == 200, body
+
+
+async def test_openapi_documents_the_presence_routes(api: Api) -> None:
+    status, doc = await api.call("GET", "/openapi.json")
+    assert status == 200, doc
+    paths = doc["paths"]
+    for path, method, schema in [
+        ("/presence", "get", "PresenceResponse"),
+        ("/presence/stats", "get", "PresenceStatsResponse"),
+        ("/users/{user_id}", "get", "UserResponse"),
+        ("/users/{user_id}/connections", "delete", "DisconnectUserResponse"),
+    ]:
+        answer = paths[path][method]["responses"]["200"]
+        assert answer["content"]["application/json"]["schema"]["$ref"].endswith(schema)
+    assert "presence_disabled" in paths["/presence"]["get"]["responses"]["400"]["description"]
+    assert "4503" in paths["/users/{user_id}/connections"]["delete"]["summary"]
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["PresenceClient"]["properties"]) == {
+        "client",
+        "user",
+        "node",
+        "connected_at",
+    }
+    assert set(schemas["PresenceStatsResponse"]["properties"]) == {
+        "topic",
+        "num_clients",
+        "num_users",
+    }

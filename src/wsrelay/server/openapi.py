@@ -25,7 +25,8 @@ def _json(name: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Invalid JSON, a missing or wrongly typed field, an invalid topic, or more than "
-        "one Authorization header (code bad_request).",
+        "one Authorization header (code bad_request); on the presence routes, a topic whose "
+        "namespace keeps no presence (code presence_disabled).",
         401: "Missing or wrong credentials (code unauthorized, token_expired or invalid_token); "
         "the answer carries WWW-Authenticate: Bearer.",
         403: "The page's Origin is not in the allowlist (code origin_not_allowed), or a "
@@ -65,6 +66,8 @@ def _constrain(components: dict[str, Any], settings: Settings) -> None:
     topic = _topic_schema(settings)
     schemas["PublishRequest"]["properties"]["topic"] = topic
     schemas["HistoryResponse"]["properties"]["topic"] = topic
+    schemas["PresenceResponse"]["properties"]["topic"] = topic
+    schemas["PresenceStatsResponse"]["properties"]["topic"] = topic
     topics = schemas["RegisterRequest"]["properties"]["topics"]
     topics["items"] = topic
     topics["description"] = (
@@ -86,6 +89,10 @@ def document(settings: Settings) -> dict[str, Any]:
             schema.StatsResponse,
             schema.TopicsResponse,
             schema.HistoryResponse,
+            schema.PresenceResponse,
+            schema.PresenceStatsResponse,
+            schema.UserResponse,
+            schema.DisconnectUserResponse,
             schema.HealthResponse,
             schema.ReadyResponse,
             schema.ErrorBody,
@@ -131,6 +138,20 @@ def document(settings: Settings) -> dict[str, Any]:
         f"Topics are 1 to {settings.max_topic_length} characters from {TOPIC_ALPHABET}; "
         f"a client may hold at most {settings.max_topics_per_client}."
     )
+    presence_topic = {
+        "name": "topic",
+        "in": "query",
+        "required": True,
+        "schema": _topic_schema(settings),
+        "description": "A topic (not a pattern) whose namespace has presence = true.",
+    }
+    user_id = {
+        "name": "user_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": 'A user id (42 and "42" are the same user).',
+    }
     # With an API key, the backend's routes require it (and may answer 401).
     keyed: dict[str, Any] = {}
     unauthorized: tuple[int, ...] = ()
@@ -307,6 +328,70 @@ def document(settings: Settings) -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "History.", "content": _json("HistoryResponse")},
                         **_errors(400, *unauthorized, 503),
+                    },
+                }
+            },
+            "/presence": {
+                "get": {
+                    "summary": "Every connection subscribed to a topic, on every node",
+                    "description": "Connections subscribed by name (not through a pattern), "
+                    "oldest first, each with its public id (the first 32 hex digits of the "
+                    "SHA-256 of its registration id), user, node and connected_at. With "
+                    f"Redis, a node that died drops out within presence_ttl "
+                    f"({settings.presence_ttl:g}) seconds.",
+                    **keyed,
+                    "parameters": [presence_topic],
+                    "responses": {
+                        "200": {"description": "Presence.", "content": _json("PresenceResponse")},
+                        **_errors(400, *unauthorized, 503),
+                    },
+                }
+            },
+            "/presence/stats": {
+                "get": {
+                    "summary": "How many connections and distinct users are subscribed to a topic",
+                    **keyed,
+                    "parameters": [presence_topic],
+                    "responses": {
+                        "200": {
+                            "description": "Counts (anonymous connections are clients, not users).",
+                            "content": _json("PresenceStatsResponse"),
+                        },
+                        **_errors(400, *unauthorized, 503),
+                    },
+                }
+            },
+            "/users/{user_id}": {
+                "get": {
+                    "summary": "Whether a user is online, and on how many connections",
+                    "description": "Counts the user's open connections on every node, "
+                    "whatever their topics.",
+                    **keyed,
+                    "parameters": [user_id],
+                    "responses": {
+                        "200": {"description": "The user.", "content": _json("UserResponse")},
+                        **_errors(*unauthorized, 503),
+                    },
+                }
+            },
+            "/users/{user_id}/connections": {
+                "delete": {
+                    "summary": "Disconnect a user everywhere (a ban): close 4503, registrations "
+                    "deleted",
+                    "description": "Every connection of the user, on every node, is closed "
+                    "with 4503 (the clients do not reconnect), and the user's registrations "
+                    "are deleted, so their URLs answer 404. A user connected with a "
+                    "connection token can come back while the token is valid: stop issuing "
+                    "tokens (and registrations) to a user you ban.",
+                    **keyed,
+                    "parameters": [user_id],
+                    "responses": {
+                        "200": {
+                            "description": "Closing; how many connections were open and how "
+                            "many registrations were deleted (0 and 0 for an unknown user).",
+                            "content": _json("DisconnectUserResponse"),
+                        },
+                        **_errors(*unauthorized, 503),
                     },
                 }
             },
