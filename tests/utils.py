@@ -130,8 +130,8 @@ class Subscriber:
         result: dict[str, Any] = json.loads(data)
         return result
 
-    async def message(self) -> tuple[str, str]:
-        """The next publication as ``(topic, message)``."""
+    async def message(self) -> tuple[str, Any]:
+        """The next publication as ``(topic, message)`` (a string, or the JSON value)."""
         frame = await self.frame()
         assert frame["type"] == "message", frame
         return frame["topic"], frame["message"]
@@ -171,7 +171,7 @@ class Api:
         assert status == 200, body
         return dict(body)
 
-    async def publish(self, topic: str, message: str, user_id: int | str | None = None) -> int:
+    async def publish(self, topic: str, message: Any, user_id: int | str | None = None) -> int:
         status, body = await self.call(
             "POST", "/publish", {"topic": topic, "message": message, "user_id": user_id}
         )

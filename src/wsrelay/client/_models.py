@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import msgspec
 
@@ -28,10 +28,14 @@ class Message(msgspec.Struct, frozen=True):
     topic's :class:`Position` after this message. Offsets are comparable only within
     one epoch, and a client sees gaps between them when publications were targeted at
     other users. Both are 0 and ``""`` from a server too old to send them.
+
+    ``message`` is what was published, decoded: a ``str`` for a string (even one
+    holding JSON text), else the JSON value (``dict``, ``list``, ``int``, ``float``,
+    ``bool`` or ``None``).
     """
 
     topic: str
-    message: str
+    message: Any
     offset: int = 0
     epoch: str = ""
 
@@ -55,7 +59,8 @@ class Publish(msgspec.Struct, frozen=True, omit_defaults=True):
     """
 
     topic: str
-    message: str
+    message: Any
+    """A string, or any value msgspec encodes as JSON (see :meth:`Relay.publish`)."""
     user_id: UserId = None
     idempotency_key: str | None = None
 
@@ -135,11 +140,12 @@ class Grants(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class HistoryItem(msgspec.Struct, frozen=True):
-    """One kept publication of :meth:`Relay.history`: its offset, its text, and the
-    user it was published for (as a string; None: everyone)."""
+    """One kept publication of :meth:`Relay.history`: its offset, its message (decoded
+    as in :class:`Message`), and the user it was published for (as a string; None:
+    everyone)."""
 
     offset: int
-    message: str
+    message: Any
     user_id: str | None = None
 
 

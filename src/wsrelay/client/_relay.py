@@ -74,7 +74,7 @@ TERMINAL_CLOSE_CODES: Final = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 101
 Codes 4500-4999 are terminal too; every other code means "reconnect"."""
 
 T = TypeVar("T")
-Item = Publish | tuple[str, str] | tuple[str, str, UserId]
+Item = Publish | tuple[str, Any] | tuple[str, Any, UserId]
 
 _encode = msgspec.json.Encoder().encode
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
@@ -83,7 +83,9 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 def _decode(data: bytes | str, into: type[T]) -> T:
     decoder = _decoders.get(into)
     if decoder is None:
-        decoder = _decoders[into] = msgspec.json.Decoder(into)
+        # float_hook: a message's number past a double's range (1e400) decodes as inf, as
+        # the json module does, instead of failing the frame.
+        decoder = _decoders[into] = msgspec.json.Decoder(into, float_hook=float)
     return decoder.decode(data)  # type: ignore[no-any-return]
 
 
@@ -107,7 +109,7 @@ class _Frame(msgspec.Struct):
 
     type: str
     topic: str = ""
-    message: str = ""
+    message: Any = ""
     offset: int = 0
     epoch: str = ""
     topics: list[str] = []
@@ -238,7 +240,7 @@ class Relay:
     async def publish(
         self,
         topic: str,
-        message: str,
+        message: Any,
         *,
         user_id: UserId = None,
         idempotency_key: str | None = None,
@@ -247,6 +249,11 @@ class Relay:
         it. Returns the number of connections on the server's node it was handed to, as a
         :class:`Published` (an ``int``) that also holds the publication's ``offset`` and
         ``epoch`` in the topic.
+
+        ``message`` is a string, or any other value msgspec encodes as JSON (a dict, list,
+        number, bool, None, a struct or dataclass...): subscribers receive that value, as
+        :attr:`Message.message`. A :class:`msgspec.Raw` holding JSON text is sent as is.
+        A string is always a string, even one that holds JSON text.
 
         With ``idempotency_key``, publishes with the same key on the same topic within the
         server's idempotency window are published once (a repeat answers
@@ -264,7 +271,8 @@ class Relay:
 
         ``messages`` holds :class:`Publish` structs (which may carry an
         ``idempotency_key``) or ``(topic, message)`` / ``(topic, message, user_id)``
-        tuples. Returns each message's recipient count as a :class:`Published` (an
+        tuples; a message is a string or any JSON value, as in :meth:`publish`. Returns
+        each message's recipient count as a :class:`Published` (an
         ``int`` with the message's ``offset`` and ``epoch``). A refused batch raises
         (e.g. :class:`BadRequest` for a bad topic); the batches sent before it were
         published.
@@ -739,13 +747,14 @@ class Subscription:
     async def publish(
         self,
         topic: str,
-        message: str,
+        message: Any,
         *,
         skip_self: bool = False,
         idempotency_key: str | None = None,
     ) -> ClientPublished:
-        """Publish ``message`` to ``topic`` over this subscription's own connection, as
-        this client, and return where the server put it once it answers.
+        """Publish ``message`` (a string, or any JSON value, as in :meth:`Relay.publish`)
+        to ``topic`` over this subscription's own connection, as this client, and return
+        where the server put it once it answers.
 
         The topic's namespace must allow it (``publish = "granted"`` with a matching
         publish grant, or ``"subscribers"`` with the topic subscribed to; by default no
