@@ -101,7 +101,7 @@ async def test_values_cross_nodes_through_redis(
     # Stored as before for strings: [origin, user, message, skip]; JSON text adds true.
     admin = aioredis.Redis(port=redis_server.port)
     try:
-        entries = await admin.xrange(f"wsrelay:{{{topic}}}:stream")
+        entries: Any = await admin.xrange(f"wsrelay:{{{topic}}}:stream")
     finally:
         await admin.aclose()
     stored = [msgspec.json.decode(fields[b"d"]) for _, fields in entries]
