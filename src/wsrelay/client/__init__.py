@@ -16,12 +16,15 @@
     asyncio.run(main())
 
 :class:`Relay` wraps the HTTP API (``publish``, ``publish_many``, ``history``,
-``stats``, ``topics``, ``register``, ``unregister``); :meth:`Relay.subscribe`
+``stats``, ``topics``, ``register``, ``unregister``, ``presence``, ``presence_stats``,
+``user``, ``disconnect_user``); :meth:`Relay.subscribe`
 returns a :class:`Subscription` that yields :class:`Message` objects, reconnects
 by itself and recovers what was published meanwhile (or reports a
 :class:`NotRecovered` event when it cannot), and publishes as a client over its
 own connection (:meth:`Subscription.publish`, where a namespace allows it; grants
-go with ``subscribe(..., grants=...)`` or :meth:`Relay.connect`). Failures are :class:`RelayError`
+go with ``subscribe(..., grants=...)`` or :meth:`Relay.connect`), asks who is there
+(:meth:`Subscription.presence`) and reports joins and leaves (:class:`Join`,
+:class:`Leave` events). Failures are :class:`RelayError`
 subclasses carrying the server's error ``code`` and HTTP ``status``.
 
 :class:`SyncRelay` publishes (``publish``, ``publish_many``, ``history``, ``presence``,
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from wsrelay.client._errors import (
     BadRequest,
+    Banned,
     CommandRefused,
     ConnectionClosed,
     ConnectionFailed,
@@ -44,6 +48,7 @@ from wsrelay.client._errors import (
     NotConnected,
     NotFound,
     PayloadTooLarge,
+    PresenceDisabled,
     ProtocolError,
     PublishInterrupted,
     PublishOutcomeUnknown,
@@ -76,7 +81,15 @@ from wsrelay.client._models import (
     Topics,
     UserId,
 )
-from wsrelay.client._presence import Presence, PresenceClient, PresenceStats
+from wsrelay.client._presence import (
+    Join,
+    Leave,
+    Presence,
+    PresenceClient,
+    PresenceStats,
+    UserDisconnected,
+    UserStatus,
+)
 from wsrelay.client._publishing import NO_RETRY, RetryPolicy, new_idempotency_key
 from wsrelay.client._relay import DEFAULT_URL, MAX_BATCH, Relay, Subscription, normalize_url
 from wsrelay.client._sync import SyncRelay
@@ -87,6 +100,7 @@ __all__ = [
     "NO_RETRY",
     "Backoff",
     "BadRequest",
+    "Banned",
     "ClientPublished",
     "CommandRefused",
     "ConnectionClosed",
@@ -98,6 +112,8 @@ __all__ = [
     "HTTPError",
     "History",
     "HistoryItem",
+    "Join",
+    "Leave",
     "Message",
     "MessageTooLarge",
     "NotConnected",
@@ -107,6 +123,7 @@ __all__ = [
     "Position",
     "Presence",
     "PresenceClient",
+    "PresenceDisabled",
     "PresenceStats",
     "ProtocolError",
     "Publish",
@@ -131,7 +148,9 @@ __all__ = [
     "Topics",
     "Unauthorized",
     "Unregistered",
+    "UserDisconnected",
     "UserId",
+    "UserStatus",
     "new_idempotency_key",
     "normalize_url",
 ]

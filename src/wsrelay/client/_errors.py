@@ -12,6 +12,7 @@ Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
     ├── HTTPError                  the server answered 4xx/5xx with {"error": {...}}
     │   │                          (.retry_after: its Retry-After header, in seconds)
     │   ├── BadRequest             400 (invalid_topic, invalid_field, ...)
+    │   │   └── PresenceDisabled   400 presence_disabled: the topic keeps no presence
     │   ├── Unauthorized           401 (missing or wrong API key)
     │   ├── Forbidden              403
     │   │   └── ForbiddenTopic     403 forbidden_topic: no namespace rule or grant allows it
@@ -27,7 +28,8 @@ Every one is a :class:`RelayError` carrying the server's error ``code`` (e.g.
     ├── CommandRefused             an error frame answered a subscription command
     └── ConnectionClosed           the server closed the WebSocket for good
         ├── Unregistered           1000: the registration was deleted
-        └── Replaced               4500: a newer connection took the registration over
+        ├── Replaced               4500: a newer connection took the registration over
+        └── Banned                 4503: the backend disconnected the user everywhere
 
 A refused client publish (``Subscription.publish``) raises the class its error frame's
 code maps to, with the ``status`` the same refusal gets over HTTP (``forbidden_topic``:
@@ -122,6 +124,13 @@ class BadRequest(HTTPError):
     """400: the request was invalid (a bad topic, a wrongly typed field...)."""
 
     default_code = "bad_request"
+
+
+class PresenceDisabled(BadRequest):
+    """400 ``presence_disabled``: presence was asked for a topic whose namespace keeps
+    none (``presence = true`` in a ``[[namespace]]`` of the server's config)."""
+
+    default_code = "presence_disabled"
 
 
 class Unauthorized(HTTPError):
@@ -248,6 +257,14 @@ class Replaced(ConnectionClosed):
     default_code = "replaced"
 
 
+class Banned(ConnectionClosed):
+    """Close 4503: the backend disconnected the user on every node and deleted its
+    registrations (``DELETE /users/<id>/connections``); reconnecting is the backend's
+    decision (it registers the user again)."""
+
+    default_code = "banned"
+
+
 _BY_STATUS: dict[int, type[HTTPError]] = {
     400: BadRequest,
     401: Unauthorized,
@@ -264,6 +281,7 @@ _BY_CODE: dict[tuple[int, str], type[HTTPError]] = {
     (403, "forbidden_topic"): ForbiddenTopic,
     (413, "message_too_large"): MessageTooLarge,
     (429, "rate_limited"): RateLimited,
+    (400, "presence_disabled"): PresenceDisabled,
 }
 """Codes that need a class of their own, more precise than their status's."""
 
@@ -286,6 +304,7 @@ _STATUS_BY_CODE: dict[str, int] = {
     "invalid_topic": 400,
     "too_many_topics": 400,
     "unsupported_frame": 400,
+    "presence_disabled": 400,
     "forbidden_topic": 403,
     "message_too_large": 413,
     "rate_limited": 429,

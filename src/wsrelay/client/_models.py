@@ -16,6 +16,8 @@ from typing import Any, Literal, Self
 
 import msgspec
 
+from wsrelay.client._presence import Join, Leave
+
 UserId = int | str | None
 """A user id: an integer or a string (``42`` and ``"42"`` are the same user), or None."""
 
@@ -329,5 +331,6 @@ class NotRecovered:
     reason: NotRecoveredReason
 
 
-Event = Subscribed | Reconnecting | NotRecovered
-"""What a subscription's ``on_event`` callback receives."""
+Event = Subscribed | Reconnecting | NotRecovered | Join | Leave
+"""What a subscription's ``on_event`` callback receives (:class:`Join` and :class:`Leave`:
+joins and leaves of its topics, where their namespace has ``join_leave``)."""

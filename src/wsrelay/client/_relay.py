@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed as WSConnectionClosed
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from wsrelay.client._errors import (
+    Banned,
     CommandRefused,
     ConnectionClosed,
     ConnectionFailed,
@@ -59,6 +60,15 @@ from wsrelay.client._models import (
     Topics,
     UserId,
     parse_retry_after,
+)
+from wsrelay.client._presence import (
+    Join,
+    Leave,
+    Presence,
+    PresenceClient,
+    PresenceStats,
+    UserDisconnected,
+    UserStatus,
 )
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -117,6 +127,12 @@ class _Frame(msgspec.Struct):
     error: _ErrorDetail | None = None
     id: int | str | None = None
     duplicate: bool = False
+    user: str | None = None
+    client: str = ""
+    clients: list[PresenceClient] = []
+    total: int | None = None
+    num_clients: int = 0
+    num_users: int = 0
 
 
 GrantsLike = Grants | Mapping[str, Sequence[str]]
@@ -322,6 +338,30 @@ class Relay:
             params["reverse"] = "true"
         return await self._request("GET", "/history", History, params=params)
 
+    async def presence(self, topic: str) -> Presence:
+        """``GET /presence?topic=``: every connection subscribed to ``topic`` on every
+        node, oldest first (its namespace must have ``presence = true``, else
+        :class:`PresenceDisabled`). Needs the API key, if the server has one."""
+        return await self._request("GET", "/presence", Presence, params={"topic": topic})
+
+    async def presence_stats(self, topic: str) -> PresenceStats:
+        """``GET /presence/stats?topic=``: how many connections are subscribed to
+        ``topic`` on every node, and how many distinct users they belong to."""
+        return await self._request("GET", "/presence/stats", PresenceStats, params={"topic": topic})
+
+    async def user(self, user_id: int | str) -> UserStatus:
+        """``GET /users/<id>``: whether the user has connections open, on any node and to
+        any topic, and how many."""
+        return await self._request("GET", f"/users/{quote(str(user_id), safe='')}", UserStatus)
+
+    async def disconnect_user(self, user_id: int | str) -> UserDisconnected:
+        """``DELETE /users/<id>/connections``: close every connection of the user, on
+        every node, with 4503 (its subscriptions end with :class:`Banned` and do not
+        reconnect), and delete its registrations. Registering the user again (or giving
+        it a connection token) lets it back."""
+        path = f"/users/{quote(str(user_id), safe='')}/connections"
+        return await self._request("DELETE", path, UserDisconnected)
+
     async def stats(self) -> Stats:
         """``GET /stats``: the node's live counters."""
         return await self._request("GET", "/stats", Stats)
@@ -491,6 +531,12 @@ def _closed_error(code: int, reason: str) -> ConnectionClosed | None:
         return Unregistered(
             f"the registration was deleted (close {code})", close_code=code, reason=reason
         )
+    if code == 4503:
+        return Banned(
+            f"the user was disconnected by the backend (close {code})",
+            close_code=code,
+            reason=reason,
+        )
     if code == 4500:
         return Replaced(
             f"another connection took this registration over (close {code})",
@@ -589,7 +635,7 @@ class Subscription:
         self._positions: dict[str, Position] = dict(since or {})
         self._ready = False
         """The current connection's subscription is acknowledged: publishes may go."""
-        self._publishes: dict[int, asyncio.Future[ClientPublished]] = {}
+        self._publishes: dict[int, asyncio.Future[Any]] = {}
         """Client publishes sent and not answered yet, by id."""
         self._next_request = 0
         self._reading = False
@@ -813,9 +859,59 @@ class Subscription:
         finally:
             self._publishes.pop(request, None)
 
-    async def _await_answer(
-        self, ws: ClientConnection, future: asyncio.Future[ClientPublished]
-    ) -> None:
+    async def presence(self, topic: str) -> Presence:
+        """Who is subscribed to ``topic`` on every node, asked over this subscription's
+        own connection (no API key needed): at most 1000 connections, oldest first, and
+        :attr:`Presence.total`. Allowed where this client may subscribe to the topic (it
+        need not be subscribed) and the topic's namespace has ``presence = true``.
+
+        Raises:
+            ForbiddenTopic: this client may not subscribe to ``topic`` (403).
+            PresenceDisabled: the topic keeps no presence (400).
+            BadRequest: an invalid topic, or a pattern (400).
+            ServiceUnavailable: the server's broker failed (503).
+            NotConnected: the subscription is closed or between connections.
+            ConnectionFailed: the connection was lost, or no answer came within the
+                client's ``timeout``.
+        """
+        answer: Presence = await self._ask("presence", topic)
+        return answer
+
+    async def presence_stats(self, topic: str) -> PresenceStats:
+        """How many connections are subscribed to ``topic`` on every node, and how many
+        distinct users, asked over this subscription's connection; see :meth:`presence`."""
+        answer: PresenceStats = await self._ask("presence_stats", topic)
+        return answer
+
+    async def _ask(self, name: str, topic: str) -> Any:
+        """Send the query ``{name: topic, "id": n}`` and wait for its answer (matched by
+        id, like a publish's)."""
+        if not self._started:
+            await self.start()
+        ws = self._ws
+        if self._closed or ws is None or not self._ready:
+            why = "closed" if self._closed else "between connections (it reconnects while iterated)"
+            raise NotConnected(f"cannot ask for {name}: the subscription is {why}")
+        self._next_request += 1
+        request = self._next_request
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._publishes[request] = future
+        try:
+            try:
+                await ws.send(_encode({name: topic, "id": request}).decode())
+            except WSConnectionClosed:
+                raise NotConnected(f"cannot ask for {name}: the connection was lost") from None
+            async with asyncio.timeout(self.relay.timeout):
+                await self._await_answer(ws, future)
+            return future.result()
+        except TimeoutError:
+            raise ConnectionFailed(f"no answer to {name} within {self.relay.timeout:g} s") from None
+        except PublishInterrupted:  # how a lost connection fails what waits for an answer
+            raise ConnectionFailed(f"the connection was lost before the {name} answer") from None
+        finally:
+            self._publishes.pop(request, None)
+
+    async def _await_answer(self, ws: ClientConnection, future: asyncio.Future[Any]) -> None:
         """Wait for ``future``, reading frames from ``ws`` while no other task does (the
         messages read go to ``_pending``, a loss or a stray error to the iteration)."""
         while not future.done():
@@ -851,7 +947,7 @@ class Subscription:
         if error is None:
             return _Lost(code, reason or f"close {code}")
         # After 1000 the registration is gone; after 4500 it is the other connection's.
-        self._delete_on_close = not isinstance(error, Unregistered | Replaced)
+        self._delete_on_close = not isinstance(error, Unregistered | Replaced | Banned)
         return error
 
     def _handle(self, data: str | bytes) -> Message | None:
@@ -868,9 +964,20 @@ class Subscription:
             answer = ClientPublished(frame.offset, frame.epoch, frame.duplicate)
             self._answered(frame.id, result=answer)
             return None
+        if frame.type == "join" or frame.type == "leave":
+            event = Join if frame.type == "join" else Leave
+            self._emit(event(frame.topic, frame.user, frame.client))
+            return None
+        if frame.type == "presence":
+            self._answered(frame.id, result=Presence(frame.topic, frame.clients, frame.total))
+            return None
+        if frame.type == "presence_stats":
+            stats = PresenceStats(frame.topic, frame.num_clients, frame.num_users)
+            self._answered(frame.id, result=stats)
+            return None
         if frame.type == "error" and frame.id is not None:
-            # A refused publish: never a command's error, even when no publish waits for it
-            # (one that timed out).
+            # A refused publish (or presence query): never a command's error, even when
+            # nothing waits for it (one that timed out).
             detail = frame.error or _ErrorDetail("error", "refused")
             self._answered(frame.id, error=frame_error(detail.code, detail.message))
             return None
@@ -882,7 +989,7 @@ class Subscription:
         self,
         request: int | str | None,
         *,
-        result: ClientPublished | None = None,
+        result: Any = None,
         error: RelayError | None = None,
     ) -> None:
         future = self._publishes.get(request) if isinstance(request, int) else None
