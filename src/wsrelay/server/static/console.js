@@ -266,7 +266,19 @@ $("publish-as-client").addEventListener("change", (event) => {
   $("publish-user").disabled = event.target.checked; // a client publish targets no user
 });
 
-async function publishAsClient(result) {
+// The message as typed, or with "JSON value" checked, the value its text holds (an
+// object, array, number, true, false, null or a quoted string); throws if it holds none.
+function messageValue() {
+  const text = $("publish-message").value;
+  if (!$("publish-json").checked) return text;
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Error(`Not JSON: ${error.message}`);
+  }
+}
+
+async function publishAsClient(result, message) {
   const topic = $("publish-topic").value.trim();
   if (!relay || relay.state !== "open") {
     result.className = "bad";
@@ -274,7 +286,7 @@ async function publishAsClient(result) {
     return;
   }
   try {
-    const { offset, duplicate } = await relay.publish(topic, $("publish-message").value);
+    const { offset, duplicate } = await relay.publish(topic, message);
     result.textContent = duplicate
       ? `Duplicate of offset ${offset}: nothing was published.`
       : `Published as a client at offset ${offset}.`;
@@ -287,15 +299,23 @@ async function publishAsClient(result) {
 $("publish-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const result = $("publish-result");
+  let message;
+  try {
+    message = messageValue();
+  } catch (error) {
+    result.className = "bad";
+    result.textContent = error.message; // nothing was sent
+    return;
+  }
   if ($("publish-as-client").checked) {
     result.className = "";
     result.textContent = "publishing…";
-    await publishAsClient(result);
+    await publishAsClient(result, message);
     return;
   }
   const body = {
     topic: $("publish-topic").value.trim(),
-    message: $("publish-message").value,
+    message,
     user_id: userId($("publish-user")),
   };
   result.className = "";
@@ -387,8 +407,10 @@ function logRow(topic, message, className = null) {
   while (list.children.length > MESSAGES) list.lastElementChild.remove();
 }
 
+// A string is shown as its text; any other JSON value as its JSON text, marked as such.
 function addMessage(topic, message) {
-  logRow(topic, message);
+  if (typeof message === "string") logRow(topic, message);
+  else logRow(topic, JSON.stringify(message), "json");
   received += 1;
   $("message-count").textContent = `(${received})`;
 }

@@ -54,6 +54,8 @@
  * // where a namespace lets this client publish (grants come with the registration
  * // your backend makes: POST /register {"grants": {"publish": ["chat:*"]}})
  * const { offset } = await relay.publish("chat:1", "hi", { skipSelf: true });
+ * // a message may be any JSON value: handlers receive it parsed
+ * await relay.publish("chat:1", { text: "hi", mentions: [42] });
  *
  * Close codes (see the server's README): 1000 (registration deleted), 1002, 1003, 1007,
  * 1008, 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
@@ -343,8 +345,10 @@ export class Relay extends EventTarget {
    * the registration or token, or `"subscribers"` with the topic subscribed to; by
    * default no client may publish). It reaches every subscriber of the topic, this
    * client too unless `skipSelf` (its own copy may come before or after the answer).
+   * `message` is a string, or any value `JSON.stringify` turns into JSON (an object, an
+   * array, a number, a boolean, null): handlers receive that value.
    * @param {string} topic
-   * @param {string} message
+   * @param {*} message a string, or any JSON value
    * @param {{skipSelf?: boolean, idempotencyKey?: string}} [options] `idempotencyKey`:
    *   a repeat within the server's window publishes nothing and answers the first
    *   position with `duplicate: true`
@@ -354,12 +358,19 @@ export class Relay extends EventTarget {
    *   connection stays open), `not_connected` when the client is not open (nothing
    *   was sent), or `publish_interrupted` when the connection was lost before the
    *   answer (it may or may not have been published: publish again with the same
-   *   `idempotencyKey` to be sure); a TypeError for a topic that cannot be valid.
+   *   `idempotencyKey` to be sure); a TypeError for a topic that cannot be valid or a
+   *   message that is not JSON (undefined, a function, a BigInt, a cycle).
    */
   publish(topic, message, { skipSelf = false, idempotencyKey } = {}) {
     const invalid = topicProblem([topic]);
     if (invalid) return Promise.reject(invalid);
-    if (typeof message !== "string") return Promise.reject(new TypeError("message must be a string"));
+    let text;
+    try {
+      text = typeof message === "string" ? null : JSON.stringify(message);
+    } catch (error) {
+      return Promise.reject(new TypeError(`message is not JSON: ${error.message}`));
+    }
+    if (text === undefined) return Promise.reject(new TypeError("message must be a string or a JSON value"));
     if (this.#state !== States.OPEN || !this.#socket) {
       return Promise.reject(
         new RelayError("not_connected", `cannot publish while ${this.#state}: nothing was sent`),
@@ -378,9 +389,11 @@ export class Relay extends EventTarget {
   /**
    * Call `handler(message, topic, offset)` for each message on `topic`, or on every
    * topic for `"*"`; `offset` is the message's place in its topic (see `positions`).
-   * Handling does not subscribe: call {@link Relay#subscribe} too.
+   * `message` is what was published: a string, or the JSON value (already parsed; a
+   * string holding JSON text stays a string). Handling does not subscribe: call
+   * {@link Relay#subscribe} too.
    * @param {string} topic a topic, or `"*"`
-   * @param {(message: string, topic: string, offset: number) => void} handler
+   * @param {(message: *, topic: string, offset: number) => void} handler
    * @returns {() => void} a function that removes the handler
    */
   on(topic, handler) {
