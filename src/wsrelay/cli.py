@@ -1,9 +1,10 @@
-"""The ``wsrelay`` command: ``serve``, and ``pub``, ``sub`` and ``stats``.
+"""The ``wsrelay`` command: ``serve``, and ``pub``, ``sub``, ``stats`` and ``presence``.
 
 A thin ``main(argv)`` over the public API; every option of ``serve`` comes from
 :class:`wsrelay.config.Settings`, so ``--help`` always lists them all with
 their defaults and environment variables. ``pub``, ``sub`` and ``stats`` live
-in :mod:`wsrelay.cli_client`, built on :mod:`wsrelay.client`.
+in :mod:`wsrelay.cli_client`, ``presence`` in :mod:`wsrelay.cli_presence`, built on
+:mod:`wsrelay.client`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from wsrelay import __version__
 from wsrelay.cli_client import add_client_commands
+from wsrelay.cli_presence import add_presence_command
 from wsrelay.config import Settings, env_name, parse_value
 
 
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_serve(commands)
     add_client_commands(commands)
+    add_presence_command(commands)
     return parser
 
 
