@@ -73,6 +73,7 @@ def _add_pub(commands: Any) -> None:
         "--stdin, publish each line of the standard input as one message, in order, in "
         "batches of up to 1000.",
         epilog='example: wsrelay pub cats "are these cats?" --user-id 42\n'
+        '         wsrelay pub orders \'{"id": 17, "items": ["tea"]}\' --json\n'
         "         seq 10000 | wsrelay pub cats --stdin\n"
         '         wsrelay pub chat:1 "hi" --as-client --user-id 42 --grant-publish "chat:*"',
     )
@@ -80,6 +81,12 @@ def _add_pub(commands: Any) -> None:
     pub.add_argument("message", metavar="MESSAGE", nargs="?", help="the message text")
     pub.add_argument(
         "--stdin", action="store_true", help="publish each line of stdin instead of MESSAGE"
+    )
+    pub.add_argument(
+        "--json",
+        action="store_true",
+        help="MESSAGE (or each line of stdin) is JSON text: publish that value (an object, "
+        "array, number, true, false, null, or a quoted string) instead of the text",
     )
     pub.add_argument(
         "--user-id",
@@ -142,7 +149,9 @@ def _add_sub(commands: Any) -> None:
     sub.add_argument(
         "--json",
         action="store_true",
-        help='print one JSON object per line: {"type":"message","topic":…,"message":…,"offset":…}',
+        help='print one JSON object per line: {"type":"message","topic":…,"message":…,"offset":…} '
+        "(message: the string, or the JSON value, as published; without --json a JSON value "
+        "prints as its JSON text)",
     )
     sub.add_argument("--user-id", default=None, help="subscribe as this user")
     sub.set_defaults(run=lambda args: _run_client(_sub, args))
@@ -236,6 +245,11 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
         return _fail(
             "pub", "--grant-publish, --grant-subscribe and --subscribe need --as-client", 2
         )
+    if args.json and not args.stdin:
+        try:
+            args.message = _json_value(args.message)
+        except ValueError as exc:
+            return _fail("pub", f"--json: MESSAGE {exc}", status=2)
     if args.as_client:
         return await _pub_as_client(relay, args, user_id)
     if not args.stdin:
@@ -249,7 +263,15 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
         return 0
     published = delivered = batches = 0
     async for lines in _stdin_batches():
-        counts = await relay.publish_many([(args.topic, line, user_id) for line in lines])
+        messages: list[Any] = list(lines)
+        if args.json:
+            for index, line in enumerate(lines):
+                try:
+                    messages[index] = _json_value(line)
+                except ValueError as exc:
+                    number = published + index + 1  # every line before it was published
+                    return _fail("pub", f"--json: line {number} {exc}; {published} published")
+        counts = await relay.publish_many([(args.topic, m, user_id) for m in messages])
         published += len(counts)
         delivered += sum(counts)
         batches += 1
@@ -258,6 +280,18 @@ async def _pub(relay: Any, args: argparse.Namespace) -> int:
         f"delivered to {delivered} connection(s) on this node in total"
     )
     return 0
+
+
+def _json_value(text: str) -> msgspec.Raw:
+    """``text`` checked to be one JSON value, to be sent as is (the relay checks the rest).
+
+    Raises:
+        ValueError: it is not; the message says where.
+    """
+    try:
+        return msgspec.json.decode(text, type=msgspec.Raw)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"is not JSON ({exc})") from None
 
 
 async def _pub_as_client(relay: Any, args: argparse.Namespace, user_id: Any) -> int:
@@ -363,7 +397,9 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
                 )
                 print(line.decode(), flush=True)
             else:
-                print(f"[{m.topic}] {m.message}" if prefixed else m.message, flush=True)
+                # A string as its text, any other JSON value as its JSON text (one line).
+                text = m.message if isinstance(m.message, str) else encode(m.message).decode()
+                print(f"[{m.topic}] {text}" if prefixed else text, flush=True)
     return _fail("sub", "the subscription ended")  # only by an exception, in practice
 
 
