@@ -330,3 +330,21 @@ async def test_openapi_documents_the_presence_routes(api: Api) -> None:
         "num_clients",
         "num_users",
     }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/users/", 404, "not_found"),
+        ("DELETE", "/users/1", 405, "method_not_allowed"),
+        ("GET", "/users/1/connections", 405, "method_not_allowed"),
+        ("POST", "/presence?topic=room:1", 405, "method_not_allowed"),
+        ("DELETE", "/users//connections", 404, "not_found"),
+    ],
+)
+async def test_user_and_presence_routes_answer_json_errors(
+    api: Api, method: str, path: str, status: int, code: str
+) -> None:
+    got, body = await api.call(method, path)
+    assert got == status, body
+    assert body["error"]["code"] == code, body
