@@ -74,6 +74,30 @@ class BrokerConformance:
         [got] = await inbox.wait_for(1)
         assert (got.topic, got.message, got.user) == ("t", "hello \u2603", "42")
 
+    async def test_json_text_keeps_its_flag_live_in_history_and_announced(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        """A message that is JSON text (Publication.json) stays JSON text, and a string
+        holding the same text stays a string, on every path a publication takes."""
+        (a, _), (b, inbox) = nodes
+        await b.subscribe("t")
+        await a.publish(Publication("t", '{"a":[1,"\u2603"]}', "42", json=True))
+        await a.publish_many([Publication("t", '{"a":1}'), Publication("t", "[1]", json=True)])
+        await a.announce(Publication("t", "null", json=True))
+        got = await inbox.wait_for(4)
+        assert [(p.message, p.json) for p in got] == [
+            ('{"a":[1,"\u2603"]}', True),
+            ('{"a":1}', False),
+            ("[1]", True),
+            ("null", True),
+        ]
+        page = await b.history("t", limit=10)
+        assert [(p.message, p.json, p.user) for p in page.publications] == [
+            ('{"a":[1,"\u2603"]}', True, "42"),
+            ('{"a":1}', False, None),
+            ("[1]", True, None),
+        ]
+
     async def test_every_node_receives_every_publication_in_one_order(
         self, nodes: tuple[Node, Node]
     ) -> None:
@@ -503,9 +527,7 @@ class RegistrationStoreConformance:
         assert await b.add(reg("other"), 1) is False
         await b.detached(reg("kept"))
 
-    async def test_remove_user_deletes_every_registration_of_the_user(
-        self, stores: Stores
-    ) -> None:
+    async def test_remove_user_deletes_every_registration_of_the_user(self, stores: Stores) -> None:
         a, b = stores
         await add_all(a, ["x1", "x2"], "banned", limit=0)
         await add_all(b, ["x3"], "banned", limit=0)
