@@ -282,3 +282,6 @@ async def test_openapi_says_a_message_may_be_any_json_value(api: Api) -> None:
     message = schemas["PublishRequest"]["properties"]["message"]
     assert "type" not in message and "any other JSON value" in message["description"], message
     assert "type" not in schemas["HistoryItem"]["properties"]["message"]
+    assert "any JSON value" in doc["paths"]["/publish"]["post"]["description"]
+    ws = doc["paths"]["/ws/{client_id}"]["get"]["parameters"]
+    assert "compact JSON text" in next(p for p in ws if p["name"] == "format")["description"]

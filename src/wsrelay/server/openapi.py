@@ -13,6 +13,7 @@ import msgspec
 from wsrelay import __version__
 from wsrelay.config import Settings
 from wsrelay.core import schema
+from wsrelay.core.payload import MAX_DEPTH
 from wsrelay.core.topics import TOPIC_ALPHABET
 
 _REF = "#/components/schemas/{name}"
@@ -37,7 +38,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "The body is larger than max_body_size.",
         426: "Not a WebSocket upgrade request.",
         429: "The user already holds max_registrations_per_user registrations "
-        "(code too_many_registrations); delete one first.",
+        "(code too_many_registrations); delete one first. Or, on a WebSocket upgrade, the "
+        "client's address holds max_connections_per_ip connections (code "
+        "too_many_connections_per_ip); retry after the Retry-After header's seconds.",
         431: "Headers that never end (code headers_too_large; on a publisher's connection "
         "served by the native driver).",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
@@ -112,7 +115,9 @@ def document(settings: Settings) -> dict[str, Any]:
         "in": "query",
         "required": False,
         "schema": {"type": "string", "enum": ["json", "raw"]},
-        "description": "json (default): envelopes; raw: message text only.",
+        "description": "json (default): envelopes, whose message is the string or the JSON "
+        "value published; raw: the message alone (a string's text, any other value's "
+        "compact JSON text).",
     }
     recover = {
         "name": "recover",
@@ -160,6 +165,8 @@ def document(settings: Settings) -> dict[str, Any]:
         unauthorized = (401,)
     # Registering (POST /register, or /ws?token=) may hit the per-user limit, if one is set.
     limited: tuple[int, ...] = (429,) if settings.max_registrations_per_user else ()
+    # An upgrade may hit the per-address limit, if one is set.
+    per_ip: tuple[int, ...] = (429,) if settings.max_connections_per_ip else ()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -216,6 +223,10 @@ def document(settings: Settings) -> dict[str, Any]:
             "/publish": {
                 "post": {
                     "summary": "Publish a message to a topic, optionally to one user only",
+                    "description": "The message is a string or any JSON value (nested at most "
+                    f"{MAX_DEPTH} deep); subscribers receive that value, embedded as is in "
+                    "their envelopes. A string holding JSON text stays a string. Size limits "
+                    "count the value's compact JSON text.",
                     **keyed,
                     "requestBody": {"required": True, "content": _json("PublishRequest")},
                     "responses": {
@@ -401,7 +412,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     "parameters": [client_id, fmt, recover, origin],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},
-                        **_errors(400, 403, 404, 426, 503),
+                        **_errors(400, 403, 404, 426, *per_ip, 503),
                     },
                 }
             },
@@ -424,7 +435,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     ],
                     "responses": {
                         "101": {"description": "Switching to WebSocket."},
-                        **_errors(400, 401, 403, 404, 426, *limited, 503),
+                        **_errors(400, 401, 403, 404, 426, *sorted({*limited, *per_ip}), 503),
                     },
                 }
             },
