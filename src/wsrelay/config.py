@@ -11,6 +11,7 @@ the variable, which wins over the file, which wins over the default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -178,6 +179,22 @@ class Settings:
         "WebSocket connections this process holds at once; past it an upgrade gets 503.",
         metavar="N",
     )
+    max_connections_per_ip: int = _setting(
+        0,
+        "WebSocket connections one client address may hold on this process (behind a "
+        "--trusted-proxy, the address it forwards); past it an upgrade gets 429 "
+        "too_many_connections_per_ip. 0: no limit.",
+        metavar="N",
+    )
+    trusted_proxy: tuple[str, ...] = _setting(
+        (),
+        "Addresses or CIDR ranges of the proxies in front of the relay (repeat the flag, "
+        "or separate with commas), e.g. 10.0.0.0/8: from those peers the client's address "
+        "is read from X-Forwarded-For (or, without it, Forwarded), for the logs and "
+        "--max-connections-per-ip; from any other peer the headers are ignored. None: "
+        "the peer's address is the client's.",
+        metavar="CIDR",
+    )
     listen_backlog: int = _setting(
         2048,
         "Connections the kernel queues before the server accepts them (capped by "
@@ -257,6 +274,16 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         if self.max_registrations_per_user < 0:
             problems.append("max_registrations_per_user must be 0 (no limit) or more")
+        if self.max_connections_per_ip < 0:
+            problems.append("max_connections_per_ip must be 0 (no limit) or more")
+        for proxy in self.trusted_proxy:
+            try:
+                ipaddress.ip_network(proxy.strip(), strict=False)
+            except ValueError:
+                problems.append(
+                    f"trusted_proxy: {proxy!r} is not an IP address or CIDR range "
+                    "(e.g. 10.0.0.0/8, 127.0.0.1, fd00::/8)"
+                )
         if self.max_token_lifetime < 0:
             problems.append("max_token_lifetime must be 0 (no limit) or more")
         if self.ping_interval < 0:

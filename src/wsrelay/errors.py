@@ -24,6 +24,7 @@ The hierarchy::
     │   ├── UpgradeRequired         426 upgrade_required
     │   ├── TooManyRegistrations    429 too_many_registrations (the user's limit)
     │   ├── RateLimited             429 rate_limited (a namespace's client publish rate)
+    │   ├── TooManyConnectionsPerIp 429 too_many_connections_per_ip, Retry-After: 5
     │   └── HeadersTooLarge         431 headers_too_large (request line and headers)
     └── ServerError                 ours (5xx / close 1011)
         ├── BrokerUnavailable       503 broker_unavailable, Retry-After: 2
@@ -187,6 +188,16 @@ class RateLimited(ClientError):
 
     code = "rate_limited"
     http_status = 429
+
+
+class TooManyConnectionsPerIp(ClientError):
+    """The client's address holds ``max_connections_per_ip`` WebSockets on this node
+    (behind a trusted proxy, the forwarded address); the same upgrade succeeds once one
+    of them closes."""
+
+    code = "too_many_connections_per_ip"
+    http_status = 429
+    retry_after = 5
 
 
 class ServerError(RelayError):

@@ -27,13 +27,16 @@ from wsrelay.server.errors import json_errors
 from wsrelay.server.front import RelaySite
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
 from wsrelay.server.limits import (
+    ADDRESS_SLOTS,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     MAX_URL_SIZE,
     SLOTS,
+    AddressSlots,
     ConnectionSlots,
 )
 from wsrelay.server.native import SHARED, Shared, keep_alive
+from wsrelay.server.proxies import ADDRESSES, ClientAddresses
 
 log = logging.getLogger("wsrelay")
 
@@ -53,6 +56,8 @@ def create_app(
     app[API_KEYS] = api_keys(settings)
     app[TOKENS] = TokenVerifier.from_settings(settings)
     app[SLOTS] = ConnectionSlots(settings.max_connections)
+    app[ADDRESS_SLOTS] = AddressSlots(app[SLOTS], settings.max_connections_per_ip)
+    app[ADDRESSES] = ClientAddresses(settings.trusted_proxy)
     app[metrics.METRICS] = metrics.Metrics(app)
     if backend is None:
         backend = from_url(

@@ -26,6 +26,7 @@ from wsrelay.errors import (
 from wsrelay.server.auth import cors_headers
 from wsrelay.server.keys import SETTINGS
 from wsrelay.server.logs import route_of
+from wsrelay.server.proxies import request_address
 
 log = logging.getLogger("wsrelay.server")
 
@@ -93,7 +94,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 def _log_refused(request: web.Request, error: RelayError) -> None:
-    log_refused(request.method, route_of(request), error, request.remote)
+    log_refused(request.method, route_of(request), error, request_address(request))
 
 
 def log_refused(method: str, route: str, error: RelayError, peer: str | None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from wsrelay.errors import ServiceUnavailable
+from wsrelay.errors import ServiceUnavailable, TooManyConnectionsPerIp
 
 # -- HTTP request heads: the same on both stacks --------------------------------------------------
 
@@ -78,7 +78,63 @@ class ConnectionSlots:
         self.used -= 1
 
 
+class AddressSlots:
+    """At most ``limit`` WebSocket connections per client address (0: no limit), each
+    also taking one of the process's :class:`ConnectionSlots`; see :meth:`of`."""
+
+    __slots__ = ("limit", "slots", "used")
+
+    def __init__(self, slots: ConnectionSlots, limit: int) -> None:
+        self.slots = slots
+        self.limit = limit
+        self.used: dict[str | None, int] = {}
+        """Connections (handshakes in progress included) per address; none at 0."""
+
+    def of(self, address: str | None) -> ConnectionSlots | _AddressSlot:
+        """What a connection from ``address`` takes a slot from: the process's slots
+        alone without a limit per address, else a slot of both."""
+        return self.slots if self.limit <= 0 else _AddressSlot(self, address)
+
+
+class _AddressSlot:
+    """One connection's slot: the address's and the process's, taken and given back
+    together."""
+
+    __slots__ = ("address", "limits")
+
+    def __init__(self, limits: AddressSlots, address: str | None) -> None:
+        self.limits = limits
+        self.address = address
+
+    def acquire(self) -> None:
+        """Take a slot of the address, then of the process.
+
+        Raises:
+            TooManyConnectionsPerIp: the address holds ``limit`` connections (429).
+            ServiceUnavailable: the process holds its maximum (503).
+        """
+        limits, address = self.limits, self.address
+        held = limits.used.get(address, 0)
+        if held >= limits.limit:
+            raise TooManyConnectionsPerIp(
+                f"{address or 'this address'} holds its maximum of {limits.limit} "
+                "connection(s) on this server; close one, or retry later"
+            )
+        limits.slots.acquire()
+        limits.used[address] = held + 1
+
+    def release(self) -> None:
+        limits = self.limits
+        limits.slots.release()
+        held = limits.used.get(self.address, 0) - 1
+        if held > 0:
+            limits.used[self.address] = held
+        else:
+            limits.used.pop(self.address, None)
+
+
 SLOTS = web.AppKey("connection_slots", ConnectionSlots)
+ADDRESS_SLOTS = web.AppKey("address_slots", AddressSlots)
 
 
 RESERVED_FILES = 64

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -68,9 +69,10 @@ from wsrelay.server.connection import (
 )
 from wsrelay.server.errors import error_headers, log_refused
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
-from wsrelay.server.limits import SLOTS
+from wsrelay.server.limits import ADDRESS_SLOTS, SLOTS, AddressSlots
 from wsrelay.server.logs import log_closed, log_opened
 from wsrelay.server.metrics import METRICS
+from wsrelay.server.proxies import ADDRESSES, ClientAddresses
 
 log = logging.getLogger("wsrelay.server")
 
@@ -145,6 +147,8 @@ class Shared:
     """What every WebSocket of one app uses: one reference each."""
 
     __slots__ = (
+        "address_slots",
+        "addresses",
         "app",
         "connections",
         "flusher",
@@ -180,6 +184,15 @@ class Shared:
             verify_token=verifier.verify if verifier is not None else None,
             slots=app[SLOTS],
         )
+        self.addresses: ClientAddresses = app.get(ADDRESSES) or ClientAddresses()
+        self.address_slots: AddressSlots = app.get(ADDRESS_SLOTS) or AddressSlots(app[SLOTS], 0)
+
+    def gate_for(self, address: str | None) -> Gate:
+        """The gate of a handshake from ``address``: the app's, with a slot per address
+        when ``--max-connections-per-ip`` is set."""
+        if self.address_slots.limit <= 0:
+            return self.gate
+        return dataclasses.replace(self.gate, slots=self.address_slots.of(address))
 
     def protocol(self, state: State = State.CONNECTING) -> WebSocketProtocol:
         return WebSocketProtocol(
@@ -247,6 +260,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         "_waiter",
         "_write_paused",
         "_ws",
+        "address",
         "session",
     )
 
@@ -279,6 +293,9 @@ class NativeConnection(Connection, asyncio.Protocol):
         self._write_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._previous: asyncio.BaseProtocol | None = None  # aiohttp's, for an adopted one
+        self.address: str | None = None
+        """The client's address (behind a trusted proxy, the one it forwards), for the
+        logs and the slots per address; the peer's until the handshake is read."""
         # Until the handshake is answered, the request timeout applies, as on HTTP,
         # counted from the accept (the front door read the first line meanwhile).
         self._deadline: asyncio.TimerHandle | None = None
@@ -460,9 +477,14 @@ class NativeConnection(Connection, asyncio.Protocol):
         shared = self._shared
         started = time.perf_counter()
         route = routes.WEBSOCKET_BY_ID
+        headers = request.headers
+        self.address = shared.addresses.resolve(
+            self._peer(), headers.get_all("X-Forwarded-For"), headers.get_all("Forwarded")
+        )
+        gate = shared.gate_for(self.address)
         try:
             client_id, query, route = routes.websocket_target(request.path)
-            session, response = await handshake(shared.gate, self._ws, request, client_id, query)
+            session, response = await handshake(gate, self._ws, request, client_id, query)
         except RelayError as exc:
             self._refuse(exc, route, started)
             return
@@ -525,7 +547,7 @@ class NativeConnection(Connection, asyncio.Protocol):
             }
         )
         status = HTTPStatus(error.http_status)
-        log_refused("GET", route, error, self._peer())
+        log_refused("GET", route, error, self._address())
         shared.handshaking.discard(self)
         shared.metrics.request_latency("GET", route, error.http_status).observe(
             time.perf_counter() - started
@@ -557,7 +579,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         shared = self._shared
         session.open(time.monotonic())
         self._transport.set_write_buffer_limits(high=self.limit)
-        log_opened(shared.metrics, session.client, session.raw, self._peer())
+        log_opened(shared.metrics, session.client, session.raw, self._address())
         shared.connections.add(self)
         self.held = False
         self.flush()
@@ -682,6 +704,10 @@ class NativeConnection(Connection, asyncio.Protocol):
     def _peer(self) -> str | None:
         peer = self._transport.get_extra_info("peername")
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    def _address(self) -> str | None:
+        """The client's address: the one resolved at the handshake, else the peer's."""
+        return self.address if self.address is not None else self._peer()
 
 
 class _Tail:

@@ -60,6 +60,7 @@ from wsrelay.server.limits import (
     MAX_URL_SIZE,
 )
 from wsrelay.server.metrics import METRICS
+from wsrelay.server.proxies import ADDRESSES, ClientAddresses
 
 log = logging.getLogger("wsrelay.server")
 
@@ -103,11 +104,13 @@ class _Request:
         "error",
         "expect",
         "fields",
+        "forwarded",
         "head_size",
         "publisher",
         "route",
         "started",
         "target",
+        "x_forwarded_for",
     )
 
     def __init__(self) -> None:
@@ -123,12 +126,14 @@ class _Request:
         self.error: RelayError | None = None
         self.fields = 0  # header fields reported so far
         self.head_size = 0  # bytes of request line and headers, counted per read
+        self.x_forwarded_for: tuple[str, ...] = ()  # read for the logs (--trusted-proxy)
+        self.forwarded: tuple[str, ...] = ()
 
 
 class HttpShared:
     """What every native HTTP connection of one app uses."""
 
-    __slots__ = ("api_keys", "app", "http", "live", "loop", "metrics", "settings")
+    __slots__ = ("addresses", "api_keys", "app", "http", "live", "loop", "metrics", "settings")
 
     def __init__(self, app: web.Application, http_protocol: Callable[[], asyncio.Protocol]) -> None:
         self.app = app
@@ -138,6 +143,7 @@ class HttpShared:
         self.http = http_protocol
         self.loop = asyncio.get_running_loop()
         self.live: set[PublishConnection] = set()
+        self.addresses: ClientAddresses = app.get(ADDRESSES) or ClientAddresses()
 
     def connection(self, transport: asyncio.Transport, since: float) -> PublishConnection:
         """A connection accepted at ``since`` (loop time), its first line read."""
@@ -292,6 +298,10 @@ class PublishConnection(asyncio.Protocol):
             current.expect = True  # aiohttp answers 100-continue
         elif lowered == b"content-length" and value.isdigit():
             current.declared = int(value)  # llhttp refuses any other form, or two of them
+        elif lowered == b"x-forwarded-for" and current.publisher is None:
+            current.x_forwarded_for += (value.decode("latin-1"),)
+        elif lowered == b"forwarded" and current.publisher is None:
+            current.forwarded += (value.decode("latin-1"),)
 
     def on_headers_complete(self) -> None:
         current, parser = self._current, self._parser
@@ -378,7 +388,7 @@ class PublishConnection(asyncio.Protocol):
             status, body = exc.http_status, encode(exc.to_dict())
             headers = error_headers(exc).items()
             extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers)
-            log_refused("POST", request.route, exc, self._peer())
+            log_refused("POST", request.route, exc, self._address(request))
         except Exception:
             log.exception("unexpected error in POST %s", request.route)
             error = ServerError("internal error; see the server log")
@@ -482,6 +492,11 @@ class PublishConnection(asyncio.Protocol):
     def _peer(self) -> str | None:
         peer = self._transport.get_extra_info("peername")
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    def _address(self, request: _Request) -> str | None:
+        """The client's address (behind a trusted proxy, the one it forwards)."""
+        addresses = self._shared.addresses
+        return addresses.resolve(self._peer(), request.x_forwarded_for, request.forwarded)
 
 
 def _head_allowance(fields: int) -> int:

@@ -21,6 +21,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from wsrelay.server.native import SHARED, NativeConnection, handshake
+from wsrelay.server.proxies import request_address
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -40,8 +41,9 @@ async def _serve(request: web.Request, client_id: str | None) -> web.StreamRespo
     headers = Headers(
         (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.raw_headers
     )
+    address = request_address(request)
     session, accepted = await handshake(
-        shared.gate, wsp, Request(request.raw_path, headers), client_id, request.query
+        shared.gate_for(address), wsp, Request(request.raw_path, headers), client_id, request.query
     )
     response = web.StreamResponse(status=101, reason="Switching Protocols")
     transport = request.transport
@@ -49,6 +51,7 @@ async def _serve(request: web.Request, client_id: str | None) -> web.StreamRespo
         await session.release()
         return response
     connection = NativeConnection(shared, transport, shared.protocol(State.OPEN))
+    connection.address = address
     refusal = await connection.attach(session)  # before the 101: a refusal is still HTTP
     if refusal is not None:
         await session.release()
