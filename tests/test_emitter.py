@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import redis
 
@@ -192,3 +194,35 @@ def test_settings_and_url_come_from_the_relays_environment(
     monkeypatch.setenv("WSRELAY_BROKER", "memory://")
     with pytest.raises(ValueError, match="not a Redis URL"):
         Emitter()
+
+
+async def test_json_values_are_published_as_post_publish_publishes_them(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    api = Api(session, start_server("--broker", redis_server.url).url)
+    subscriber = await subscribed(api, "json")
+    value = {"order": 42, "items": [1, 2.5, None, True], "note": "é"}
+    with Emitter(redis_server.url, settings=Settings()) as emitter:
+        await asyncio.to_thread(emitter.publish, "json", value)
+        status, _ = await api.call("POST", "/publish", {"topic": "json", "message": value})
+        assert status == 200
+        await asyncio.to_thread(emitter.publish, "json", msgspec.Raw(b'[1, {"a": 2}]'))
+        await asyncio.to_thread(emitter.publish, "json", '{"a": 1}')  # a string stays one
+        with pytest.raises(BadRequest) as invalid:
+            emitter.publish("json", msgspec.Raw(b"{nope"))
+        with pytest.raises(BadRequest) as deep:
+            emitter.publish("json", json_nested(200))
+    assert invalid.value.code == "invalid_json"
+    assert deep.value.code == "invalid_field"
+    received = [(await message(subscriber))[1] for _ in range(4)]
+    assert received == [value, value, [1, {"a": 2}], '{"a": 1}']
+    status, history = await api.call("GET", "/history?topic=json")
+    assert [p["message"] for p in history["publications"]] == received
+    await subscriber.close()
+
+
+def json_nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value

@@ -80,7 +80,7 @@ def keys_of(body: bytes) -> list[str]:
     return [m["idempotency_key"] for m in document.get("messages", [document])]
 
 
-async def message(subscriber: Subscriber) -> tuple[str, str, int]:
+async def message(subscriber: Subscriber) -> tuple[str, Any, int]:
     frame = await subscriber.frame()
     assert frame["type"] == "message", frame
     return frame["topic"], frame["message"], frame["offset"]
@@ -101,6 +101,7 @@ async def test_publish_history_and_stats_round_trip(server: ServerProcess, api: 
             relay.publish_many, [("sync", "two"), Publish("sync", "three"), ("other", "x")]
         )
         history = await asyncio.to_thread(relay.history, "sync", since=published.offset)
+        value = await asyncio.to_thread(relay.publish, "sync", {"any": ["json", 1, None]})
         stats = await asyncio.to_thread(relay.stats)
     assert isinstance(published, Published) and published == 1 and not published.duplicate
     assert [p.recipients for p in many] == [1, 1, 0]
@@ -108,8 +109,9 @@ async def test_publish_history_and_stats_round_trip(server: ServerProcess, api: 
     assert isinstance(history, History)
     assert [p.message for p in history.publications] == ["two", "three"]
     assert isinstance(stats, Stats) and stats.publishes >= 4
-    for text in ("one", "two", "three"):
-        assert (await message(subscriber))[1] == text
+    assert value.offset == published.offset + 3
+    for text in ("one", "two", "three", {"any": ["json", 1, None]}):
+        assert (await message(subscriber))[1] == text  # a JSON value arrives as that value
     await subscriber.close()
 
 

@@ -59,17 +59,21 @@ from wsrelay.client._errors import (
     ServiceUnavailable,
 )
 from wsrelay.client._models import Position, Publish, UserId
-from wsrelay.client._publishing import Item, RetryPolicy, keyed
+from wsrelay.client._publishing import RetryPolicy, keyed
+from wsrelay.client._relay import Item
 from wsrelay.config import Settings
 from wsrelay.core.fanout import Publication
+from wsrelay.core.payload import message_text
 from wsrelay.core.registry import user_key
 from wsrelay.core.topics import validate_topic
-from wsrelay.errors import BrokerUnavailable, InvalidTopic
+from wsrelay.errors import BrokerUnavailable, InvalidField, InvalidJSON, InvalidTopic
 from wsrelay.errors import PublishOutcomeUnknown as _SentUnanswered
 
 BACKEND_KEY_PREFIX = "api:"
 """Prefix of a backend's idempotency keys, as ``POST /publish`` stores them
 (:func:`wsrelay.server.http.backend_key`): a key is the same publish over either path."""
+
+_encode_json = msgspec.json.Encoder().encode
 
 MAX_PIPELINE = 1000
 """Publishes sent in one pipeline at most (one round trip)."""
@@ -114,7 +118,8 @@ class _Publisher:
             raise BadRequest(exc.message, code=exc.code, status=exc.http_status) from None
         size = self.settings.history_size if self._sizes is None else self._sizes(item.topic)
         key = None if item.idempotency_key is None else BACKEND_KEY_PREFIX + item.idempotency_key
-        publication = Publication(item.topic, item.message, user_key(item.user_id))
+        text, is_json = _message_text(item.message)
+        publication = Publication(item.topic, text, user_key(item.user_id), json=is_json)
         return publish_command(publication, key, origin=self.origin, size=size, limits=self._limits)
 
     def _commands(self, items: Iterable[Item]) -> list[tuple[Any, ...]]:
@@ -219,12 +224,14 @@ class Emitter(_Publisher):
     def publish(
         self,
         topic: str,
-        message: str,
+        message: Any,
         *,
         user_id: UserId = None,
         idempotency_key: str | None = None,
     ) -> Emitted:
-        """Publish ``message`` to ``topic`` (only to ``user_id``'s clients, if given)."""
+        """Publish ``message`` to ``topic`` (only to ``user_id``'s clients, if given): a
+        string, or any value msgspec encodes as JSON, received as that value (as
+        :meth:`wsrelay.client.Relay.publish` sends it)."""
         [emitted] = self.publish_many([Publish(topic, message, user_id, idempotency_key)])
         return emitted
 
@@ -297,7 +304,7 @@ class AsyncEmitter(_Publisher):
     async def publish(
         self,
         topic: str,
-        message: str,
+        message: Any,
         *,
         user_id: UserId = None,
         idempotency_key: str | None = None,
@@ -340,6 +347,30 @@ class AsyncEmitter(_Publisher):
             for i, reply in zip(lost, again[1:], strict=True):
                 replies[i] = reply
         return replies
+
+
+def _message_text(message: Any) -> tuple[str, bool]:
+    """``(text, is_json)`` as a node keeps a message (:func:`wsrelay.core.payload.message_text`):
+    a string as itself, any other value (a :class:`msgspec.Raw` as is) as its compact JSON
+    text.
+
+    Raises:
+        BadRequest: not valid JSON text (a Raw), or nested too deep (as ``POST /publish``
+            would answer).
+        TypeError: msgspec cannot encode the value as JSON.
+    """
+    if isinstance(message, str):
+        return message, False
+    raw = message if isinstance(message, msgspec.Raw) else msgspec.Raw(_encode_json(message))
+    try:
+        msgspec.json.decode(raw)  # a Raw may hold anything: only JSON text is published
+        return message_text(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(
+            f"message: not valid JSON: {exc}", code="invalid_json", status=400
+        ) from None
+    except (InvalidJSON, InvalidField) as exc:
+        raise BadRequest(exc.message, code=exc.code, status=exc.http_status) from None
 
 
 def _sync_client(url: str, timeout: float) -> redis.Redis:

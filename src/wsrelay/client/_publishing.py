@@ -36,14 +36,12 @@ from wsrelay.client._errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
-from wsrelay.client._models import Backoff, Publish, UserId
+from wsrelay.client._models import Backoff, Publish
+from wsrelay.client._relay import Item
 
 RETRIED_STATUSES: Final = frozenset({502, 503, 504})
 """5xx answers worth another attempt: a proxy's bad gateway or timeout, a node that is
 shedding load or lost its broker. A 500 is a bug; it would fail again."""
-
-Item = Publish | tuple[str, str] | tuple[str, str, UserId]
-"""One message of ``publish_many``: a :class:`Publish` or ``(topic, message[, user_id])``."""
 
 _encode = msgspec.json.Encoder().encode
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
@@ -25,7 +25,6 @@ from wsrelay.client._errors import ConnectionFailed, ProtocolError, RelayError
 from wsrelay.client._models import History, Position, Publish, Published, Stats, UserId
 from wsrelay.client._presence import Presence, PresenceStats
 from wsrelay.client._publishing import (
-    Item,
     RetryPolicy,
     batch_bodies,
     keyed,
@@ -34,6 +33,7 @@ from wsrelay.client._relay import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_URL,
     MAX_BATCH,
+    Item,
     _BatchAnswer,
     _decode,
     _error_from,
@@ -120,12 +120,13 @@ class SyncRelay:
     def publish(
         self,
         topic: str,
-        message: str,
+        message: Any,
         *,
         user_id: UserId = None,
         idempotency_key: str | None = None,
     ) -> Published:
-        """``POST /publish``: as :meth:`wsrelay.client.Relay.publish`. Without
+        """``POST /publish``: as :meth:`wsrelay.client.Relay.publish` (``message``: a
+        string, or any value msgspec encodes as JSON, received as that value). Without
         ``idempotency_key``, one is made for the call (unless the policy never
         retries), so a retried publish is published once."""
         body = _encode(keyed(Publish(topic, message, user_id, idempotency_key), self.retry.keys))
