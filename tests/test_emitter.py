@@ -174,8 +174,11 @@ def test_redis_down_is_retried_then_reported(redis_server: RedisServer) -> None:
     never = Emitter(redis_server.url, settings=Settings(), retry=NO_RETRY, timeout=1)
     never.sleep = waits.append
     redis_server.kill()
-    with pytest.raises(ServiceUnavailable):
+    with pytest.raises(ServiceUnavailable) as single:
         never.publish("t", "down")
+    assert "messages were published" not in str(single.value)
+    with pytest.raises(ServiceUnavailable, match="0 of 2 messages were published"):
+        never.publish_many([("t", "a"), ("t", "b")])
     assert waits == []
     never.close()
 

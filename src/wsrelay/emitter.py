@@ -170,11 +170,12 @@ class _Publisher:
         emitted = [r for r in results if isinstance(r, Emitted)]
         if len(emitted) < len(results):
             error = next(r for r in results if isinstance(r, RelayError))
-            error.message = (
-                f"{error.message}; {len(emitted)} of {len(results)} messages were published "
-                "(retry the others with the same idempotency_key)"
-            )
-            error.args = (error.message,)
+            if len(results) > 1:
+                error.message = (
+                    f"{error.message}; {len(emitted)} of {len(results)} messages were "
+                    "published (retry the others with the same idempotency_key)"
+                )
+                error.args = (error.message,)
             raise error
         return emitted
 
