@@ -181,7 +181,7 @@ async def test_redis_restart_is_survived_and_reported(redis_server: RedisServer)
     redis_server.kill()
     await wait_until(lambda: not b.healthy, "B to notice Redis is gone")
     # Which words depends on where the publish meets the dead connection; both say so.
-    with pytest.raises(BrokerUnavailable, match="unreachable|nothing was published"):
+    with pytest.raises(BrokerUnavailable, match=r"unreachable|nothing was published"):
         await a.publish(Publication("t", "during"))
 
     redis_server.start()
