@@ -6,7 +6,11 @@ from wsrelay.core.schema import (
     MessageFrame,
     PublishRequest,
     RegisterRequest,
+    TextBatchPublishRequest,
+    TextPublishRequest,
     decode,
+    decode_batch,
+    decode_publish,
     encode,
 )
 from wsrelay.errors import InvalidField, InvalidJSON, RelayError
@@ -73,3 +77,22 @@ def test_message_frame_names_its_topic() -> None:
         encode(MessageFrame("cats", "hi", 4))
         == b'{"type":"message","topic":"cats","message":"hi","offset":4}'
     )
+
+
+def test_publish_bodies_of_strings_take_the_fast_decoder_and_values_the_raw_one() -> None:
+    """decode_publish and decode_batch: strings as before (TextPublishRequest), any other
+    message kept raw; both refuse what decode refuses, with its message."""
+    text = decode_publish(b'{"topic":"a","message":"{\\"x\\":1}"}')
+    assert isinstance(text, TextPublishRequest) and text.message == '{"x":1}'
+    value = decode_publish(b'{"topic":"a","message":{"x":1}}')
+    assert isinstance(value, PublishRequest) and message_text(value.message) == ('{"x":1}', True)
+    batch = decode_batch(b'{"messages":[{"topic":"a","message":"s"},{"topic":"a","message":1}]}')
+    assert [message_text(m.message) for m in batch.messages] == [("s", False), ("1", True)]
+    strings = decode_batch(b'{"messages":[{"topic":"a","message":"s"}]}')
+    assert isinstance(strings, TextBatchPublishRequest)
+    with pytest.raises(InvalidField, match="unknown field `extra`"):
+        decode_publish(b'{"topic":"a","message":{},"extra":1}')
+    with pytest.raises(InvalidJSON, match="not valid JSON"):
+        decode_batch(b'{"messages":[{"topic":"a","message":[}]}')
+    with pytest.raises(InvalidField, match="at most 128"):
+        decode_publish(b'{"topic":"a","message":' + b"[" * 5000 + b"]" * 5000 + b"}")

@@ -61,15 +61,18 @@ one indented exactly that much and closing a bracket (an empty one, or the end o
 strings cannot end a line with a bracket, their closing quote comes last)."""
 
 
-def message_text(raw: msgspec.Raw, field: str = "message") -> tuple[str, bool]:
+def message_text(raw: msgspec.Raw | str, field: str = "message") -> tuple[str, bool]:
     """``(text, is_json)`` of a decoded request's message: a JSON string's own text and
     False, or any other JSON value's compact JSON text and True. ``field`` names the
-    message in errors (``messages[3].message``).
+    message in errors (``messages[3].message``). A ``str`` is a message already decoded
+    as a string (:func:`wsrelay.core.schema.decode_publish`).
 
     Raises:
         InvalidJSON: the message is not valid UTF-8.
         InvalidField: a JSON value nested deeper than :data:`MAX_DEPTH`.
     """
+    if isinstance(raw, str):
+        return raw, False
     try:
         return _decode_str(raw), False
     except msgspec.ValidationError:
