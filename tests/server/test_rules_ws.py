@@ -282,7 +282,12 @@ async def test_publish_refusals_carry_the_id_and_keep_the_connection(api: Api) -
         ({"topic": "room.us.ny", "message": "x", "id": 3}, "forbidden_topic", "grant"),
         ({"topic": "bad topic", "message": "x", "id": 4}, "invalid_topic", "topic"),
         ({"topic": "cats", "id": 5}, "invalid_field", "message"),
-        ({"topic": "cats", "message": 1, "id": 6}, "invalid_field", "message"),
+        # Any JSON value is a message; one nested deeper than 128 is not.
+        (
+            {"topic": "cats", "message": json.loads("[" * 129 + "]" * 129), "id": 6},
+            "invalid_field",
+            "at most 128",
+        ),
     ]
     for publish, code, fragment in cases:
         frame = await sub.command({"publish": publish})
