@@ -1,14 +1,19 @@
-"""wsrelay.js and presence, in Chromium: join frames are ignored (the stream goes on), and
-a ban (close 4503) stops the client for good."""
+"""wsrelay.js and the console with presence, in Chromium: ``relay.presence`` and
+``presenceStats`` over the WebSocket (refusals reject with the server's code), ``join`` and
+``leave`` events, the stream going on through them, and a ban (close 4503) stopping the
+client for good; the console's presence list and the joins and leaves in its log."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from playwright.async_api import Page
 
-from tests.server.test_console_browser import browser, page  # noqa: F401 (fixtures)
+from tests.server.test_console_browser import WAIT, browser, page  # noqa: F401 (fixtures)
 from tests.utils import ServerProcess
 
 CONFIG = """
@@ -16,6 +21,11 @@ CONFIG = """
 pattern = "room:*"
 presence = true
 join_leave = true
+
+[[namespace]]
+pattern = "secret:*"
+subscribe = "granted"
+presence = true
 """
 
 SCRIPT = """
@@ -46,7 +56,7 @@ async () => {
 """
 
 
-async def test_wsrelay_js_ignores_joins_and_stops_when_banned(
+async def test_wsrelay_js_keeps_its_stream_through_joins_and_stops_when_banned(
     start_server: Callable[..., ServerProcess],
     page: Page,  # noqa: F811 (the imported fixture)
     tmp_path: Path,
@@ -64,4 +74,134 @@ async def test_wsrelay_js_ignores_joins_and_stops_when_banned(
         "reconnect": False,
         "delay": None,
     }
+    assert result["state"] == "closed"
+
+
+def public(client_id: str) -> str:
+    """A connection's public id, as presence shows it."""
+    return hashlib.sha256(client_id.encode()).hexdigest()[:32]
+
+
+def start_presence_server(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> ServerProcess:
+    config = tmp_path / "wsrelay.toml"
+    config.write_text(CONFIG)
+    return start_server("--config", str(config))
+
+
+# -- wsrelay.js: presence, presenceStats, join and leave ----------------------------------
+
+PRESENCE_SCRIPT = """
+async (wait) => {
+  const { Relay } = await import("/client/wsrelay.js");
+  const register = async (body) =>
+    (await fetch("/register", { method: "POST", body: JSON.stringify(body) })).json();
+  // Nothing waits forever: `promise`, or an error after `wait` ms without its outcome.
+  const within = (promise, what) =>
+    Promise.race([
+      promise,
+      new Promise((_, reject) =>
+        setTimeout(() => reject(new Error(`no ${what} within ${wait} ms`)), wait),
+      ),
+    ]);
+  const outcome = (promise) =>
+    within(promise, "answer").then(
+      (ok) => ({ ok }),
+      (error) => ({ code: error.code ?? error.name, message: error.message }),
+    );
+  const ask = (promise) => within(promise, "answer");
+  const next = (relay, type) =>
+    within(
+      new Promise((resolve) =>
+        relay.addEventListener(type, (event) => resolve(event.detail), { once: true }),
+      ),
+      `${type} event`,
+    );
+  const mine = await register({ user_id: "js-user" });
+  const relay = new Relay({ url: mine.url });
+  const errors = [];
+  relay.addEventListener("error", (event) => errors.push(event.detail.error.code));
+  const early = await outcome(relay.presence("room:js"));
+  await relay.connect();
+  await relay.subscribe("room:js");
+  const alone = await ask(relay.presence("room:js"));
+
+  // A second connection, anonymous, joins by connecting with the topic among its
+  // registration's.
+  const other = await register({ topics: ["room:js"] });
+  const joined = next(relay, "join");
+  const second = new Relay({ url: other.url });
+  await second.connect();
+  const join = await joined;
+  const both = await ask(relay.presence("room:js"));
+  const stats = await ask(relay.presenceStats("room:js"));
+
+  const refused = {
+    forbidden: await outcome(relay.presence("secret:js")),
+    forbiddenStats: await outcome(relay.presenceStats("secret:js")),
+    disabled: await outcome(relay.presence("plain.js")),
+    invalid: await outcome(relay.presence("room:" + "x".repeat(200))),
+    pattern: await outcome(relay.presence("room:*")),
+  };
+  // The refusals went to their promises, not to the command queue: this still works.
+  const acknowledged = await relay.subscribe("room:more");
+
+  const left = next(relay, "leave");
+  second.close();
+  const leave = await left;
+  const after = await ask(relay.presenceStats("room:js"));
+
+  // A query waiting for its answer when the connection goes rejects.
+  const waiting = outcome(relay.presence("room:js"));
+  relay.close();
+  const interrupted = await waiting;
+  return {
+    ids: [mine.id, other.id], early, alone, join, both, stats, refused, acknowledged,
+    leave, after, interrupted, errors, state: relay.state,
+  };
+}
+"""
+
+
+async def test_wsrelay_js_asks_presence_and_reports_joins_and_leaves(
+    start_server: Callable[..., ServerProcess],
+    page: Page,  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+) -> None:
+    server = start_presence_server(start_server, tmp_path)
+    await page.goto(server.url + "/console")
+    result: dict[str, Any] = await page.evaluate(PRESENCE_SCRIPT, WAIT)
+    mine, other = (public(client_id) for client_id in result["ids"])
+    assert result["early"]["code"] == "not_connected"
+
+    alone = result["alone"]
+    assert (alone["topic"], alone["total"]) == ("room:js", 1)
+    [entry] = alone["clients"]
+    assert set(entry) == {"client", "user", "node", "connectedAt"}
+    assert (entry["client"], entry["user"]) == (mine, "js-user")
+    assert entry["node"] and abs(entry["connectedAt"] - time.time()) < 60
+
+    assert result["join"] == {"topic": "room:js", "user": None, "client": other}
+    both = result["both"]
+    assert [(c["client"], c["user"]) for c in both["clients"]] == [
+        (mine, "js-user"),
+        (other, None),
+    ]
+    assert both["total"] == 2
+    assert result["stats"] == {"topic": "room:js", "numClients": 2, "numUsers": 1}
+
+    refused = result["refused"]
+    assert refused["forbidden"]["code"] == "forbidden_topic"
+    assert refused["forbiddenStats"]["code"] == "forbidden_topic"
+    assert refused["disabled"]["code"] == "presence_disabled"
+    assert "plain.js" in refused["disabled"]["message"]
+    assert refused["invalid"]["code"] == "invalid_topic"
+    assert refused["pattern"]["code"] == "TypeError"  # checked in the page, nothing sent
+    assert result["acknowledged"] == ["room:js", "room:more"]
+
+    assert result["leave"] == {"topic": "room:js", "user": None, "client": other}
+    assert result["after"] == {"topic": "room:js", "numClients": 1, "numUsers": 1}
+    assert result["interrupted"]["code"] == "connection_failed"
+    assert result["errors"] == []  # refusals reject their promises, never an error event
     assert result["state"] == "closed"

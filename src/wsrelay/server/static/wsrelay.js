@@ -56,9 +56,15 @@
  * const { offset } = await relay.publish("chat:1", "hi", { skipSelf: true });
  * // a message may be any JSON value: handlers receive it parsed
  * await relay.publish("chat:1", { text: "hi", mentions: [42] });
+ * // where the namespace has presence = true (and join_leave = true for the events)
+ * const { clients, total } = await relay.presence("chat:1");
+ * const { numClients, numUsers } = await relay.presenceStats("chat:1");
+ * relay.addEventListener("join", (event) => console.log("joined", event.detail.user));
+ * relay.addEventListener("leave", (event) => console.log("left", event.detail.client));
  *
  * Close codes (see the server's README): 1000 (registration deleted), 1002, 1003, 1007,
- * 1008, 1009 (the client sent something wrong) and 4500-4999 stop the client; anything
+ * 1008, 1009 (the client sent something wrong) and 4500-4999 (4500 replaced by a newer
+ * connection, 4503 banned: the user was disconnected everywhere) stop the client; anything
  * else (1001 going away, 1006 dropped, 1011 server error, 4000-4499) reconnects. The
  * check also stops it: on 403 `origin_not_allowed`, and on 404 when it has no `register`
  * to call (a `url` whose registration is gone, or `token` on a relay without tokens).
@@ -196,9 +202,17 @@ export async function responseError(response) {
  *   memory broker), `"too_far_behind"` (the history no longer reaches back that far)
  *   and `"gap"` (the server lost publications on their way to this client). It comes
  *   before any message after that position.
+ * - `join`, `leave`: `{topic, user, client}`: a connection subscribed to `topic`
+ *   (subscribed by a command, or connected with it among its topics), or unsubscribed or
+ *   disconnected, on any node, where the topic's namespace has `presence` and
+ *   `join_leave`; `client` is its public id (as in {@link Relay#presence}), `user` its
+ *   user id or null. Never for this client's own subscriptions; live only (none while
+ *   disconnected: ask {@link Relay#presence} after `subscribed`), and not ordered
+ *   with the topic's messages.
  * - `error`: `{error}`: a {@link RelayError} from the server (not a refused
- *   {@link Relay#publish}: its promise rejects instead) (with `status` and
- *   `retryAfter` for an HTTP refusal), a failed `register` or `token` call, or a frame
+ *   {@link Relay#publish} or presence query: its promise rejects instead) (with
+ *   `status` and `retryAfter` for an HTTP refusal), a failed `register` or `token`
+ *   call, or a frame
  *   that was not JSON. The connection carries on, unless the state goes to `closed`
  *   right after: the check's refusals that stop the client (403 `origin_not_allowed`;
  *   404 without `register`) are this event, then `closed`, and `connect()` rejects
@@ -237,8 +251,11 @@ export class Relay extends EventTarget {
   #checkGone = false;
   /** Each topic's position, `{offset, epoch}`: the last message received. */
   #positions = new Map();
-  /** Client publishes sent and not answered yet, by id: `{resolve, reject}`. */
-  #publishes = new Map();
+  /**
+   * Client publishes and presence queries sent and not answered yet, by id:
+   * `{resolve, reject, lost}`, `lost` the error they reject with if the connection goes.
+   */
+  #requests = new Map();
   #nextId = 0;
 
   /** @param {RelayOptions} options */
@@ -381,9 +398,38 @@ export class Relay extends EventTarget {
     if (skipSelf) body.skip_self = true;
     if (idempotencyKey !== undefined && idempotencyKey !== null) body.idempotency_key = idempotencyKey;
     return new Promise((resolve, reject) => {
-      this.#publishes.set(id, { resolve, reject });
+      this.#requests.set(id, { resolve, reject, lost: publishInterrupted });
       this.#socket.send(JSON.stringify({ publish: body }));
     });
+  }
+
+  /**
+   * Who is subscribed to `topic`, on every node, asked over this client's WebSocket (no
+   * API key: allowed where this client may subscribe to the topic, which it need not
+   * be, and the topic's namespace has `presence = true`). Connections are named by
+   * their public id (never a registration id), oldest first.
+   * @param {string} topic a topic name (not a pattern)
+   * @returns {Promise<{topic: string, clients: PresenceClient[], total: number}>} at
+   *   most 1000 `clients`; `total` counts them all. Rejects with a {@link RelayError}
+   *   whose `code` is the server's: `forbidden_topic` (this client may not subscribe
+   *   to it), `presence_disabled` (the topic keeps no presence), `invalid_topic`,
+   *   `broker_unavailable` (the connection stays open); `not_connected` when the client
+   *   is not open (nothing was sent), `connection_failed` when the connection was lost
+   *   before the answer; a TypeError for a topic that cannot be valid.
+   */
+  presence(topic) {
+    return this.#ask("presence", topic);
+  }
+
+  /**
+   * How many connections are subscribed to `topic` on every node, and how many distinct
+   * users they belong to (anonymous connections are clients, not users); asked and
+   * refused as {@link Relay#presence}.
+   * @param {string} topic
+   * @returns {Promise<{topic: string, numClients: number, numUsers: number}>}
+   */
+  presenceStats(topic) {
+    return this.#ask("presence_stats", topic);
   }
 
   /**
@@ -435,6 +481,24 @@ export class Relay extends EventTarget {
   }
 
   // -- internals ------------------------------------------------------------------------
+
+  /** Send the query `{[name]: topic, id}`; its answer (or error frame) carries the id. */
+  #ask(name, topic) {
+    const invalid = topicProblem([topic]);
+    if (invalid) return Promise.reject(invalid);
+    if (this.#state !== States.OPEN || !this.#socket) {
+      return Promise.reject(
+        new RelayError("not_connected", `cannot ask for ${name} while ${this.#state}`),
+      );
+    }
+    const id = (this.#nextId += 1);
+    const lost = () =>
+      new RelayError("connection_failed", `the connection was lost before the ${name} answer`);
+    return new Promise((resolve, reject) => {
+      this.#requests.set(id, { resolve, reject, lost });
+      this.#socket.send(JSON.stringify({ [name]: topic, id }));
+    });
+  }
 
   #command(body, revert, done = () => {}) {
     this.#managed = true;
@@ -654,14 +718,31 @@ export class Relay extends EventTarget {
       this.#positions.set(frame.topic, { offset, epoch: frame.epoch });
       this.#notRecovered(frame.topic, { offset, epoch: frame.epoch }, known, "gap");
     } else if (frame.type === "published") {
-      const entry = this.#publishes.get(frame.id);
-      this.#publishes.delete(frame.id);
-      entry?.resolve({ offset: frame.offset, epoch: frame.epoch, duplicate: frame.duplicate === true });
+      this.#answered(frame.id)?.resolve({
+        offset: frame.offset,
+        epoch: frame.epoch,
+        duplicate: frame.duplicate === true,
+      });
+    } else if (frame.type === "presence") {
+      this.#answered(frame.id)?.resolve({
+        topic: frame.topic,
+        clients: (frame.clients ?? []).map(presenceClient),
+        total: frame.total,
+      });
+    } else if (frame.type === "presence_stats") {
+      this.#answered(frame.id)?.resolve({
+        topic: frame.topic,
+        numClients: frame.num_clients,
+        numUsers: frame.num_users,
+      });
+    } else if (frame.type === "join" || frame.type === "leave") {
+      const { topic, user = null, client } = frame;
+      this.#emit(frame.type, { topic, user, client });
     } else if (frame.type === "error" && frame.id !== undefined && frame.id !== null) {
-      // A refused publish: its promise rejects; never a command's error.
-      const entry = this.#publishes.get(frame.id);
-      this.#publishes.delete(frame.id);
-      entry?.reject(new RelayError(frame.error?.code ?? "error", frame.error?.message ?? ""));
+      // A refused publish or presence query: its promise rejects; never a command's error.
+      this.#answered(frame.id)?.reject(
+        new RelayError(frame.error?.code ?? "error", frame.error?.message ?? ""),
+      );
     } else if (frame.type === "error") {
       const error = new RelayError(frame.error?.code ?? "error", frame.error?.message ?? "");
       this.#pending.shift()?.reject(error);
@@ -688,14 +769,20 @@ export class Relay extends EventTarget {
     this.#stop(error);
   }
 
-  /** Reject every client publish waiting for its answer: the connection is gone. */
+  /** The request waiting for the answer `id`, taken off the waiting list (or undefined). */
+  #answered(id) {
+    const entry = this.#requests.get(id);
+    this.#requests.delete(id);
+    return entry;
+  }
+
+  /**
+   * Reject every publish and presence query waiting for its answer: the connection is
+   * gone.
+   */
   #interrupt() {
-    const error = new RelayError(
-      "publish_interrupted",
-      "the connection was lost before the publish was answered: it may or may not have been published",
-    );
-    for (const entry of this.#publishes.values()) entry.reject(error);
-    this.#publishes.clear();
+    for (const entry of this.#requests.values()) entry.reject(entry.lost());
+    this.#requests.clear();
   }
 
   #stop(error) {
@@ -716,6 +803,29 @@ export class Relay extends EventTarget {
   #emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+/** What a publish waiting for its answer rejects with when the connection is lost. */
+function publishInterrupted() {
+  return new RelayError(
+    "publish_interrupted",
+    "the connection was lost before the publish was answered: it may or may not have been published",
+  );
+}
+
+/**
+ * One connection of a presence answer.
+ * @typedef {object} PresenceClient
+ * @property {string} client its public id (32 hex digits; never the registration id)
+ * @property {string | null} user its user id, as a string; null: anonymous
+ * @property {string} node the node holding it (`node` in that node's `GET /stats`)
+ * @property {number} connectedAt when it opened, in seconds since the Unix epoch (that
+ *   node's clock)
+ */
+
+/** @returns {PresenceClient} */
+function presenceClient({ client, user, node, connected_at: connectedAt }) {
+  return { client, user: user ?? null, node, connectedAt };
 }
 
 /** A TypeError for the first topic that cannot be valid, or null. */
