@@ -228,6 +228,9 @@ class Relay:
             held.hold(client.topics)
             asyncio.get_running_loop().call_later(HOLD_TIMEOUT, self._flush_held, client, held)
         previous, change = self.registry.attach(client, sink)
+        # Back here after a move elsewhere: this connection's end is no move (an older
+        # socket still closing must not make it leave its entries without a leave).
+        self._moved.discard(client.id)
         if previous is not None and previous is not sink:
             previous.close(codes.REPLACED, "replaced by a newer connection")
         # Independent of each other: sent together (one round trip with Redis). An
