@@ -242,6 +242,56 @@ class Settings:
         "the connection is closed (headers) or answered 408 (body).",
         metavar="SECONDS",
     )
+    # -- your backend: webhooks and the authorization hook (README "Webhooks") --
+    webhook_url: str | None = _setting(
+        None,
+        "URL events are POSTed to (connected, disconnected, subscribed, unsubscribed, "
+        "topic_occupied, topic_vacated, client_published), in signed batches of up to 100 "
+        "events or 50 ms, at least once (each with an id to deduplicate by). Needs "
+        "--webhook-secret. Default: none (no events are made).",
+        metavar="URL",
+    )
+    webhook_secret: str | None = _setting(
+        None,
+        "Secret the Wsrelay-Signature header of webhooks (and of authorization requests) "
+        "is an HMAC-SHA256 with. Prefer the variable: flags are visible to other local "
+        "users. Default: none.",
+        metavar="SECRET",
+        secret=True,
+    )
+    webhook_retry_for: float = _setting(
+        600.0,
+        "Seconds a webhook batch is retried (exponential backoff with jitter, up to 5 s "
+        "apart) while the receiver fails; past it the batch is dropped, counted in "
+        "/metrics and logged.",
+        metavar="SECONDS",
+    )
+    webhook_queue_size: int = _setting(
+        100_000,
+        "Events one process keeps waiting for delivery; past it new events are dropped "
+        "(counted in /metrics and logged), never slowing clients down.",
+        metavar="N",
+    )
+    authorize_url: str | None = _setting(
+        None,
+        'URL the relay POSTs to for topics of namespaces with subscribe = "backend" or '
+        'publish = "backend": {"action", "user", "client", "topics"}, answered '
+        '{"topics": {"<topic>": true|false}}. Default: none.',
+        metavar="URL",
+    )
+    authorize_ttl: float = _setting(
+        60.0,
+        "Seconds an answer of --authorize-url is kept per user (or anonymous client), "
+        "topic and action; 0 asks every time.",
+        metavar="SECONDS",
+    )
+    authorize_timeout: float = _setting(
+        2.0,
+        "Seconds the relay waits for --authorize-url; past it, or on any answer that is "
+        "not a decision, the command is refused with authorization_unavailable "
+        "(fail closed).",
+        metavar="SECONDS",
+    )
 
     config: str | None = _setting(
         None,
@@ -297,6 +347,7 @@ class Settings:
                 problems.append(f"{name} must be more than 0")
         if self.broker_timeout <= 0:
             problems.append("broker_timeout must be more than 0")
+        problems.extend(self._backend_problems())
         if self.stack not in STACKS:
             problems.append(f"stack must be one of {', '.join(STACKS)}")
         if self.log_format not in LOG_FORMATS:
@@ -322,6 +373,38 @@ class Settings:
             problems.append("workers above 1 need a fixed port to share, not 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _backend_problems(self) -> list[str]:
+        """What is wrong with the webhook and authorization settings."""
+        problems = []
+        for name in ("webhook_url", "authorize_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                problems.append(f"{name} must start with http:// or https://")
+        if self.webhook_url is not None and not self.webhook_secret:
+            problems.append(
+                "webhook_url needs webhook_secret, so that the receiver can verify the "
+                "events come from the relay"
+            )
+        if self.webhook_secret is not None and not self.webhook_secret:
+            problems.append("webhook_secret must not be empty")
+        if self.webhook_retry_for < 0:
+            problems.append("webhook_retry_for must be 0 (no retry) or more")
+        if self.webhook_queue_size < 1:
+            problems.append("webhook_queue_size must be at least 1")
+        if self.authorize_ttl < 0:
+            problems.append("authorize_ttl must be 0 (no cache) or more")
+        if self.authorize_timeout <= 0:
+            problems.append("authorize_timeout must be more than 0")
+        backend = [
+            n.pattern for n in self.namespaces if n.subscribe == "backend" or n.publish == "backend"
+        ]
+        if backend and self.authorize_url is None:
+            problems.append(
+                f'namespace {backend[0]!r} has a "backend" rule: set authorize_url, the '
+                "URL the relay asks"
+            )
+        return problems
 
     def rules(self) -> Rules:
         """The namespaces' rules (:mod:`wsrelay.core.rules`)."""

@@ -28,6 +28,7 @@ The hierarchy::
     │   └── HeadersTooLarge         431 headers_too_large (request line and headers)
     └── ServerError                 ours (5xx / close 1011)
         ├── BrokerUnavailable       503 broker_unavailable, Retry-After: 2
+        ├── AuthorizationUnavailable 503 authorization_unavailable (--authorize-url), Retry-After: 2
         └── ServiceUnavailable      503 too_many_connections, Retry-After: 5
 
 Over HTTP an error becomes ``{"error": {"code": ..., "message": ...}}`` with
@@ -219,6 +220,15 @@ class PublishOutcomeUnknown(BrokerUnavailable):
     have been published. Retrying with the same ``idempotency_key`` publishes it once."""
 
     code = "publish_outcome_unknown"
+
+
+class AuthorizationUnavailable(ServerError):
+    """The authorization backend (``--authorize-url``) did not answer in time, or not
+    with a decision: the topics it decides are refused (fail closed); try again later."""
+
+    code = "authorization_unavailable"
+    http_status = 503
+    retry_after = 2
 
 
 class ServiceUnavailable(ServerError):

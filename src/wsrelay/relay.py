@@ -34,14 +34,17 @@ from wsrelay.brokers.memory import MemoryPresence
 from wsrelay.config import Settings
 from wsrelay.core import presence as presence_rules
 from wsrelay.core import topics as topic_rules
+from wsrelay.core.events import Action, Authorizer, Events, EventSink
 from wsrelay.core.fanout import Framer, Publication, deliver
 from wsrelay.core.history import MAX_REPLAY, HistoryPage, Position, Receipt, recovered
 from wsrelay.core.patterns import is_pattern
 from wsrelay.core.registry import Client, Hold, Occupancy, Registry, Sink, user_key
-from wsrelay.core.rules import NO_GRANTS, Grants, Namespace
+from wsrelay.core.rules import NO_GRANTS, Grants, Namespace, asks_publish
 from wsrelay.core.schema import GapFrame, JoinFrame, LeaveFrame, PresenceClient, encode
 from wsrelay.errors import (
+    AuthorizationUnavailable,
     BrokerUnavailable,
+    ForbiddenTopic,
     InvalidField,
     InvalidTopic,
     NotFound,
@@ -117,7 +120,15 @@ _decode_control = msgspec.json.Decoder(ControlEvent).decode
 class Relay:
     """One relay node. Use as ``async with Relay(settings, framer) as relay``."""
 
-    def __init__(self, settings: Settings, framer: Framer, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        framer: Framer,
+        backend: Backend | None = None,
+        *,
+        events: EventSink | None = None,
+        authorizer: Authorizer | None = None,
+    ) -> None:
         self.settings = settings
         self.framer = framer
         backend = backend if backend is not None else MemoryBus().backend()
@@ -126,6 +137,10 @@ class Relay:
         self.rules = settings.rules()
         self.registry = Registry()
         self.node_id = secrets.token_hex(8)
+        self.events = Events(events, self.node_id) if events is not None else None
+        """Where this node's events go (``--webhook-url``); None: no event is made."""
+        self.authorizer = authorizer
+        """Decides ``"backend"`` namespaces' topics (``--authorize-url``)."""
         self.started_at = time.monotonic()
         self.published = 0
         """Publications accepted on this node (by publish and publish_many)."""
@@ -178,8 +193,10 @@ class Relay:
             BrokerUnavailable: the store is unreachable.
         """
         user, wanted = user_key(user_id), self._validate(topics)
-        self._check_subscribe(wanted, user, grants)
-        client = Client(secrets.token_hex(CLIENT_ID_BYTES), user, wanted, grants)
+        client_id = secrets.token_hex(CLIENT_ID_BYTES)
+        ask = self._check_subscribe(wanted, user, grants)
+        await self._authorize("subscribe", user, client_id, ask)
+        client = Client(client_id, user, wanted, grants)
         limit = self.settings.max_registrations_per_user
         if not await self.registrations.add(client, limit):
             raise TooManyRegistrations(
@@ -265,8 +282,13 @@ class Relay:
     ) -> Followed:
         """Replace the client's topics; see :meth:`subscribe` for ``since``."""
         wanted = self._validate(topics)
-        self._check_subscribe(wanted, client.user, client.grants)
-        return await self._follow(client, wanted, wanted, since or {})
+        ask = self._check_subscribe(wanted, client.user, client.grants)
+        await self._authorize("subscribe", client.user, client.id, ask)
+        before = set(client.topics) if self.events is not None else None
+        followed = await self._follow(client, wanted, wanted, since or {})
+        if before is not None:
+            self._topics_changed(client, before)
+        return followed
 
     async def subscribe(
         self, client: Client, topics: Iterable[str], since: Mapping[str, Position] | None = None
@@ -279,18 +301,25 @@ class Relay:
 
         Raises:
             InvalidTopic, TooManyTopics: the topics break the rules.
-            ForbiddenTopic: a namespace forbids the client one of them; nothing changed.
+            ForbiddenTopic: a namespace forbids the client one of them, or the
+                authorization hook denied one; nothing changed.
+            AuthorizationUnavailable: the hook could not decide; nothing changed.
             BrokerUnavailable: the backend is unreachable; nothing changed.
         """
         wanted = self._validate(topics)
-        self._check_subscribe(wanted, client.user, client.grants)
+        ask = self._check_subscribe(wanted, client.user, client.grants)
         total = len(client.topics | wanted)
         if total > self.settings.max_topics_per_client:
             raise TooManyTopics(
                 f"subscribing would make {total} topics; a client may subscribe to at most "
                 f"{self.settings.max_topics_per_client}"
             )
-        return await self._follow(client, client.topics | wanted, wanted, since or {})
+        await self._authorize("subscribe", client.user, client.id, ask)
+        before = set(client.topics) if self.events is not None else None
+        followed = await self._follow(client, client.topics | wanted, wanted, since or {})
+        if before is not None:
+            self._topics_changed(client, before)
+        return followed
 
     async def unsubscribe(self, client: Client, topics: Iterable[str]) -> None:
         unwanted = self._validate(topics)
@@ -298,6 +327,8 @@ class Relay:
             return
         before = set(client.topics)
         await self._save(client, before, self.registry.unsubscribe(client, unwanted))
+        if self.events is not None:
+            self._topics_changed(client, before)
 
     async def _follow(
         self, client: Client, after: set[str], named: set[str], since: Mapping[str, Position]
@@ -425,25 +456,44 @@ class Relay:
         skip: str | None = None,
         *,
         json: bool = False,
+        by: Client | None = None,
     ) -> Published:
         """Publish to every subscriber of ``topic`` (only ``user_id``'s, if given), on
         every node, in the topic's order, except the client whose id is ``skip``; answers
         how many connections on this node it went to, and its position. With ``json``,
         ``message`` is the compact JSON text of a value other than a string
         (:func:`wsrelay.core.payload.message_text` makes it), delivered as that value.
+        ``by``: the client publishing (checked by :meth:`check_client_publish`); the
+        authorization hook decides if its namespace says ``publish = "backend"``, and a
+        ``client_published`` event is made.
 
         Raises:
             InvalidTopic: ``topic`` breaks the topic rules.
+            ForbiddenTopic, AuthorizationUnavailable: the hook denied ``by`` the topic,
+                or could not decide.
             BrokerUnavailable: it was not published.
             PublishOutcomeUnknown: it may have been published; retry with the same key.
         """
         topic_rules.validate_topic(topic, self.settings.max_topic_length)
+        if by is not None and asks_publish(self.rules.namespace(topic), topic, by.user, by.grants):
+            await self._authorize("publish", by.user, by.id, [topic])
         user = user_key(user_id)
         publication = Publication(topic, message, user, skip=skip, json=json)
         receipt = await self.broker.publish(publication, idempotency_key)
         if receipt.duplicate:
             return Published(0, receipt)
         self.published += 1
+        if by is not None and self.events is not None:
+            position = receipt.position
+            self.events.emit(
+                "client_published",
+                client=presence_rules.public_id(by.id),
+                user=by.user,
+                topic=topic,
+                offset=position.offset,
+                epoch=position.epoch,
+                message=msgspec.Raw(message) if json else message,
+            )
         return Published(self._recipients(publication, receipt), receipt)
 
     def check_client_publish(self, client: Client, topic: str, message: str) -> Namespace:
@@ -589,9 +639,14 @@ class Relay:
             ForbiddenTopic: the client may not subscribe to it.
             PresenceDisabled: its namespace keeps no presence.
         """
-        presence_rules.check_query(
+        ask = presence_rules.check_query(
             self.rules, topic, self.settings.max_topic_length, client.user, client.grants
         )
+        if ask and not self.registry.receives(client, topic):
+            raise ForbiddenTopic(
+                f"may not read the presence of {topic!r}: the authorization backend decides "
+                "who may subscribe to it, and this connection is not subscribed"
+            )
 
     def check_presence_topic(self, topic: str) -> None:
         """Whether ``topic`` keeps presence (for the API key's routes).
@@ -689,14 +744,75 @@ class Relay:
             sink.close(code, reason)
             await self.detach(client, sink)
 
-    def _check_subscribe(self, wanted: set[str], user: str | None, grants: Grants) -> None:
+    def _check_subscribe(self, wanted: set[str], user: str | None, grants: Grants) -> list[str]:
         """Namespace and grant rules for topics by name, and for patterns as a whole
-        (:func:`~wsrelay.core.topics.check_subscribe_patterns`)."""
+        (:func:`~wsrelay.core.topics.check_subscribe_patterns`). Returns the topics the
+        authorization hook decides."""
         if self.rules.open:
-            return
+            return []
         names, patterns = topic_rules.split_patterns(wanted)
-        self.rules.check_subscribe(names, user, grants)
+        ask = self.rules.check_subscribe(names, user, grants)
         topic_rules.check_subscribe_patterns(self.rules, patterns, user, grants)
+        return ask
+
+    async def _authorize(
+        self, action: Action, user: str | None, client_id: str, topics: list[str]
+    ) -> None:
+        """Ask the authorization hook about ``topics`` (one request for all of them).
+
+        Raises:
+            ForbiddenTopic: it denied one (the first, in order).
+            AuthorizationUnavailable: it could not decide, or none is configured.
+        """
+        if not topics:
+            return
+        if self.authorizer is None:
+            raise AuthorizationUnavailable(
+                f'{topics[0]!r} is in a namespace with {action} = "backend" and no '
+                "--authorize-url is set"
+            )
+        public = presence_rules.public_id(client_id)
+        answers = await self.authorizer.authorize(action, user, public, topics)
+        for topic in topics:
+            if not answers.get(topic, False):
+                raise ForbiddenTopic(
+                    f"may not {action} to {topic!r}: its namespace has {action} = "
+                    '"backend" and the authorization backend denied it'
+                )
+
+    def connection_opened(self, client: Client) -> None:
+        """A connection of ``client`` opened (its upgrade was answered): the event."""
+        if self.events is not None:
+            self.events.emit(
+                "connected",
+                client=presence_rules.public_id(client.id),
+                user=client.user,
+                topics=sorted(client.topics),
+            )
+
+    def connection_closed(self, client: Client, code: int, reason: str, by: str) -> None:
+        """A connection of ``client`` that :meth:`connection_opened` announced ended."""
+        if self.events is not None:
+            self.events.emit(
+                "disconnected",
+                client=presence_rules.public_id(client.id),
+                user=client.user,
+                code=code,
+                reason=reason,
+                by=by,
+            )
+
+    def _topics_changed(self, client: Client, before: set[str]) -> None:
+        """The events of a command that changed the client's topics from ``before``."""
+        assert self.events is not None
+        added, removed = client.topics - before, before - client.topics
+        public = presence_rules.public_id(client.id)
+        if added:
+            self.events.emit("subscribed", client=public, user=client.user, topics=sorted(added))
+        if removed:
+            self.events.emit(
+                "unsubscribed", client=public, user=client.user, topics=sorted(removed)
+            )
 
     def _validate(self, topics: Iterable[str]) -> set[str]:
         s = self.settings
@@ -705,6 +821,13 @@ class Relay:
     async def _sync_broker(self, change: Occupancy) -> None:
         """One call for all the topics occupied, then one for all those vacated (if
         subscribing fails, the node keeps receiving too much rather than too little)."""
+        if self.events is not None:
+            for topic in change.occupied:
+                if not is_pattern(topic):
+                    self.events.emit("topic_occupied", topic=topic)
+            for topic in change.vacated:
+                if not is_pattern(topic):
+                    self.events.emit("topic_vacated", topic=topic)
         if change.occupied:
             await self.broker.subscribe(*change.occupied)
         if change.vacated:

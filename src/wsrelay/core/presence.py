@@ -78,9 +78,11 @@ def check_topic(rules: Rules, topic: str, max_length: int) -> None:
 
 def check_query(
     rules: Rules, topic: str, max_length: int, user: str | None, grants: Grants
-) -> None:
+) -> bool:
     """Whether a connection of ``user`` holding ``grants`` may read the presence of
-    ``topic``: only if it may subscribe to it, and the topic keeps presence.
+    ``topic``: only if it may subscribe to it, and the topic keeps presence. Returns
+    True if the authorization hook decides its subscriptions (``subscribe =
+    "backend"``, no grant): then only a subscriber may read it (the caller checks).
 
     Raises:
         InvalidTopic: not a valid topic name.
@@ -91,8 +93,9 @@ def check_query(
     if is_pattern(topic):
         check_topic(rules, topic, max_length)  # raises InvalidTopic
     validate_topic(topic, max_length)
-    rules.check_subscribe((topic,), user, grants)
+    ask = rules.check_subscribe((topic,), user, grants)
     check_topic(rules, topic, max_length)
+    return bool(ask)
 
 
 def counts(entries: Iterable[PresenceClient]) -> tuple[int, int]:

@@ -7,10 +7,13 @@ namespace, and a topic no configured pattern matches belongs to
 subscribe, no client may publish.
 
 * ``subscribe = "any"`` lets every connection subscribe; ``"granted"`` only a
-  connection holding a subscribe grant whose pattern matches the topic.
+  connection holding a subscribe grant whose pattern matches the topic; ``"backend"``
+  a connection holding such a grant, or one the authorization hook (``--authorize-url``,
+  :class:`wsrelay.core.events.Authorizer`) allows, asked by the node.
 * ``publish = "none"`` refuses every client publish; ``"granted"`` allows a
   connection holding a matching publish grant; ``"subscribers"`` allows a connection
-  subscribed to the topic (or holding a matching publish grant).
+  subscribed to the topic (or holding a matching publish grant); ``"backend"`` a
+  connection holding a matching publish grant, or one the hook allows.
 * ``max_message_size`` bounds a client publish's message (UTF-8 bytes), and
   ``publish_rate`` / ``publish_burst`` its rate per connection (a token bucket).
 * ``history_size`` overrides ``--history-size`` for the namespace's topics.
@@ -32,10 +35,10 @@ from typing import Any, Final, Literal
 from wsrelay.core.patterns import USER_PLACEHOLDER, matches, validate_pattern
 from wsrelay.errors import ForbiddenTopic, InvalidTopic, MessageTooLarge, RateLimited
 
-SubscribeRule = Literal["any", "granted"]
-PublishRule = Literal["none", "granted", "subscribers"]
-SUBSCRIBE_RULES: Final = ("any", "granted")
-PUBLISH_RULES: Final = ("none", "granted", "subscribers")
+SubscribeRule = Literal["any", "granted", "backend"]
+PublishRule = Literal["none", "granted", "subscribers", "backend"]
+SUBSCRIBE_RULES: Final = ("any", "granted", "backend")
+PUBLISH_RULES: Final = ("none", "granted", "subscribers", "backend")
 
 MAX_PATTERN_LENGTH: Final = 256
 """Longest namespace pattern accepted in the configuration."""
@@ -208,19 +211,26 @@ class Rules:
             return None
         return functools.partial(self.history_size, default=default)
 
-    def check_subscribe(self, topics: Iterable[str], user: str | None, grants: Grants) -> None:
+    def check_subscribe(self, topics: Iterable[str], user: str | None, grants: Grants) -> list[str]:
         """Raises :class:`ForbiddenTopic` naming the first topic of ``topics`` (in sorted
-        order) that a connection of ``user`` holding ``grants`` may not subscribe to."""
+        order) that a connection of ``user`` holding ``grants`` may not subscribe to.
+        Returns those the authorization hook must decide (``subscribe = "backend"``, no
+        grant), sorted."""
         if self.open:
-            return
+            return []
+        ask: list[str] = []
         for topic in sorted(topics):
             namespace = self.namespace(topic)
             if namespace.subscribe == "any" or _granted(grants.subscribe, topic, user):
+                continue
+            if namespace.subscribe == "backend":
+                ask.append(topic)
                 continue
             raise ForbiddenTopic(
                 f"may not subscribe to {topic!r}: {namespace.name} has subscribe = "
                 '"granted" and this connection holds no subscribe grant matching it'
             )
+        return ask
 
     def check_publish(
         self, topic: str, message: str, user: str | None, grants: Grants, subscribed: bool
@@ -235,7 +245,9 @@ class Rules:
         namespace = self.namespace(topic)
         rule = namespace.publish
         allowed = rule != "none" and (
-            _granted(grants.publish, topic, user) or (rule == "subscribers" and subscribed)
+            rule == "backend"  # unless granted, the node asks the hook (asks_publish)
+            or _granted(grants.publish, topic, user)
+            or (rule == "subscribers" and subscribed)
         )
         if not allowed:
             why = {
@@ -256,6 +268,12 @@ class Rules:
                     "(max_message_size)"
                 )
         return namespace
+
+
+def asks_publish(namespace: Namespace, topic: str, user: str | None, grants: Grants) -> bool:
+    """Whether the authorization hook decides a client publish to ``topic`` (in its
+    ``namespace``): ``publish = "backend"`` and no publish grant matches."""
+    return namespace.publish == "backend" and not _granted(grants.publish, topic, user)
 
 
 @dataclass(slots=True)

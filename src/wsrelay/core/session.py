@@ -189,6 +189,7 @@ class RelayLike(Protocol):
         skip: str | None = None,
         *,
         json: bool = False,
+        by: Client | None = None,
     ) -> PublishedLike: ...
     def check_presence_query(self, client: Client, topic: str) -> None: ...
     async def presence_of(self, topic: str) -> list[PresenceClient]: ...
@@ -401,7 +402,9 @@ class Session:
             # Keys are the publisher's own: another client's (or the backend's) publish
             # with the same text must not be taken for a repeat of this one.
             key = f"client:{client.user if client.user is not None else client.id}:{key}"
-        published = await relay.publish(command.topic, message, None, key, skip, json=is_json)
+        published = await relay.publish(
+            command.topic, message, None, key, skip, json=is_json, by=client
+        )
         if self.raw:
             return None  # raw mode acknowledges nothing
         receipt = published.receipt

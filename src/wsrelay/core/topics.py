@@ -288,7 +288,8 @@ def check_subscribe_patterns(
     """Whether a connection of ``user`` holding ``grants`` may subscribe to each of
     ``patterns``, as a whole: a pattern is allowed if one subscribe grant covers every
     topic it matches (:func:`covers`: grant ``news.>`` allows ``news.*``), or if no
-    namespace with ``subscribe = "granted"`` could hold one of its topics
+    namespace with ``subscribe = "granted"`` (or ``"backend"``: the authorization hook
+    decides topics by name, never patterns) could hold one of its topics
     (:func:`overlaps`). So a pattern never lets a client receive a topic it could not
     subscribe to by name; it may be refused where each of its topics would be allowed
     (a granted namespace shadowed by an earlier open one): subscribe to those by name.
@@ -302,9 +303,10 @@ def check_subscribe_patterns(
         if any(covers(grant, pattern, user) for grant in grants.subscribe):
             continue
         for namespace in rules.namespaces:
-            if namespace.subscribe == "granted" and overlaps(pattern, namespace.pattern):
+            rule = namespace.subscribe
+            if rule in ("granted", "backend") and overlaps(pattern, namespace.pattern):
                 raise ForbiddenTopic(
                     f"may not subscribe to {pattern!r}: it may match topics of "
-                    f'{namespace.name}, which has subscribe = "granted", and this connection '
+                    f'{namespace.name}, which has subscribe = "{rule}", and this connection '
                     "holds no subscribe grant covering the whole pattern"
                 )

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from wsrelay import codes
+from wsrelay.authorize import HttpAuthorizer
 from wsrelay.brokers import Backend, from_url
 from wsrelay.config import Settings
 from wsrelay.relay import Relay
@@ -25,7 +26,7 @@ from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, prote
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
 from wsrelay.server.front import RelaySite
-from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
+from wsrelay.server.keys import AUTHORIZER, CONNECTIONS, FLUSHER, RELAY, SETTINGS, WEBHOOKS
 from wsrelay.server.limits import (
     ADDRESS_SLOTS,
     MAX_FIELD_SIZE,
@@ -37,6 +38,7 @@ from wsrelay.server.limits import (
 )
 from wsrelay.server.native import SHARED, Shared, keep_alive
 from wsrelay.server.proxies import ADDRESSES, ClientAddresses
+from wsrelay.webhooks import WebhookSender
 
 log = logging.getLogger("wsrelay")
 
@@ -69,7 +71,22 @@ def create_app(
             history_size=settings.rules().history_sizes(settings.history_size),
             presence_ttl=settings.presence_ttl,
         )
-    app[RELAY] = Relay(settings, frame_text, backend)
+    webhooks = authorizer = None
+    if settings.webhook_url is not None and settings.webhook_secret:
+        webhooks = app[WEBHOOKS] = WebhookSender(
+            settings.webhook_url,
+            settings.webhook_secret,
+            retry_for=settings.webhook_retry_for,
+            queue_size=settings.webhook_queue_size,
+        )
+    if settings.authorize_url is not None:
+        authorizer = app[AUTHORIZER] = HttpAuthorizer(
+            settings.authorize_url,
+            ttl=settings.authorize_ttl,
+            timeout=settings.authorize_timeout,
+            secret=settings.webhook_secret,
+        )
+    app[RELAY] = Relay(settings, frame_text, backend, events=webhooks, authorizer=authorizer)
     connections: set[Connection] = set()
     app[CONNECTIONS] = connections
     app.router.add_get(routes.HEALTH, http.health)
@@ -107,6 +124,10 @@ async def _start(app: web.Application) -> None:
     interval = app[SETTINGS].ping_interval
     if interval:
         app[_KEEP_ALIVE] = asyncio.create_task(keep_alive(app[CONNECTIONS], interval))
+    if WEBHOOKS in app:
+        await app[WEBHOOKS].start()
+    if AUTHORIZER in app:
+        await app[AUTHORIZER].start()
     await app[RELAY].start()
 
 
@@ -124,6 +145,10 @@ async def _stop(app: web.Application) -> None:
     if sweep is not None:
         sweep.cancel()
     await app[RELAY].stop()
+    if AUTHORIZER in app:
+        await app[AUTHORIZER].stop()
+    if WEBHOOKS in app:
+        await app[WEBHOOKS].stop()  # the last events (disconnections) delivered first
 
 
 async def serve(

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from wsrelay.brokers import MemoryBroker
 from wsrelay.errors import BrokerUnavailable
 from wsrelay.server.connection import ConnectionStats
-from wsrelay.server.keys import CONNECTIONS, RELAY
+from wsrelay.server.keys import AUTHORIZER, CONNECTIONS, RELAY, WEBHOOKS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The Prometheus text exposition format, which every Prometheus version scrapes."""
@@ -69,6 +69,7 @@ class Metrics:
         self._latency_series: dict[tuple[str, str, int], Any] = {}
         self._live = _LiveCollector(app, self.stats)
         r.register(self._live)
+        r.register(_HooksCollector(app))
 
     def request_latency(self, method: str, route: str, status: int) -> Any:
         """The histogram series for one (method, route, status). Cached: prometheus-client's
@@ -156,6 +157,56 @@ class _LiveCollector(Collector):
                 "Topics whose history the memory broker dropped to stay within "
                 "--history-memory, least recently published first.",
                 value=history.evicted_topics,
+            )
+
+
+class _HooksCollector(Collector):
+    """The webhook sender's and the authorization hook's counters (when configured)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        webhooks = self.app.get(WEBHOOKS)
+        if webhooks is not None:
+            yield CounterMetricFamily(
+                "wsrelay_webhook_events_sent",
+                "Events delivered to --webhook-url (answered 2xx).",
+                value=webhooks.sent,
+            )
+            yield CounterMetricFamily(
+                "wsrelay_webhook_failed_attempts",
+                "Webhook POSTs that failed (no 2xx answer) and are retried.",
+                value=webhooks.failed,
+            )
+            yield CounterMetricFamily(
+                "wsrelay_webhook_events_dropped",
+                "Events given up: the queue was full (--webhook-queue-size), their batch "
+                "failed for --webhook-retry-for, or they were left at shutdown.",
+                value=webhooks.dropped,
+            )
+            yield GaugeMetricFamily(
+                "wsrelay_webhook_queue", "Events waiting for delivery.", value=webhooks.queued
+            )
+        authorizer = self.app.get(AUTHORIZER)
+        if authorizer is not None:
+            yield CounterMetricFamily(
+                "wsrelay_authorize_requests",
+                "Requests sent to --authorize-url.",
+                value=authorizer.asked,
+            )
+            yield CounterMetricFamily(
+                "wsrelay_authorize_unavailable",
+                "Requests to --authorize-url that gave no decision (refused: fail closed).",
+                value=authorizer.unavailable,
+            )
+            yield CounterMetricFamily(
+                "wsrelay_authorize_cached",
+                "Topics decided from the --authorize-ttl cache.",
+                value=authorizer.cached,
             )
 
 

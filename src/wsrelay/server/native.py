@@ -580,6 +580,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         session.open(time.monotonic())
         self._transport.set_write_buffer_limits(high=self.limit)
         log_opened(shared.metrics, session.client, session.raw, self._address())
+        shared.relay.connection_opened(session.client)
         shared.connections.add(self)
         self.held = False
         self.flush()
@@ -675,6 +676,9 @@ class NativeConnection(Connection, asyncio.Protocol):
                             time.monotonic(), received=self._received(), failed=self._failed()
                         )
                         log_closed(shared.metrics, session.client, record)
+                        shared.relay.connection_closed(
+                            session.client, record.code, record.reason, record.by
+                        )
                 finally:
                     await session.release()
         except Exception:
