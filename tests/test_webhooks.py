@@ -14,10 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 import websockets
+from aiohttp import web
 
 from tests.receivers import SECRET, Backend
 from tests.redis_server import RedisServer
-from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber
+from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber, free_port
 from wsrelay.config import Settings
 from wsrelay.core.events import Event
 from wsrelay.webhooks import WebhookSender, sign, verify
@@ -218,3 +219,49 @@ def test_signatures_verify_and_refuse_tampering() -> None:
 def test_bad_webhook_settings_are_refused(values: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         Settings(**values)
+
+
+async def test_the_integrations_page_receiver_takes_events_and_decides_topics(
+    start_server: Start,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_integrations import blocks
+
+    monkeypatch.setenv("WSRELAY_WEBHOOK_SECRET", SECRET)
+    module: dict[str, Any] = {}
+    exec(compile(blocks()["hooks_app.py"], "hooks_app.py", "exec"), module)
+    runner = web.AppRunner(module["app"])
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        path = tmp_path / "wsrelay.toml"
+        path.write_text('[[namespace]]\npattern = "doc.*"\nsubscribe = "backend"\n')
+        relay = start_server(
+            "--config",
+            str(path),
+            "--webhook-url",
+            f"http://127.0.0.1:{port}/wsrelay-events",
+            "--authorize-url",
+            f"http://127.0.0.1:{port}/wsrelay-authorize",
+            env={"WSRELAY_WEBHOOK_SECRET": SECRET},
+        )
+        client = await Api(session, relay.url).connect(7)
+        assert (await client.subscribe("doc.7"))["topics"] == ["doc.7"]
+        refused = await client.command({"subscribe": ["doc.8"]})
+        assert refused["error"]["code"] == "forbidden_topic"
+        await client.close()
+        handled: dict[str, dict[str, Any]] = module["handled"]
+
+        async def arrived() -> bool:
+            return {"connected", "subscribed", "disconnected"} <= {
+                e["event"] for e in handled.values()
+            }
+
+        await until(arrived)
+        subscribed = [e for e in handled.values() if e["event"] == "subscribed"]
+        assert [e["topics"] for e in subscribed] == [["doc.7"]]
+    finally:
+        await runner.cleanup()
