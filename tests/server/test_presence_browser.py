@@ -6,15 +6,23 @@ client for good; the console's presence list and the joins and leaves in its log
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Page
+import aiohttp
+from playwright.async_api import Page, expect
 
-from tests.server.test_console_browser import WAIT, browser, page  # noqa: F401 (fixtures)
-from tests.utils import ServerProcess
+from tests.server.test_console_browser import (  # noqa: F401 (fixtures)
+    WAIT,
+    browser,
+    page,
+    subscribe_in_page,
+)
+from tests.utils import Api, ServerProcess
 
 CONFIG = """
 [[namespace]]
@@ -205,3 +213,77 @@ async def test_wsrelay_js_asks_presence_and_reports_joins_and_leaves(
     assert result["interrupted"]["code"] == "connection_failed"
     assert result["errors"] == []  # refusals reject their promises, never an error event
     assert result["state"] == "closed"
+
+
+# -- the console: the presence list, and joins and leaves in its log ----------------------
+
+
+async def test_console_lists_presence_and_logs_joins_and_leaves(
+    start_server: Callable[..., ServerProcess],
+    session: aiohttp.ClientSession,
+    page: Page,  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+) -> None:
+    server = start_presence_server(start_server, tmp_path)
+    api = Api(session, server.url)
+    status, stats = await api.call("GET", "/stats")
+    assert status == 200
+    # The page's clock stands still once loaded: no poll refreshes the list, so what
+    # changes it below is the subscriber's own acknowledgement and the join and leave
+    # events.
+    await page.clock.install()
+    await page.goto(server.url + "/console")
+    await expect(page.locator("#api-status")).to_have_text("live")
+    await page.clock.pause_at(datetime.now() + timedelta(seconds=1))
+
+    rows = page.locator("#presence-rows tr")
+    summary = page.locator("#presence-summary")
+    await page.get_by_label("Topic to watch").fill("room:console")
+    await page.get_by_role("button", name="Show").click()
+    await expect(summary).to_have_text("No connection is subscribed to room:console.")
+
+    await subscribe_in_page(page, "room:console")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("anonymous")
+    await expect(summary).to_have_text("1 connection, 0 users subscribed to room:console.")
+
+    visitor = await api.connect("visitor", ["room:console"])
+    short = public(visitor.id)[:8] + "…"
+    await expect(rows).to_have_count(2)
+    row = rows.filter(has_text="visitor")
+    await expect(row.locator("td")).to_have_text([short, "visitor", stats["node"], re.compile(".")])
+    await expect(row.locator("td").first).to_have_attribute("title", public(visitor.id))
+    since = await row.locator("time").get_attribute("datetime")
+    assert since is not None
+    assert abs(datetime.fromisoformat(since).timestamp() - time.time()) < 60
+    await expect(summary).to_have_text("2 connections, 1 user subscribed to room:console.")
+    log = page.locator("#messages li")
+    await expect(log.first).to_have_text(
+        re.compile(rf"room:console\s*Joined: user visitor, client {re.escape(short)}$")
+    )
+    await expect(log.first).to_have_class("presence")
+
+    await visitor.close()
+    await expect(rows).to_have_count(1)
+    await expect(rows.filter(has_text="visitor")).to_have_count(0)
+    await expect(summary).to_have_text("1 connection, 0 users subscribed to room:console.")
+    await expect(log.first).to_contain_text(f"Left: user visitor, client {short}")
+    await expect(log).to_have_count(2)
+    await expect(page.locator("#message-count")).to_have_text("(0)")  # not messages
+
+    # With time running again, the list of a topic the page does not follow (so no
+    # event comes) is polled; a topic without presence shows the server's refusal.
+    await page.clock.resume()
+    await page.get_by_label("Topic to watch").fill("room:elsewhere")
+    await page.get_by_role("button", name="Show").click()
+    await expect(summary).to_have_text("No connection is subscribed to room:elsewhere.")
+    elsewhere = await api.connect("away", ["room:elsewhere"])
+    await expect(rows.filter(has_text="away")).to_have_count(1)
+    await expect(summary).to_have_text("1 connection, 1 user subscribed to room:elsewhere.")
+    await elsewhere.close()
+
+    await page.get_by_label("Topic to watch").fill("plain.topic")
+    await page.get_by_role("button", name="Show").click()
+    await expect(summary).to_have_text(re.compile(r"^Refused \(presence_disabled\): "))
+    await expect(summary).to_have_class(re.compile(r"\bbad-text\b"))
+    await expect(rows).to_have_count(0)

@@ -31,6 +31,7 @@ async function api(path, { method = "GET", body } = {}) {
   }
   if (!response.ok) {
     const error = new Error(answer?.error?.message ?? `${method} /${path} answered ${response.status}`);
+    error.code = answer?.error?.code ?? null;
     // A 503's Retry-After reaches the client's reconnect loop through register().
     error.retryAfter = parseRetryAfter(response.headers.get("Retry-After"));
     throw error;
@@ -229,6 +230,82 @@ async function refreshTopics() {
   showTopics(await api(`topics?${query}`));
 }
 
+// -- presence -----------------------------------------------------------------------------
+
+// The connections subscribed to one topic on every node (GET /presence), polled with the
+// topics; refreshed at once on each join or leave the subscriber below is told of (it
+// is told of them for the topics it follows, where the namespace has join_leave).
+let presenceTopic = "";
+let presenceAsked = 0; // answers to requests older than the latest are dropped
+
+function shortId(id) {
+  return `${id.slice(0, 8)}…`;
+}
+
+function cell(text, className = null) {
+  const td = document.createElement("td");
+  if (className) td.className = className;
+  td.textContent = text;
+  return td;
+}
+
+function showPresence(topic, clients) {
+  $("presence-rows").replaceChildren(
+    ...clients.map(({ client, user, node, connected_at: connectedAt }) => {
+      const tr = document.createElement("tr");
+      const id = cell(shortId(client), "id");
+      id.title = client; // the public id: never the registration id
+      const since = document.createElement("time");
+      const at = new Date(connectedAt * 1000);
+      since.dateTime = at.toISOString();
+      since.textContent = at.toLocaleTimeString();
+      const when = cell("");
+      when.append(since);
+      const who = cell(user ?? "anonymous", user === null ? "muted" : null);
+      tr.append(id, who, cell(node, "id"), when);
+      return tr;
+    }),
+  );
+  const users = new Set(clients.map((c) => c.user).filter((user) => user !== null)).size;
+  const summary = $("presence-summary");
+  summary.classList.remove("bad-text");
+  summary.textContent =
+    clients.length === 0
+      ? `No connection is subscribed to ${topic}.`
+      : `${clients.length} connection${clients.length === 1 ? "" : "s"}, ` +
+        `${users} user${users === 1 ? "" : "s"} subscribed to ${topic}.`;
+}
+
+async function refreshPresence() {
+  const topic = presenceTopic;
+  if (!topic) return;
+  const asked = (presenceAsked += 1);
+  try {
+    const answer = await api(`presence?${new URLSearchParams({ topic })}`);
+    if (asked === presenceAsked && topic === presenceTopic) showPresence(topic, answer.clients);
+  } catch (error) {
+    if (asked !== presenceAsked || error instanceof AuthRequired) return;
+    $("presence-rows").replaceChildren();
+    const summary = $("presence-summary");
+    summary.classList.add("bad-text");
+    summary.textContent = error.code ? `Refused (${error.code}): ${error.message}` : error.message;
+  }
+}
+
+const PRESENCE_HINT = [...$("presence-summary").childNodes]; // shown again for no topic
+
+$("presence-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  presenceTopic = $("presence-topic").value.trim();
+  presenceAsked += 1; // an answer about the previous topic is no longer wanted
+  $("presence-rows").replaceChildren();
+  const summary = $("presence-summary");
+  summary.classList.remove("bad-text");
+  if (presenceTopic) summary.textContent = "…";
+  else summary.replaceChildren(...PRESENCE_HINT.map((node) => node.cloneNode(true)));
+  refreshPresence();
+});
+
 // -- polling ------------------------------------------------------------------------------
 
 let ticks = 0;
@@ -239,7 +316,7 @@ async function poll(now = false) {
   if (!dialog.open) {
     try {
       showStats(await api("stats"));
-      if (now || ticks % 2 === 0) await refreshTopics();
+      if (now || ticks % 2 === 0) await Promise.all([refreshTopics(), refreshPresence()]);
       setApiStatus("live", true);
     } catch (error) {
       if (!(error instanceof AuthRequired)) {
@@ -427,6 +504,14 @@ function addNotRecovered({ topic, reason }) {
   logRow(topic, `Not recovered: messages may have been missed; ${LOST[reason] ?? reason}.`, "notice");
 }
 
+// Joins and leaves go to the log, not counted as messages; they refresh the presence list
+// when it shows their topic.
+function addPresenceEvent(verb, { topic, user, client }) {
+  const who = user === null ? "anonymous client" : `user ${user}, client`;
+  logRow(topic, `${verb}: ${who} ${shortId(client)}`, "presence");
+  if (topic === presenceTopic) refreshPresence();
+}
+
 function shortUrl(url) {
   return url.replace(/\/ws\/([0-9a-f]{8})[0-9a-f]+/, "/ws/$1…");
 }
@@ -440,7 +525,10 @@ function newRelay(user, publishGrants = []) {
   });
   client.addEventListener("state", (event) => showClientState(event.detail.state));
   client.addEventListener("open", (event) => detail(`on ${shortUrl(event.detail.url)}`));
-  client.addEventListener("subscribed", (event) => showSubscribed(event.detail.topics));
+  client.addEventListener("subscribed", (event) => {
+    showSubscribed(event.detail.topics);
+    refreshPresence(); // its own join is not announced to it
+  });
   client.addEventListener("error", (event) => detail(describe(event.detail.error), true));
   client.addEventListener("close", ({ detail: d }) => {
     const why = `closed (${d.code ?? "no connection"}${d.reason ? `: ${d.reason}` : ""})`;
@@ -448,6 +536,8 @@ function newRelay(user, publishGrants = []) {
     showSubscribed(client.topics, true);
   });
   client.addEventListener("notrecovered", (event) => addNotRecovered(event.detail));
+  client.addEventListener("join", (event) => addPresenceEvent("Joined", event.detail));
+  client.addEventListener("leave", (event) => addPresenceEvent("Left", event.detail));
   client.on("*", (message, topic) => addMessage(topic, message));
   return client;
 }
@@ -489,7 +579,11 @@ $("disconnect").addEventListener("click", () => {
   $("subscribe-grants").disabled = false;
   $("disconnect").disabled = true;
   const id = url?.match(/\/ws\/([^/?]+)/)?.[1];
-  if (id) api(`register/${id}`, { method: "DELETE" }).catch(() => {}); // it may be gone already
+  if (id) {
+    api(`register/${id}`, { method: "DELETE" })
+      .catch(() => {}) // it may be gone already
+      .finally(() => refreshPresence());
+  }
 });
 
 $("clear-messages").addEventListener("click", () => {
