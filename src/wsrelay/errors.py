@@ -25,7 +25,8 @@ The hierarchy::
     │   ├── TooManyRegistrations    429 too_many_registrations (the user's limit)
     │   ├── RateLimited             429 rate_limited (a namespace's client publish rate)
     │   ├── TooManyConnectionsPerIp 429 too_many_connections_per_ip, Retry-After: 5
-    │   └── HeadersTooLarge         431 headers_too_large (request line and headers)
+    │   ├── HeadersTooLarge         431 headers_too_large (request line and headers)
+    │   └── NotStreaming            409 not_streaming (POST /sse/<id> without its stream here)
     └── ServerError                 ours (5xx / close 1011)
         ├── BrokerUnavailable       503 broker_unavailable, Retry-After: 2
         ├── AuthorizationUnavailable 503 authorization_unavailable (--authorize-url), Retry-After: 2
@@ -140,6 +141,14 @@ class ForbiddenTopic(Forbidden):
 class NotFound(ClientError):
     code = "not_found"
     http_status = 404
+
+
+class NotStreaming(ClientError):
+    """A command was posted to ``/sse/<id>`` while no SSE stream of that registration
+    is open on this node."""
+
+    code = "not_streaming"
+    http_status = 409
 
 
 class MethodNotAllowed(ClientError):

@@ -373,6 +373,22 @@ class GapFrame(msgspec.Struct, tag_field="type", tag="gap"):
     epoch: str
 
 
+class StreamFrame(msgspec.Struct, tag_field="type", tag="stream"):
+    """An SSE stream's first event: ``id`` is its registration's id (for a token's
+    stream, the temporary registration made for it), to which its commands are
+    posted (``POST /sse/<id>``)."""
+
+    id: str
+
+
+class CloseFrame(msgspec.Struct, tag_field="type", tag="close"):
+    """An SSE stream's last event when the server ends it: the WebSocket close code it
+    stands for (4008 slow consumer, 4500 replaced, 1000 unregistered…) and why."""
+
+    code: int
+    reason: str
+
+
 class ErrorFrame(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
     """Sent for a command the server could not apply; the connection stays open. ``id``:
     the refused ``publish``'s."""

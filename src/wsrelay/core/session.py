@@ -35,6 +35,7 @@ from wsrelay import codes
 from wsrelay.core.commands import PresenceQuery, decode_command, request_id
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import Position, Receipt
+from wsrelay.core.patterns import is_pattern
 from wsrelay.core.payload import message_text
 from wsrelay.core.registry import Client
 from wsrelay.core.rules import NO_GRANTS, Grants, Namespace, PublishLimiter
@@ -102,6 +103,10 @@ class Send:
 
     payload: bytes
     more: tuple[bytes, ...] = ()
+    reply: bool = False
+    """``payload`` answers a request (a publish, a presence query) and concerns no one
+    else: a one-way transport (SSE) returns it to the caller rather than streaming it.
+    A subscription's acknowledgement is streamed: it moves the stream's positions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,22 @@ class Close:
 
 
 Action = Send | Close
+
+
+class Refusal(Exception):
+    """A command was refused: ``error`` says why, ``request`` is the refused publish's
+    or query's ``id`` (None for others). Each transport answers it its own way: an
+    error frame (WebSocket, JSON), a close (raw), the HTTP error (SSE's calls)."""
+
+    def __init__(self, error: RelayError, request: int | str | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.request = request
+
+
+UNKNOWN_POSITION: Final = Position("", 0)
+"""Stands for a position a client had but could not say: never recovered (no epoch is
+empty), so the topic is answered ``recovered: false`` at its current position."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +237,8 @@ async def admit(
     query: Mapping[str, str],
     headers: Mapping[str, str],
     check_upgrade: Callable[[], None],
+    *,
+    one_way: bool = False,
 ) -> Session:
     """Decide a handshake for ``/ws/<client_id>`` (or, if ``client_id`` is None,
     ``/ws?token=...``), in the order a client can act on: origin (403: the ``Origin``
@@ -223,6 +246,10 @@ async def admit(
     registration or token (404/401), the format (400), the upgrade itself (426,
     ``check_upgrade``), a connection slot (503), and only then any registration
     made from a token. ``headers`` is read with lower-case names.
+
+    ``one_way``: a transport that carries no commands of its own (SSE, whose commands
+    come by HTTP calls): JSON only (its events carry the positions), and the topics are
+    held from the attach until :meth:`Session.resume` recovers them.
 
     Raises:
         ClientError: the handshake is refused; the error knows its status.
@@ -236,7 +263,7 @@ async def admit(
     relay = gate.relay
     if client_id is not None:
         client = await relay.lookup(client_id)  # 404
-        raw, recover = _format(query)
+        raw, recover = _format(query, one_way)
         check_upgrade()
         gate.slots.acquire()
         return Session(gate, client, raw, temporary=False, recover=recover)
@@ -249,7 +276,7 @@ async def admit(
     if not token:
         raise InvalidToken("pass the connection token as /ws?token=<token>")
     claims = gate.verify_token(token)  # 401 token_expired / invalid_token
-    raw, recover = _format(query)  # refuse a doomed request before registering anything
+    raw, recover = _format(query, one_way)  # refuse a doomed request before registering
     check_upgrade()
     gate.slots.acquire()
     # Claims without grants (an older verifier) hold none: today's behaviour.
@@ -262,9 +289,14 @@ async def admit(
     return Session(gate, client, raw, temporary=True, recover=recover)
 
 
-def _format(query: Mapping[str, str]) -> tuple[bool, bool]:
+def _format(query: Mapping[str, str], one_way: bool = False) -> tuple[bool, bool]:
     """``format`` (raw or not) and ``recover`` (hold the topics' publications until the
-    first command, which recovers them) of a handshake's query."""
+    first command, which recovers them) of a handshake's query; a one-way transport's
+    are always JSON and recovering (:meth:`Session.resume` is its first command)."""
+    if one_way:
+        if query.get("format", "json") != "json":
+            raise BadRequest("an SSE stream carries JSON events only: format=raw needs a WebSocket")
+        return False, True
     fmt = query.get("format", "json")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -341,13 +373,34 @@ class Session:
                     f"invalid UTF-8 in a text message at byte {exc.start}",
                     fail=True,
                 )
+        try:
+            return await self.carry_out(data)
+        except Refusal as refusal:
+            error = refusal.error
+            if isinstance(error, ServerError):  # the broker went away: this command failed
+                error = ClientError(error.message, code=error.code)
+            return self.report(error, refusal.request)
+        except Exception:
+            log.exception("unexpected error in a WebSocket command")
+            return self.closing(codes.INTERNAL_ERROR, "internal error")
+
+    async def carry_out(self, text: str) -> Action | None:
+        """Carry out one command, ``text``, and return its answer: the acknowledgement
+        (none in raw mode) with what follows it, or a publish's or query's answer
+        (:attr:`Send.reply`). Every transport's commands come through here: the
+        WebSocket's frames (:meth:`on_text`) and SSE's HTTP calls.
+
+        Raises:
+            Refusal: the command was refused (a client error, or the broker failed): its
+                error and the refused publish's or query's ``id``.
+        """
         followed: Followed | None = None
         request: int | str | None = None
         try:
             try:
-                command = decode_command(data)
+                command = decode_command(text)
             except ClientError:
-                request = request_id(data)  # a broken publish's error still names its id
+                request = request_id(text)  # a broken publish's error still names its id
                 raise
             if isinstance(command, ClientPublish):
                 request = command.id
@@ -367,13 +420,34 @@ class Session:
                 followed = await relay.subscribe(client, topics, since)
             else:
                 await relay.unsubscribe(client, topics)
-        except ClientError as exc:
-            return self.report(exc, request)
-        except ServerError as exc:  # the broker went away: this command failed, not the client
-            return self.report(ClientError(exc.message, code=exc.code), request)
-        except Exception:
-            log.exception("unexpected error in a WebSocket command")
-            return self.closing(codes.INTERNAL_ERROR, "internal error")
+        except (ClientError, ServerError) as exc:
+            raise Refusal(exc, request) from exc
+        return self._acknowledge(followed)
+
+    async def resume(self, since: Mapping[str, Position], *, unknown: bool = False) -> Action:
+        """The first command of a one-way transport, which cannot send one: the client's
+        own topics, recovering each named in ``since`` (what a reconnecting SSE stream's
+        ``Last-Event-ID`` holds), as ``{"topics": [...], "since": ...}`` would. Positions
+        of topics the client no longer has are ignored. ``unknown``: ``since`` is known
+        to be incomplete (a truncated event id), so a topic it leaves out is answered
+        ``recovered: false`` rather than resumed from now.
+
+        Raises:
+            RelayError: the broker failed (nothing was sent; refuse the stream).
+        """
+        client = self.client
+        named = {topic for topic in client.topics if not is_pattern(topic)}
+        asked = {topic: position for topic, position in since.items() if topic in named}
+        if unknown:
+            for topic in named - asked.keys():
+                asked[topic] = UNKNOWN_POSITION
+        followed = await self.gate.relay.set_topics(client, sorted(client.topics), asked)
+        action = self._acknowledge(followed)
+        assert action is not None  # a one-way transport is never raw
+        return action
+
+    def _acknowledge(self, followed: Followed | None) -> Action | None:
+        """A subscription command's answer: the acknowledgement, then the replay."""
         if self.raw:
             # No acknowledgement; but what was held back while the command ran still goes.
             texts = [p.message.encode() for p in followed.replay] if followed else []
@@ -410,7 +484,7 @@ class Session:
         receipt = published.receipt
         position = receipt.position
         frame = PublishedFrame(position.offset, position.epoch, command.id, receipt.duplicate)
-        return Send(encode_json(frame))
+        return Send(encode_json(frame), reply=True)
 
     async def _presence(self, query: PresenceQuery) -> Action:
         """``presence`` or ``presence_stats``: allowed to a client that may subscribe to
@@ -422,9 +496,10 @@ class Session:
         if query.name == "presence":
             entries = await relay.presence_of(query.topic)
             frame = PresenceFrame(query.topic, entries[:MAX_PRESENCE_FRAME], len(entries), query.id)
-            return Send(encode_json(frame))
+            return Send(encode_json(frame), reply=True)
         clients, users = await relay.presence_stats(query.topic)
-        return Send(encode_json(PresenceStatsFrame(query.topic, clients, users, query.id)))
+        stats = PresenceStatsFrame(query.topic, clients, users, query.id)
+        return Send(encode_json(stats), reply=True)
 
     def on_binary(self) -> Action:
         """A binary message arrived (whole): refused."""

@@ -21,7 +21,7 @@ from wsrelay.authorize import HttpAuthorizer
 from wsrelay.brokers import Backend, from_url
 from wsrelay.config import Settings
 from wsrelay.relay import Relay
-from wsrelay.server import console, http, metrics, routes, ws
+from wsrelay.server import console, http, metrics, routes, sse, ws
 from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, protected
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
@@ -104,6 +104,9 @@ def create_app(
     app.router.add_delete(routes.USER_CONNECTIONS, protected(http.disconnect_user))
     app.router.add_get(routes.WEBSOCKET_BY_ID, ws.websocket)
     app.router.add_get(routes.WEBSOCKET_BY_TOKEN, ws.token_websocket)
+    app.router.add_get(routes.SSE_BY_ID, sse.stream)
+    app.router.add_post(routes.SSE_BY_ID, sse.command)
+    app.router.add_get(routes.SSE_BY_TOKEN, sse.token_stream)
     app.router.add_get(routes.METRICS, protected(metrics.metrics))
     app.router.add_get(routes.OPENAPI, http.openapi)
     app.router.add_get("/console", console.page)

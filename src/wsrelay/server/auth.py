@@ -190,8 +190,15 @@ origin can read none of the API key's routes' answers, nor send them an
 
 def cors_headers(route: str) -> dict[str, str]:
     """The CORS headers of an answer on ``route`` (a template of :mod:`routes`): those of
-    :data:`WEBSOCKET_CORS` for the WebSocket routes, none for any other."""
-    if route in (routes.WEBSOCKET_BY_ID, routes.WEBSOCKET_BY_TOKEN):
+    :data:`WEBSOCKET_CORS` for the WebSocket and SSE routes (a stream and its commands are
+    read by pages of any origin: the registration id or token in the URL is the
+    capability, never a cookie, and ``--allowed-origin`` is checked), none for any other."""
+    if route in (
+        routes.WEBSOCKET_BY_ID,
+        routes.WEBSOCKET_BY_TOKEN,
+        routes.SSE_BY_ID,
+        routes.SSE_BY_TOKEN,
+    ):
         return dict(WEBSOCKET_CORS)
     return {}
 

@@ -16,12 +16,19 @@ whole frames too (pongs, pings, the close frame), so frames never interleave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from websockets.frames import Frame, Opcode
 
 from wsrelay import codes
 from wsrelay.core.outbox import Outbox, OutboxOverflow
+
+if TYPE_CHECKING:
+    from wsrelay.core.session import Session
+    from wsrelay.errors import RelayError
+    from wsrelay.relay import Relay
 
 log = logging.getLogger("wsrelay.server")
 
@@ -39,6 +46,33 @@ what one pass produced. 64 KiB per write keeps the system calls as few as ever."
 def frame_text(payload: bytes) -> bytes:
     """An unmasked, uncompressed WebSocket text frame carrying ``payload``."""
     return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+def unframe(frame: bytes) -> bytes:
+    """The payload of a frame made by :func:`frame_text` (its inverse): for a transport
+    that carries the fan-out's frames otherwise (SSE)."""
+    size = frame[1] & 0x7F
+    return frame[2 + (2 if size == 126 else 8 if size == 127 else 0) :]
+
+
+async def attach(connection: Connection, relay: Relay, session: Session) -> RelayError | None:
+    """Attach ``connection`` to its session's client before the client is answered (the
+    101, the SSE stream's head), so that a broker failure is still an HTTP answer (503
+    with ``Retry-After``). What is published meanwhile waits in the outbox
+    (:attr:`Connection.held`). Returns the error to refuse with, if any."""
+    connection.raw = session.raw
+    connection.held = True
+    try:
+        await relay.attach(session.client, connection, hold=session.recover)
+    except Exception as exc:
+        refusal = session.refusal(exc)
+    else:
+        if not connection.closing:
+            return None
+        refusal = session.closed_before_open()  # replaced or unregistered meanwhile
+    with contextlib.suppress(Exception):  # its own failure is the one reported
+        await relay.detach(session.client, connection)
+    return refusal
 
 
 class Flusher:

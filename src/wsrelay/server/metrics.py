@@ -225,15 +225,17 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time each HTTP request into the latency histogram, labelled by route template."""
     start = time.perf_counter()
     status = 500
+    streaming = False
     try:
         response = await handler(request)
         status = response.status
+        streaming = response.content_type == "text/event-stream"
         return response
     except web.HTTPException as exc:
         status = exc.status
         raise
     finally:
-        if status != 101:  # a WebSocket session's length is not a latency
+        if status != 101 and not streaming:  # a WebSocket's or stream's length is no latency
             series = request.app[METRICS].request_latency(
                 _method_label(request.method), _route_label(request), status
             )

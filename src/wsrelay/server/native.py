@@ -31,7 +31,6 @@ keeps sending control frames (:data:`wsrelay.core.session.CONTROL_FRAME_RATE`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -65,6 +64,7 @@ from wsrelay.server.connection import (
     Connection,
     ConnectionStats,
     Flusher,
+    attach,
     frame_text,
 )
 from wsrelay.server.errors import error_headers, log_refused
@@ -515,24 +515,9 @@ class NativeConnection(Connection, asyncio.Protocol):
         await self._start(session)
 
     async def attach(self, session: Session) -> RelayError | None:
-        """Attach the connection to its client before the upgrade is answered, so that
-        a broker failure is still an HTTP answer (503 with ``Retry-After``), never bytes
-        inside a WebSocket. What is published meanwhile waits in the outbox
-        (:attr:`held`) until the 101 is written. Returns the error to refuse with."""
-        self.raw = session.raw
-        self.held = True
-        relay = self._shared.relay
-        try:
-            await relay.attach(session.client, self, hold=session.recover)
-        except Exception as exc:
-            refusal = session.refusal(exc)
-        else:
-            if not self.closing:
-                return None
-            refusal = session.closed_before_open()  # replaced or unregistered meanwhile
-        with contextlib.suppress(Exception):  # its own failure is the one reported
-            await relay.detach(session.client, self)
-        return refusal
+        """Attach the connection to its client before the upgrade is answered
+        (:func:`wsrelay.server.connection.attach`). Returns the error to refuse with."""
+        return await attach(self, self._shared.relay, session)
 
     def _refuse(self, error: RelayError, route: str, started: float) -> None:
         """Answer the handshake with ``error`` as JSON, as every HTTP error is."""

@@ -30,9 +30,13 @@ PRESENCE_STATS: Final = "/presence/stats"
 USER: Final = "/users/{user_id}"
 USER_CONNECTIONS: Final = "/users/{user_id}/connections"
 METRICS: Final = "/metrics"
+NODES: Final = "/nodes"
 OPENAPI: Final = "/openapi.json"
 WEBSOCKET_BY_ID: Final = "/ws/{client_id}"
 WEBSOCKET_BY_TOKEN: Final = "/ws"
+SSE_BY_ID: Final = "/sse/{client_id}"
+"""``GET``: a registration's server-sent events; ``POST``: a command for that stream."""
+SSE_BY_TOKEN: Final = "/sse"
 
 NATIVE_PUBLISH: Final = (PUBLISH, PUBLISH_BATCH)
 """The routes the native HTTP driver serves (docs/decisions/0005)."""
