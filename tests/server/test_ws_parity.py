@@ -316,3 +316,50 @@ async def test_a_broker_failure_during_a_command_is_an_error_frame(
         assert answer["type"] == "error"  # the socket is still open and answering
         await subscriber.close()
     assert "refused request" not in node.log()  # a socket that was open is no refused request
+
+
+COMMANDS = [
+    ("not JSON", "{nope", "invalid_json"),
+    ("unknown field", {"subscribe": ["a"], "extra": 1}, "invalid_field"),
+    ("two commands", {"subscribe": ["a"], "topics": ["b"]}, "invalid_field"),
+    ("bad topic", {"subscribe": ["bad topic"]}, "invalid_topic"),
+    (
+        "since without its topic",
+        {"subscribe": ["a"], "since": {"b": {"offset": 1, "epoch": "e"}}},
+        "invalid_field",
+    ),
+    (
+        "client publish refused",
+        {"publish": {"topic": "a", "message": "m", "id": 9}},
+        "forbidden_topic",
+    ),
+    ("presence kept by no namespace", {"presence": "a", "id": 4}, "presence_disabled"),
+    ("subscribe", {"subscribe": ["parity.a"]}, None),
+]
+
+
+@pytest.mark.parametrize(("name", "command", "code"), COMMANDS, ids=[c[0] for c in COMMANDS])
+async def test_a_command_gets_the_same_answer_over_the_websocket_and_sse(
+    server: ServerProcess, name: str, command: object, code: str | None
+) -> None:
+    """One command through this stack's WebSocket and posted for an SSE stream: the same
+    acknowledgement, or the same refusal (an error frame there, the HTTP error here)."""
+    text = command if isinstance(command, str) else json.dumps(command)
+    async with aiohttp.ClientSession() as session:
+        api = Api(session, server.url)
+        subscriber = await api.connect()
+        await subscriber.ws.send(text)
+        frame = await subscriber.frame()
+        await subscriber.close()
+        client_id = (await api.register())["id"]
+        async with session.get(f"{server.url}/sse/{client_id}") as stream:
+            assert stream.status == 200
+            await stream.content.readuntil(b'"type":"subscribed"')  # the stream is open
+            async with session.post(f"{server.url}/sse/{client_id}", data=text) as answer:
+                body = await answer.json()
+    if code is None:
+        assert answer.status == 200 and body == frame, (body, frame)
+    else:
+        assert frame["type"] == "error" and frame["error"]["code"] == code, frame
+        assert body == {"error": frame["error"]}, (body, frame)
+        assert answer.status >= 400

@@ -35,6 +35,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         "forbidden_topic; the message names the topic and the rule).",
         404: "No such registration.",
         408: "The body did not arrive within request_timeout.",
+        409: "No SSE stream of this registration is open on this node (code not_streaming): "
+        "open GET /sse/<id> first, and post to the node serving it.",
         413: "The body is larger than max_body_size.",
         426: "Not a WebSocket upgrade request.",
         429: "The user already holds max_registrations_per_user registrations "
@@ -78,6 +80,16 @@ def _constrain(components: dict[str, Any], settings: Settings) -> None:
     )
 
 
+_last_event_id: dict[str, Any] = {
+    "name": "last_event_id",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Resume from this event id (as the Last-Event-ID header does, which wins "
+    "when both are given): for a first connection, which cannot set the header.",
+}
+
+
 def document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document for a server running with ``settings``."""
     _, components = msgspec.json.schema_components(
@@ -90,6 +102,7 @@ def document(settings: Settings) -> dict[str, Any]:
             schema.BatchPublishRequest,
             schema.BatchPublishResponse,
             schema.StatsResponse,
+            schema.NodesResponse,
             schema.TopicsResponse,
             schema.HistoryResponse,
             schema.PresenceResponse,
@@ -177,7 +190,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "paths": {
             "/health": {
                 "get": {
-                    "summary": "Liveness and counters",
+                    "summary": "Liveness and counters (of the worker that answered)",
                     "responses": {
                         "200": {"description": "Up.", "content": _json("HealthResponse")}
                     },
@@ -262,6 +275,8 @@ def document(settings: Settings) -> dict[str, Any]:
             "/stats": {
                 "get": {
                     "summary": "This node's live counters (JSON)",
+                    "description": "With --workers N: the workers' counters added up, each "
+                    "as of its last heartbeat (workers says how many).",
                     **keyed,
                     "responses": {
                         "200": {"description": "Counters.", "content": _json("StatsResponse")},
@@ -416,6 +431,72 @@ def document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/sse/{client_id}": {
+                "get": {
+                    "summary": "Server-sent events: the frames a JSON-mode WebSocket gets, one "
+                    "event each (see README: Server-sent events)",
+                    "description": 'The first event is {"type":"stream","id":...}, '
+                    "then the acknowledgement of the registration's topics. Each event that "
+                    "moves a position has the id 1;topic=epoch.offset;... (at most 1024 "
+                    "characters, ';~' when topics were left out); sent back as Last-Event-ID "
+                    "(or ?last_event_id=), it recovers every topic as a WebSocket's since. "
+                    'The stream ends with {"type":"close","code":...} where a '
+                    "WebSocket would be closed (4008 slow consumer...).",
+                    "parameters": [client_id, _last_event_id, origin],
+                    "responses": {
+                        "200": {
+                            "description": "The stream (text/event-stream, chunked).",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(400, 403, 404, *per_ip, 503),
+                    },
+                },
+                "post": {
+                    "summary": "A command for the registration's SSE stream (the JSON a "
+                    "WebSocket sends as a frame: topics, subscribe, unsubscribe, publish, "
+                    "presence, presence_stats)",
+                    "description": "Answered with the frame a WebSocket would get; a "
+                    "subscription's acknowledgement and replay also go down the stream. At "
+                    "most --max-message-size bytes. The registration id is the capability.",
+                    "parameters": [client_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"text/plain": {"schema": {"type": "object"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The answer frame (subscribed, published, "
+                            "presence or presence_stats).",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(400, 403, 404, 409, 413, 429, 503),
+                    },
+                },
+            },
+            "/sse": {
+                "get": {
+                    "summary": "Server-sent events with a signed connection token (the stream's "
+                    "first event names the registration made for it, to post commands to)",
+                    "parameters": [
+                        {
+                            "name": "token",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "A connection token, as for GET /ws.",
+                        },
+                        _last_event_id,
+                        origin,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The stream (text/event-stream, chunked).",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(400, 401, 403, 404, *sorted({*limited, *per_ip}), 503),
+                    },
+                }
+            },
             "/ws": {
                 "get": {
                     "summary": "Open a WebSocket with a signed connection token (no registration)",
@@ -439,9 +520,22 @@ def document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/nodes": {
+                "get": {
+                    "summary": "Every node sharing the broker, as its last heartbeat said",
+                    "description": "A node writes its entry every third of --presence-ttl; "
+                    "one that stopped doing so (killed) is gone within --presence-ttl.",
+                    **keyed,
+                    "responses": {
+                        "200": {"description": "The nodes.", "content": _json("NodesResponse")},
+                        **_errors(*unauthorized, 503),
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics (text exposition format)",
+                    "description": "With --workers N: every worker's series, labelled node.",
                     **keyed,
                     "responses": {
                         "200": {

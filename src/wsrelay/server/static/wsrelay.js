@@ -28,6 +28,16 @@
  * read these answers (`Access-Control-Allow-Origin: *` on its two WebSocket routes
  * only), so the check works from any page; it is sent without cookies.
  *
+ * SSE fallback: when the WebSocket fails before opening and the check (below) reaches
+ * the relay all the same (426: it answers HTTP, so something on the way, e.g. a proxy,
+ * drops upgrades), the client switches to server-sent events for good (`relay.transport`
+ * becomes `"sse"`, with a `transport` event): an `EventSource` on `/sse/<id>` (or
+ * `/sse?token=`) brings the same frames, and commands, publishes and presence queries are
+ * posted to `/sse/<id>` (`text/plain`, so no preflight), with the same answers and
+ * refusals. Every (re)connection passes the client's positions as `last_event_id`, so
+ * the stream resumes as a WebSocket's `since` would; the client closes the
+ * `EventSource` when a stream breaks and reconnects with its own backoff.
+ *
  * Retry-After: a node shedding load refuses with 503 (or 429) and `Retry-After`.
  * wsrelay.js honours it (waits that long, at most `maxRetryAfter`, plus a random 0 to
  * 20%, at least 0 to `minDelay`, instead of its backoff) wherever it can read it: a
@@ -190,7 +200,10 @@ export async function responseError(response) {
  * - `state`: `{state, previous}`, one of {@link States}; going to `reconnecting` also
  *   `{delay, retryAfter}`: the ms it waits, and the server's `Retry-After` (seconds)
  *   when that set the delay, else null (the backoff did).
- * - `open`: `{url}` (the URL without any token), after each successful connection.
+ * - `open`: `{url, transport}` (the URL without any token; `"websocket"` or `"sse"`),
+ *   after each successful connection.
+ * - `transport`: `{transport: "sse"}`, once, when the client falls back to server-sent
+ *   events (see above).
  * - `close`: `{code, reason, reconnect, delay}`; `reconnect` says whether it will try
  *   again, after `delay` ms (always the backoff: a close carries no `Retry-After`).
  * - `subscribed`: `{topics, positions}`, the server's whole topic set after each
@@ -228,8 +241,10 @@ export class Relay extends EventTarget {
   #maxDelay;
   #maxRetryAfter;
   #stableAfter;
-  /** @type {WebSocket | null} */
+  /** @type {WebSocket | SseSocket | null} */
   #socket = null;
+  /** `"websocket"`, or `"sse"` once the WebSocket proved blocked (see {@link Relay#transport}). */
+  #transport = "websocket";
   #state = States.IDLE;
   #stopped = false;
   /** @type {Set<string>} */
@@ -288,6 +303,16 @@ export class Relay extends EventTarget {
   /** The topics this client wants, sorted. */
   get topics() {
     return [...this.#topics].sort();
+  }
+
+  /**
+   * The transport in use: `"websocket"`, or `"sse"` once the client fell back to
+   * server-sent events (the WebSocket failed before opening while a plain GET on its URL
+   * reached the relay: a proxy on the way drops upgrades). It stays on SSE from then on.
+   * @returns {"websocket" | "sse"}
+   */
+  get transport() {
+    return this.#transport;
   }
 
   /** The WebSocket URL in use (without a token), or null before the first one. */
@@ -526,7 +551,14 @@ export class Relay extends EventTarget {
       if (this.#checkGone && this.#url) {
         const refusal = await check(this.#url);
         if (this.#stopped) return;
-        if (refusal?.status === 404 && this.#register && !this.#token) {
+        if (refusal === UPGRADE_BLOCKED) {
+          // The relay answers HTTP, yet the WebSocket failed: something on the way (a proxy)
+          // drops upgrades. Server-sent events pass where plain HTTP does.
+          if (this.#transport !== "sse") {
+            this.#transport = "sse";
+            this.#emit("transport", { transport: "sse" });
+          }
+        } else if (refusal?.status === 404 && this.#register && !this.#token) {
           this.#url = null; // the registration is gone: register again
         } else if (refusal) {
           this.#fail(refusal);
@@ -542,7 +574,8 @@ export class Relay extends EventTarget {
     }
     if (this.#stopped) return;
     let opened = false;
-    const socket = new WebSocket(url);
+    const socket =
+      this.#transport === "sse" ? new SseSocket(url, eventId(this.#positions)) : new WebSocket(url);
     this.#socket = socket;
     socket.addEventListener("open", () => {
       if (socket !== this.#socket) return;
@@ -551,7 +584,7 @@ export class Relay extends EventTarget {
       this.#openedAt = Date.now();
       this.#setState(States.OPEN);
       this.#resubscribe();
-      this.#emit("open", { url: this.#url });
+      this.#emit("open", { url: this.#url, transport: this.#transport });
       for (const waiter of this.#connecting.splice(0)) waiter.resolve();
     });
     socket.addEventListener("message", (event) => {
@@ -631,6 +664,13 @@ export class Relay extends EventTarget {
    * position for; with the position of each known one.
    */
   #resubscribe() {
+    if (this.#transport === "sse" && !this.#managed) {
+      // The stream opened with the registration's topics, recovered from the positions
+      // passed with it (last_event_id): nothing to send.
+      const topics = this.#socket.topics;
+      for (const entry of this.#waiting.splice(0)) entry.resolve(topics);
+      return;
+    }
     const waiting = this.#waiting.splice(0);
     const topics = this.#managed ? this.topics : [...this.#positions.keys()].sort();
     const body = this.#managed ? { topics } : { subscribe: topics };
@@ -873,6 +913,7 @@ async function check(url) {
     return null; // unreachable (or a relay too old to allow CORS): cannot tell
   }
   if (response.status === 404 || response.status === 403) return responseError(response);
+  if (response.status === 426) return UPGRADE_BLOCKED; // the relay is there; upgrades are not
   if (response.status === 429 || response.status >= 500) {
     const error = await responseError(response);
     if (error.retryAfter !== null) throw error;
@@ -884,4 +925,125 @@ async function check(url) {
 function retryAfterOf(error) {
   const seconds = error?.retryAfter;
   return typeof seconds === "number" && Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
+}
+
+/** What {@link check} answers when the relay was reached but the WebSocket was not. */
+const UPGRADE_BLOCKED = Symbol("upgrade blocked");
+
+/** Characters an SSE event id may take (the relay's limit). */
+const MAX_EVENT_ID = 1024;
+
+/**
+ * The SSE event id naming `positions` (`1;topic=epoch.offset;…`, sorted), as the relay
+ * makes them, to resume a stream from: within {@link MAX_EVENT_ID}, ending with `;~`
+ * when topics had to be left out (the relay then answers them not recovered).
+ * @param {Map<string, {offset: number, epoch: string}>} positions
+ * @returns {string}
+ */
+export function eventId(positions) {
+  let id = "1";
+  for (const topic of [...positions.keys()].sort()) {
+    const { offset, epoch } = positions.get(topic);
+    if (!epoch) continue;
+    const part = `;${topic}=${epoch}.${offset}`;
+    if (id.length + part.length > MAX_EVENT_ID - 2) return `${id};~`;
+    id += part;
+  }
+  return id;
+}
+
+/**
+ * Server-sent events dressed as the part of a WebSocket a {@link Relay} uses: the
+ * stream (`GET /sse/<id>`, or `/sse?token=`) brings the frames, `send` posts a command
+ * (`POST /sse/<id>`, `text/plain`: no preflight) and hands its answer on as a frame (a
+ * refusal as an error frame; a subscription's acknowledgement comes down the stream).
+ * `open` fires once the opening acknowledgement arrived (`topics` then holds its topic
+ * set); `close` when the stream ends, with the code of the relay's close event (1006 if
+ * it just broke: the Relay reconnects, passing its positions as `last_event_id`).
+ */
+class SseSocket extends EventTarget {
+  #source;
+  #commands = null;
+  #queue = Promise.resolve();
+  #opened = false;
+  #ended = false;
+  /** The topic set of the opening acknowledgement. @type {string[]} */
+  topics = [];
+
+  constructor(url, lastEventId) {
+    super();
+    const http = new URL(url);
+    http.protocol = http.protocol === "wss:" ? "https:" : "http:";
+    http.pathname = http.pathname.replace(/\/ws(\/[^/]*)?$/, "/sse$1");
+    http.searchParams.delete("recover");
+    if (lastEventId && lastEventId !== "1") http.searchParams.set("last_event_id", lastEventId);
+    this.#commands = http;
+    this.#source = new EventSource(http.href);
+    this.#source.addEventListener("message", (event) => this.#frame(event.data));
+    this.#source.addEventListener("error", () => this.#end(1006, ""));
+  }
+
+  send(text) {
+    const body = JSON.parse(text);
+    const id = body.publish?.id ?? body.id;
+    this.#queue = this.#queue.then(() => this.#post(text, id));
+  }
+
+  close() {
+    this.#ended = true;
+    this.#source.close();
+  }
+
+  async #post(text, id) {
+    if (this.#ended) return;
+    let frame;
+    try {
+      const response = await fetch(this.#commands, {
+        method: "POST",
+        body: text,
+        headers: { "Content-Type": "text/plain" },
+        credentials: "omit",
+      });
+      frame = await response.json();
+      if (!response.ok) frame = { type: "error", error: frame.error };
+    } catch (error) {
+      frame = { type: "error", error: { code: "connection_failed", message: String(error) } };
+    }
+    if (frame.type === "subscribed" || this.#ended) return; // it comes down the stream
+    if (frame.type === "error" && id !== undefined && id !== null) frame.id = id;
+    this.dispatchEvent(new MessageEvent("message", { data: JSON.stringify(frame) }));
+  }
+
+  #frame(data) {
+    let frame = null;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      // handed on: the Relay reports a frame that is not JSON
+    }
+    if (frame?.type === "stream") {
+      const commands = new URL(this.#commands);
+      commands.pathname = commands.pathname.replace(/\/sse(\/[^/]*)?$/, `/sse/${frame.id}`);
+      commands.search = "";
+      this.#commands = commands;
+      return;
+    }
+    if (frame?.type === "close") {
+      this.#end(frame.code, frame.reason ?? "");
+      return;
+    }
+    this.dispatchEvent(new MessageEvent("message", { data }));
+    if (!this.#opened && frame?.type === "subscribed") {
+      this.#opened = true;
+      this.topics = frame.topics;
+      this.dispatchEvent(new Event("open"));
+    }
+  }
+
+  #end(code, reason) {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#source.close();
+    this.dispatchEvent(Object.assign(new Event("close"), { code, reason }));
+  }
 }
