@@ -117,8 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_server(settings: Settings) -> None:
-    """One relay process, until SIGINT or SIGTERM."""
+def _run_server(settings: Settings, group: str | None = None) -> None:
+    """One relay process, until SIGINT or SIGTERM; ``group`` names its ``--workers``."""
     from wsrelay.server.app import serve
     from wsrelay.server.limits import connections_allowed_by, raise_open_files_limit
     from wsrelay.server.logs import configure_logging
@@ -140,7 +140,9 @@ def _run_server(settings: Settings) -> None:
             print(f"wsrelay listening on {url}", flush=True)
 
     _install_uvloop()
-    asyncio.run(serve(settings, on_listening=listening, reuse_port=settings.workers > 1))
+    asyncio.run(
+        serve(settings, on_listening=listening, reuse_port=settings.workers > 1, group=group)
+    )
 
 
 def _supervise_workers(settings: Settings) -> int:
@@ -148,10 +150,12 @@ def _supervise_workers(settings: Settings) -> int:
     Returns 0 if every worker exited cleanly."""
     import multiprocessing
     import signal
+    import socket
 
     context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
+    group = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"  # /stats, /metrics
     workers = [
-        context.Process(target=_run_server, args=(settings,), name=f"wsrelay-worker-{i}")
+        context.Process(target=_run_server, args=(settings, group), name=f"wsrelay-worker-{i}")
         for i in range(settings.workers)
     ]
     for worker in workers:

@@ -41,8 +41,8 @@ def from_url(
     """The backend for ``url``. ``pool_size`` (connections for commands) and ``timeout``
     (seconds any command may take, waiting for a connection included) concern Redis only;
     ``history_size``: publications kept per topic, if not ``history.size`` for all (the
-    namespaces' ``history_size``); ``presence_ttl``: seconds a presence entry outlives its
-    node's last heartbeat (Redis).
+    namespaces' ``history_size``); ``presence_ttl``: seconds a presence entry (Redis) and a
+    node's entry in the node registry outlive the node's last heartbeat.
 
     Raises:
         ValueError: the scheme is not supported.
@@ -50,7 +50,7 @@ def from_url(
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryBus(registration_ttl, history, history_size).backend()
+        return MemoryBus(registration_ttl, history, history_size, presence_ttl).backend()
     if scheme in ("redis", "rediss"):
         from wsrelay.brokers.redis import redis_backend
 

@@ -26,6 +26,9 @@ The :class:`PresenceStore` keeps, per *set* (a topic's subscribers, or a user's
 connections), an entry per connection, written by the node holding it, so that any
 node can list them all. A node that dies without removing its entries loses them
 after the store's expiry: the store refreshes the entries its node holds.
+
+The :class:`NodeRegistry` lists the nodes themselves (``GET /nodes``), each writing
+its own entry on a heartbeat, and carries the metrics workers share.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Protocol
 from wsrelay.core.fanout import Publication
 from wsrelay.core.history import HistoryPage, Receipt
 from wsrelay.core.registry import Client
-from wsrelay.core.schema import PresenceClient
+from wsrelay.core.schema import NodeInfo, PresenceClient
 
 
 class Listener(Protocol):
@@ -220,11 +223,38 @@ class PresenceStore(Protocol):
         ...
 
 
+class NodeRegistry(Protocol):
+    """Every node sharing the engine, as its last heartbeat described it. An entry lives
+    the store's ``ttl`` after its last heartbeat: a node that died without leaving
+    vanishes within it. With each heartbeat a node may leave a metrics snapshot (bytes),
+    which nodes of its ``--workers`` group read to answer ``GET /metrics`` for them all.
+
+    Methods raise :class:`~wsrelay.errors.BrokerUnavailable` when the engine is down."""
+
+    async def heartbeat(self, info: NodeInfo, metrics: bytes | None = None) -> None:
+        """Write (or replace) ``info`` for node ``info.id``, and ``metrics`` if given
+        (else the last snapshot stays); both live ``ttl`` from now."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes (expired ones are dropped first), oldest first."""
+        ...
+
+    async def metrics(self, ids: Sequence[str]) -> dict[str, bytes]:
+        """The last metrics snapshot of each live node of ``ids`` that left one."""
+        ...
+
+    async def leave(self, node: str) -> None:
+        """Remove ``node``'s entry and snapshot at once (a clean shutdown)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
-    """A broker, a registration store and a presence store over the same engine
-    (``presence`` None: the node keeps presence to itself, in memory)."""
+    """A broker, a registration store, a presence store and a node registry over the
+    same engine (``presence`` or ``nodes`` None: the node keeps it to itself, in memory)."""
 
     broker: Broker
     registrations: RegistrationStore
     presence: PresenceStore | None = None
+    nodes: NodeRegistry | None = None

@@ -35,7 +35,7 @@ from wsrelay.core.history import (
 from wsrelay.core.patterns import is_pattern
 from wsrelay.core.registry import Client
 from wsrelay.core.rules import Grants
-from wsrelay.core.schema import PresenceClient
+from wsrelay.core.schema import NodeInfo, PresenceClient
 from wsrelay.core.topics import PatternIndex
 
 
@@ -48,16 +48,18 @@ class MemoryBus:
         registration_ttl: float | None = None,
         limits: HistoryLimits = DEFAULT_LIMITS,
         history_size: Callable[[str], int] | None = None,
+        node_ttl: float | None = None,
     ) -> None:
         self.members: list[MemoryBroker] = []
         self.registrations = MemoryRegistrations(registration_ttl)
         self.history = MemoryHistory(limits.size, limits.ttl, limits.memory, size_of=history_size)
         self.keys = IdempotencyCache(limits.idempotency_window)
         self.presence = MemoryPresence()
+        self.nodes = MemoryNodes(node_ttl)
 
     def backend(self) -> Backend:
         """A new node's view of this bus."""
-        return Backend(MemoryBroker(self), self.registrations, self.presence)
+        return Backend(MemoryBroker(self), self.registrations, self.presence, self.nodes)
 
 
 class MemoryBroker:
@@ -305,3 +307,47 @@ class MemoryPresence:
 
     async def count(self, key: str) -> int:
         return len(self._sets.get(key, ()))
+
+
+class MemoryNodes:
+    """A :class:`~wsrelay.brokers.base.NodeRegistry` in a dict, shared by the nodes of a
+    bus; an entry expires ``ttl`` seconds after its last heartbeat (None: never)."""
+
+    def __init__(
+        self, ttl: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._nodes: dict[str, tuple[NodeInfo, bytes | None, float]] = {}
+
+    async def heartbeat(self, info: NodeInfo, metrics: bytes | None = None) -> None:
+        self._expire()
+        if metrics is None and info.id in self._nodes:
+            metrics = self._nodes[info.id][1]
+        expires = math.inf if self.ttl is None else self._clock() + self.ttl
+        self._nodes[info.id] = (info, metrics, expires)
+
+    async def nodes(self) -> list[NodeInfo]:
+        self._expire()
+        return sorted((info for info, _, _ in self._nodes.values()), key=_node_order)
+
+    async def metrics(self, ids: Sequence[str]) -> dict[str, bytes]:
+        self._expire()
+        found = {}
+        for node in ids:
+            entry = self._nodes.get(node)
+            if entry is not None and entry[1] is not None:
+                found[node] = entry[1]
+        return found
+
+    async def leave(self, node: str) -> None:
+        self._nodes.pop(node, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for node in [n for n, (_, _, expires) in self._nodes.items() if expires <= now]:
+            del self._nodes[node]
+
+
+def _node_order(info: NodeInfo) -> tuple[float, str]:
+    return info.started_at, info.id

@@ -70,6 +70,7 @@ from wsrelay.brokers.redis_client import (
     send_pipeline,
     unavailable,
 )
+from wsrelay.brokers.redis_nodes import RedisNodes
 from wsrelay.brokers.redis_order import Entries, Sequencer
 from wsrelay.brokers.redis_presence import RedisPresence
 from wsrelay.brokers.redis_probe import HealthProbe
@@ -193,7 +194,8 @@ def redis_backend(
     commands = Commands(client, lanes=pool_size, timeout=timeout)
     registrations = RedisRegistrations(commands, int(registration_ttl))
     broker = RedisBroker(commands, history, registrations, history_size)
-    return Backend(broker, registrations, RedisPresence(commands, presence_ttl))
+    presence = RedisPresence(commands, presence_ttl)
+    return Backend(broker, registrations, presence, RedisNodes(commands, presence_ttl))
 
 
 class _Pending:

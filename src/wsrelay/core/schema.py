@@ -230,6 +230,45 @@ class StatsResponse(msgspec.Struct):
     """Publications handed to this node's connections, wherever they were published."""
     slow_consumers: int
     """Connections this node closed because their outbox overflowed."""
+    workers: int = 1
+    """How many processes the counters add up: with ``--workers N``, the workers of this
+    ``wsrelay serve`` whose heartbeat is live (``node`` is the one that answered), each
+    as of its last heartbeat; 1: this node alone. ``topics`` is then summed too (a
+    topic served by two workers counts twice)."""
+
+
+class NodeInfo(msgspec.Struct):
+    """One node sharing the broker, as its last heartbeat described it (``GET /nodes``)."""
+
+    id: str
+    """The node's id (``node`` in its ``GET /stats``, and in presence entries)."""
+    host: str
+    """The machine's host name."""
+    pid: int
+    version: str
+    group: str | None
+    """The workers of one ``wsrelay serve --workers N`` share a group (host:port:pid of
+    the supervising process); null: a process of its own."""
+    started_at: float
+    """When the node started, in seconds since the Unix epoch (the node's clock)."""
+    uptime: float
+    """Seconds the node had been up at its last heartbeat."""
+    last_heartbeat: float
+    """When it last wrote this, in seconds since the Unix epoch (the node's clock)."""
+    connections: int
+    topics: int
+    publishes: int
+    deliveries: int
+    slow_consumers: int
+
+
+class NodesResponse(msgspec.Struct):
+    """Answer to ``GET /nodes``: every node sharing the broker whose heartbeat is live,
+    oldest first."""
+
+    node: str
+    """The node that answered."""
+    nodes: list[NodeInfo]
 
 
 class TopicInfo(msgspec.Struct):

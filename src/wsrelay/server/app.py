@@ -19,9 +19,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from wsrelay import codes
 from wsrelay.authorize import HttpAuthorizer
 from wsrelay.brokers import Backend, from_url
+from wsrelay.brokers.memory import MemoryNodes
 from wsrelay.config import Settings
+from wsrelay.nodes import Beacon
 from wsrelay.relay import Relay
-from wsrelay.server import console, http, metrics, routes, sse, ws
+from wsrelay.server import cluster, console, http, metrics, routes, sse, ws
 from wsrelay.server.auth import API_KEYS, TOKENS, TokenVerifier, api_keys, protected
 from wsrelay.server.connection import Connection, Flusher, frame_text
 from wsrelay.server.errors import json_errors
@@ -47,9 +49,14 @@ SHUTDOWN_TIMEOUT = 10.0
 
 
 def create_app(
-    settings: Settings | None = None, *, backend: Backend | None = None
+    settings: Settings | None = None,
+    *,
+    backend: Backend | None = None,
+    group: str | None = None,
 ) -> web.Application:
-    """A new relay application. ``backend`` overrides ``settings.broker`` (for tests)."""
+    """A new relay application. ``backend`` overrides ``settings.broker`` (for tests);
+    ``group`` names the ``--workers`` group this process belongs to (``/stats`` and
+    ``/metrics`` then answer for the whole group, :mod:`wsrelay.server.cluster`)."""
     settings = settings if settings is not None else Settings()
     app = web.Application(
         middlewares=[metrics.observe, json_errors], client_max_size=settings.max_body_size
@@ -87,6 +94,14 @@ def create_app(
             secret=settings.webhook_secret,
         )
     app[RELAY] = Relay(settings, frame_text, backend, events=webhooks, authorizer=authorizer)
+    if group is not None:
+        app[cluster.GROUP] = group
+    app[cluster.BEACON] = Beacon(
+        backend.nodes if backend.nodes is not None else MemoryNodes(),
+        lambda: cluster.describe(app),
+        settings.presence_ttl / 3,
+        (lambda: cluster.snapshot(app)) if group is not None else None,
+    )
     connections: set[Connection] = set()
     app[CONNECTIONS] = connections
     app.router.add_get(routes.HEALTH, http.health)
@@ -107,7 +122,10 @@ def create_app(
     app.router.add_get(routes.SSE_BY_ID, sse.stream)
     app.router.add_post(routes.SSE_BY_ID, sse.command)
     app.router.add_get(routes.SSE_BY_TOKEN, sse.token_stream)
-    app.router.add_get(routes.METRICS, protected(metrics.metrics))
+    app.router.add_get(
+        routes.METRICS, protected(cluster.metrics if group is not None else metrics.metrics)
+    )
+    app.router.add_get(routes.NODES, protected(cluster.nodes))
     app.router.add_get(routes.OPENAPI, http.openapi)
     app.router.add_get("/console", console.page)
     app.router.add_get("/console/{asset}", console.asset)
@@ -132,6 +150,7 @@ async def _start(app: web.Application) -> None:
     if AUTHORIZER in app:
         await app[AUTHORIZER].start()
     await app[RELAY].start()
+    await app[cluster.BEACON].start()
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -147,6 +166,7 @@ async def _stop(app: web.Application) -> None:
     sweep = app.get(_KEEP_ALIVE)
     if sweep is not None:
         sweep.cancel()
+    await app[cluster.BEACON].stop()
     await app[RELAY].stop()
     if AUTHORIZER in app:
         await app[AUTHORIZER].stop()
@@ -159,11 +179,13 @@ async def serve(
     *,
     on_listening: Callable[[list[str]], None] | None = None,
     reuse_port: bool = False,
+    group: str | None = None,
 ) -> None:
     """Run a relay with ``settings`` until SIGINT or SIGTERM, then shut down cleanly.
-    ``reuse_port`` lets several processes listen on one port (``--workers``)."""
+    ``reuse_port`` lets several processes listen on one port (``--workers``), ``group``
+    names them together."""
     logging.getLogger("aiohttp.server").addFilter(_quiet_bad_http)
-    app = create_app(settings)
+    app = create_app(settings, group=group)
     runner = web.AppRunner(
         app,
         access_log=None,

@@ -47,6 +47,7 @@ from wsrelay.errors import (
     RequestTimeout,
 )
 from wsrelay.relay import PublishItem, Relay
+from wsrelay.server.cluster import group_members
 from wsrelay.server.keys import RELAY, SETTINGS
 from wsrelay.server.metrics import METRICS
 
@@ -294,20 +295,23 @@ def parse_flag(raw: str, name: str) -> bool:
 
 
 async def stats(request: web.Request) -> web.Response:
+    """``GET /stats``: this node's counters; a ``--workers`` group's, added up."""
     relay = request.app[RELAY]
     registrations = await _count_registrations(relay)
+    members = await group_members(request.app)
     return json_response(
         StatsResponse(
             node=relay.node_id,
             version=__version__,
             uptime=round(time.monotonic() - relay.started_at, 3),
             broker="up" if relay.ready() else "down",
-            connections=relay.registry.connections,
+            connections=sum(n.connections for n in members),
             registrations=registrations,
-            topics=relay.registry.topics,
-            publishes=relay.published,
-            deliveries=relay.delivered,
-            slow_consumers=request.app[METRICS].stats.slow_consumers,
+            topics=sum(n.topics for n in members),
+            publishes=sum(n.publishes for n in members),
+            deliveries=sum(n.deliveries for n in members),
+            slow_consumers=sum(n.slow_consumers for n in members),
+            workers=len(members),
         )
     )
 

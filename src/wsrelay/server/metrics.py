@@ -82,12 +82,16 @@ class Metrics:
 
     async def render(self) -> bytes:
         """The text exposition, after refreshing what must be awaited."""
+        await self.refresh()
+        return generate_latest(self.registry)
+
+    async def refresh(self) -> None:
+        """Read what collecting cannot await (the registrations count)."""
         relay = self._live.app[RELAY]
         try:
             self._live.registrations = await relay.registrations.count()
         except BrokerUnavailable:
             self._live.registrations = None
-        return generate_latest(self.registry)
 
 
 class _LiveCollector(Collector):
