@@ -265,3 +265,24 @@ async def test_the_integrations_page_receiver_takes_events_and_decides_topics(
         assert [e["topics"] for e in subscribed] == [["doc.7"]]
     finally:
         await runner.cleanup()
+
+
+async def test_an_sse_stream_is_connected_and_disconnected_like_a_websocket(
+    start_server: Start, session: aiohttp.ClientSession, backend: Backend
+) -> None:
+    from tests.server.test_sse import stream
+
+    node = start_server(
+        "--webhook-url", backend.url + "/hook", env={"WSRELAY_WEBHOOK_SECRET": SECRET}
+    )
+    reg = await Api(session, node.url).register("carol", ["news"])
+    client = _public(reg["id"])
+    async with stream(session, f"{node.url}/sse/{reg['id']}") as (events, _):
+        await backend.wait_for(
+            lambda: ("connected", client, None, ("news",)) in {key(e) for e in backend.events}
+        )
+        assert events.opening["type"] == "subscribed"  # type: ignore[attr-defined]
+    await backend.wait_for(lambda: any(e["event"] == "disconnected" for e in backend.events))
+    [closed] = [e for e in backend.events if e["event"] == "disconnected"]
+    assert closed["client"] == client and closed["by"] == "client", closed
+    assert backend.bad_signatures == 0

@@ -24,11 +24,14 @@ from websockets.frames import Frame, Opcode
 
 from wsrelay import codes
 from wsrelay.core.outbox import Outbox, OutboxOverflow
+from wsrelay.server.logs import log_closed, log_opened
 
 if TYPE_CHECKING:
-    from wsrelay.core.session import Session
+    from wsrelay.core.registry import Client
+    from wsrelay.core.session import Closed, Session
     from wsrelay.errors import RelayError
     from wsrelay.relay import Relay
+    from wsrelay.server.metrics import Metrics
 
 log = logging.getLogger("wsrelay.server")
 
@@ -53,6 +56,20 @@ def unframe(frame: bytes) -> bytes:
     that carries the fan-out's frames otherwise (SSE)."""
     size = frame[1] & 0x7F
     return frame[2 + (2 if size == 126 else 8 if size == 127 else 0) :]
+
+
+def opened(metrics: Metrics, relay: Relay, client: Client, raw: bool, peer: str | None) -> None:
+    """A connection is open (its 101, or its event stream's head, written), on any
+    transport: logged, counted, and told to the relay (the ``connected`` webhook)."""
+    log_opened(metrics, client, raw, peer)
+    relay.connection_opened(client)
+
+
+def closed(metrics: Metrics, relay: Relay, client: Client, record: Closed) -> None:
+    """A connection :func:`opened` announced has ended: logged, counted, and told to the
+    relay (the ``disconnected`` webhook, with the code)."""
+    log_closed(metrics, client, record)
+    relay.connection_closed(client, record.code, record.reason, record.by)
 
 
 async def attach(connection: Connection, relay: Relay, session: Session) -> RelayError | None:

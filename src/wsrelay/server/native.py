@@ -65,12 +65,13 @@ from wsrelay.server.connection import (
     ConnectionStats,
     Flusher,
     attach,
+    closed,
     frame_text,
+    opened,
 )
 from wsrelay.server.errors import error_headers, log_refused
 from wsrelay.server.keys import CONNECTIONS, FLUSHER, RELAY, SETTINGS
 from wsrelay.server.limits import ADDRESS_SLOTS, SLOTS, AddressSlots
-from wsrelay.server.logs import log_closed, log_opened
 from wsrelay.server.metrics import METRICS
 from wsrelay.server.proxies import ADDRESSES, ClientAddresses
 
@@ -564,8 +565,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         shared = self._shared
         session.open(time.monotonic())
         self._transport.set_write_buffer_limits(high=self.limit)
-        log_opened(shared.metrics, session.client, session.raw, self._address())
-        shared.relay.connection_opened(session.client)
+        opened(shared.metrics, shared.relay, session.client, session.raw, self._address())
         shared.connections.add(self)
         self.held = False
         self.flush()
@@ -660,10 +660,7 @@ class NativeConnection(Connection, asyncio.Protocol):
                         record = session.ended(
                             time.monotonic(), received=self._received(), failed=self._failed()
                         )
-                        log_closed(shared.metrics, session.client, record)
-                        shared.relay.connection_closed(
-                            session.client, record.code, record.reason, record.by
-                        )
+                        closed(shared.metrics, shared.relay, session.client, record)
                 finally:
                     await session.release()
         except Exception:

@@ -41,9 +41,8 @@ from wsrelay.core.sse import KEEP_ALIVE, RETRY, StreamPositions, event, parse_ev
 from wsrelay.errors import BadRequest, InvalidJSON, NotStreaming, PayloadTooLarge, RelayError
 from wsrelay.server import routes
 from wsrelay.server.auth import cors_headers
-from wsrelay.server.connection import CLOSE_TIMEOUT, Connection, attach, unframe
+from wsrelay.server.connection import CLOSE_TIMEOUT, Connection, attach, closed, opened, unframe
 from wsrelay.server.http import read_body
-from wsrelay.server.logs import log_closed, log_opened
 from wsrelay.server.native import SHARED, Shared
 from wsrelay.server.proxies import request_address
 
@@ -148,7 +147,7 @@ class SseConnection(Connection, asyncio.Protocol):
         session, shared = self.session, self._shared
         session.open(time.monotonic())
         self._transport.set_write_buffer_limits(high=self.limit)
-        log_opened(shared.metrics, session.client, False, self.address)
+        opened(shared.metrics, shared.relay, session.client, False, self.address)
         shared.connections.add(self)
         self._transport.write(chunk(opening))
         self.held = False
@@ -216,7 +215,7 @@ class SseConnection(Connection, asyncio.Protocol):
         try:
             shared.connections.discard(self)
             await shared.relay.detach(session.client, self)
-            log_closed(shared.metrics, session.client, session.ended(time.monotonic()))
+            closed(shared.metrics, shared.relay, session.client, session.ended(time.monotonic()))
             await session.release()
         except Exception:
             log.exception("could not detach a closed SSE stream")
