@@ -186,3 +186,11 @@ async def test_readme_embedding_under_a_prefix_gives_urls_with_the_prefix() -> N
         await ws.send_json({"topics": ["cats"]})
         assert (await ws.receive_json())["type"] == "subscribed"
         await ws.close()
+
+
+def test_readme_states_the_join_and_leave_limit() -> None:
+    from wsrelay.core.rules import JOIN_LEAVE_BURST, JOIN_LEAVE_RATE
+
+    stated = f"join or leave such topics {JOIN_LEAVE_BURST} times at once, then "
+    stated += f"{JOIN_LEAVE_RATE:g} times per second"
+    assert stated in " ".join(README.split())

@@ -37,6 +37,17 @@ def test_which_topics_keep_presence_and_announce() -> None:
     assert presence.presence_topics(Rules(), {"room:1"}) == set()  # no namespaces: none
 
 
+def test_what_a_topic_command_joins_and_leaves() -> None:
+    current = {"room:1", "quiet:1", "plain"}
+    count = presence.joins_and_leaves
+    assert count(RULES, current, "subscribe", ["room:1", "room:2", "quiet:2", "plain"]) == 1
+    assert count(RULES, current, "unsubscribe", ["room:1", "room:9", "quiet:1"]) == 1
+    assert count(RULES, current, "topics", ["room:2", "room:3", "plain"]) == 3  # -1, +2
+    assert count(RULES, current, "topics", sorted(current)) == 0  # a reconnect's command
+    assert count(RULES, set(), "subscribe", ["room.*"]) == 0  # a pattern joins no topic
+    assert count(Rules(), set(), "subscribe", ["room:1"]) == 0
+
+
 @pytest.mark.parametrize(
     ("topic", "grants", "error"),
     [

@@ -13,8 +13,11 @@ from wsrelay.core.history import MemoryHistory
 from wsrelay.core.registry import Client
 from wsrelay.core.rules import (
     DEFAULT_NAMESPACE,
+    JOIN_LEAVE_BURST,
+    JOIN_LEAVE_RATE,
     NO_GRANTS,
     Grants,
+    JoinLeaveLimiter,
     Namespace,
     PublishLimiter,
     Rules,
@@ -133,6 +136,21 @@ def test_the_publish_bucket_allows_a_burst_then_the_rate() -> None:
         limiter.take(namespace, 100.5)
     other = Namespace("room.*", publish="granted", publish_burst=1)
     limiter.take(other, 100.5)  # each namespace has its own bucket
+
+
+def test_joins_and_leaves_have_a_burst_then_a_rate_and_a_big_command_fits() -> None:
+    limiter = JoinLeaveLimiter()
+    limiter.take(JOIN_LEAVE_BURST - 1, 50.0)
+    limiter.take(1, 50.0)
+    with pytest.raises(RateLimited, match="too many joins and leaves"):
+        limiter.take(1, 50.0)
+    limiter.take(1, 50.0 + 1 / JOIN_LEAVE_RATE)  # refilled at the rate
+    with pytest.raises(RateLimited):
+        limiter.take(1, 50.0 + 1 / JOIN_LEAVE_RATE)
+    fresh = JoinLeaveLimiter()
+    fresh.take(5 * JOIN_LEAVE_BURST, 7.0)  # a page's 100 rooms at once: capped at the burst
+    with pytest.raises(RateLimited):
+        fresh.take(1, 7.0)
 
 
 def test_grants_are_validated_naming_the_list_and_index() -> None:

@@ -57,6 +57,25 @@ def presence_topics(rules: Rules, topics: Iterable[str]) -> set[str]:
     return {topic for topic in topics if keeps_presence(rules, topic)}
 
 
+def joins_and_leaves(
+    rules: Rules, current: Iterable[str], command: str, topics: Iterable[str]
+) -> int:
+    """How many topics that announce joins and leaves the topic command ``command``
+    (``topics``, ``subscribe`` or ``unsubscribe``) of ``topics`` would join or leave,
+    for a connection subscribed to ``current``: what it costs the connection's
+    :class:`~wsrelay.core.rules.JoinLeaveLimiter`."""
+    if rules.open:
+        return 0
+    have, named = set(current), set(topics)
+    if command == "subscribe":
+        changed = named - have
+    elif command == "unsubscribe":
+        changed = named & have
+    else:
+        changed = named ^ have
+    return sum(1 for topic in changed if announces(rules, topic))
+
+
 def check_topic(rules: Rules, topic: str, max_length: int) -> None:
     """Whether presence may be read for ``topic`` at all (the API key's check).
 

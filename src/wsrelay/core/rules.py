@@ -278,8 +278,21 @@ def asks_publish(namespace: Namespace, topic: str, user: str | None, grants: Gra
 
 @dataclass(slots=True)
 class _Bucket:
+    """A token bucket: ``burst`` tokens at once, refilled at ``rate`` per second."""
+
     allowance: float
     checked: float
+
+    def take(self, cost: float, burst: float, rate: float, now: float) -> float | None:
+        """Take ``cost`` tokens at ``now`` (monotonic seconds); None if there were
+        enough, else the seconds until there will be (nothing is taken)."""
+        allowance = min(burst, self.allowance + (now - self.checked) * rate)
+        self.checked = now
+        self.allowance = allowance
+        if allowance < cost:
+            return (cost - allowance) / rate
+        self.allowance = allowance - cost
+        return None
 
 
 @dataclass(slots=True)
@@ -298,13 +311,44 @@ class PublishLimiter:
         burst = float(namespace.publish_burst)
         if bucket is None:
             bucket = self._buckets[namespace.pattern] = _Bucket(burst, now)
-        allowance = min(burst, bucket.allowance + (now - bucket.checked) * namespace.publish_rate)
-        bucket.checked = now
-        if allowance < 1.0:
-            bucket.allowance = allowance
-            wait = (1.0 - allowance) / namespace.publish_rate
+        wait = bucket.take(1.0, burst, namespace.publish_rate, now)
+        if wait is not None:
             raise RateLimited(
                 f"too many publishes: {namespace.name} allows {namespace.publish_burst} at "
                 f"once and {namespace.publish_rate:g} per second; the next one in {wait:.2f} s"
             )
-        bucket.allowance = allowance - 1.0
+
+
+JOIN_LEAVE_BURST: Final = 20
+"""Joins and leaves (of topics whose namespace announces them) one connection may make
+at once: enough for a page subscribing to its rooms, or several room switches."""
+
+JOIN_LEAVE_RATE: Final = 2.0
+"""Joins and leaves per second one connection may make after its burst. Each is told to
+every other subscriber of the topic on every node, so without a bound a client toggling
+its subscription would flood them all (and could get slow readers cut off)."""
+
+
+@dataclass(slots=True)
+class JoinLeaveLimiter:
+    """One connection's budget of joins and leaves in topics that announce them."""
+
+    _bucket: _Bucket = field(default_factory=lambda: _Bucket(float(JOIN_LEAVE_BURST), 0.0))
+
+    def take(self, changes: int, now: float) -> None:
+        """Count a command that joins or leaves ``changes`` such topics at ``now``.
+
+        Raises:
+            RateLimited: past the burst and the rate; the command changes nothing.
+        """
+        if self._bucket.checked == 0.0:
+            self._bucket.checked = now
+        # One command may join a whole page of topics at once (cost capped at the burst).
+        cost = float(min(changes, JOIN_LEAVE_BURST))
+        wait = self._bucket.take(cost, JOIN_LEAVE_BURST, JOIN_LEAVE_RATE, now)
+        if wait is not None:
+            raise RateLimited(
+                f"too many joins and leaves: a connection may join or leave topics that "
+                f"announce them {JOIN_LEAVE_BURST} times at once and {JOIN_LEAVE_RATE:g} "
+                f"times per second; this command's {changes} can go in {wait:.2f} s"
+            )

@@ -37,8 +37,16 @@ from wsrelay.core.fanout import Publication
 from wsrelay.core.history import Position, Receipt
 from wsrelay.core.patterns import is_pattern
 from wsrelay.core.payload import message_text
+from wsrelay.core.presence import joins_and_leaves
 from wsrelay.core.registry import Client
-from wsrelay.core.rules import NO_GRANTS, Grants, Namespace, PublishLimiter
+from wsrelay.core.rules import (
+    NO_GRANTS,
+    Grants,
+    JoinLeaveLimiter,
+    Namespace,
+    PublishLimiter,
+    Rules,
+)
 from wsrelay.core.schema import (
     MAX_PRESENCE_FRAME,
     ClientPublish,
@@ -188,6 +196,8 @@ class PublishedLike(Protocol):
 class RelayLike(Protocol):
     """The part of :class:`wsrelay.relay.Relay` a session uses."""
 
+    rules: Rules
+
     async def lookup(self, client_id: str) -> Client: ...
     async def register(
         self, user_id: int | str | None, topics: Iterable[str] = (), grants: Grants = NO_GRANTS
@@ -322,6 +332,7 @@ class Session:
     __slots__ = (
         "_allowance",
         "_checked",
+        "_join_leave",
         "_limiter",
         "client",
         "closed_with",
@@ -350,6 +361,8 @@ class Session:
         self._checked = 0.0
         self._limiter: PublishLimiter | None = None
         """The client publish rate's buckets, made at the first publish."""
+        self._join_leave = JoinLeaveLimiter()
+        """How often the client may join and leave topics that announce it."""
 
     def open(self, now: float) -> None:
         """The upgrade was answered at ``now`` (monotonic seconds)."""
@@ -414,6 +427,9 @@ class Session:
                 command.topics,
                 command.since,
             )
+            changes = joins_and_leaves(relay.rules, client.topics, command.name, topics)
+            if changes:
+                self._join_leave.take(changes, self.gate.clock())
             if command.name == "topics":
                 followed = await relay.set_topics(client, topics, since)
             elif command.name == "subscribe":
