@@ -1060,3 +1060,26 @@ async def test_console_publishes_as_a_client_and_shows_refusals(
     await publish_in_page(page, "granted:console", "again")
     await expect(result).to_have_text("Published as a client at offset 2.")
     await expect(page.locator("#client-state")).to_have_text("connected")
+
+
+async def test_console_lists_the_nodes_sharing_the_broker(
+    start_server: Callable[..., ServerProcess],
+    redis_server: RedisServer,
+    session: aiohttp.ClientSession,
+    page: Page,
+) -> None:
+    """The Nodes panel (GET /nodes): both nodes on one Redis, the one answering marked,
+    each with its connections as its heartbeat said."""
+    args = ("--broker", redis_server.url, "--presence-ttl", "1.5")
+    a, b = start_server(*args), start_server(*args)
+    id_a = (await Api(session, a.url).call("GET", "/stats"))[1]["node"]
+    id_b = (await Api(session, b.url).call("GET", "/stats"))[1]["node"]
+    await page.goto(a.url + "/console")
+    rows = page.locator("#node-rows tr")
+    await expect(rows).to_have_count(2)
+    await expect(page.locator("#nodes-summary")).to_contain_text("2 nodes on 1 host")
+    await expect(page.locator("#node-rows tr.current td.id")).to_have_text(id_a)
+    await expect(rows.filter(has_text=id_b)).to_be_visible()
+    await subscribe_in_page(page, "console.nodes")
+    # its connection, on A, shows once A's next heartbeat wrote it (every 0.5 s here)
+    await expect(rows.filter(has_text=id_a).locator("td.num").first).to_have_text("1")

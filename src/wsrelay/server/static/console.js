@@ -90,20 +90,28 @@ function formatUptime(seconds) {
 }
 
 function showStats(stats) {
-  if (last && (stats.node !== last.node || stats.uptime < last.uptime)) {
+  const at = performance.now() / 1000;
+  // With --workers, any worker answers with the workers' sums, which never go back.
+  const group = stats.workers > 1;
+  if (
+    last &&
+    (group
+      ? stats.workers !== last.workers || stats.publishes < last.publishes || stats.deliveries < last.deliveries
+      : stats.node !== last.node || stats.uptime < last.uptime)
+  ) {
     // another node, or a restart: the counters started again
     last = null;
     series.publishes.length = 0;
     series.deliveries.length = 0;
   }
   let rates = [null, null];
-  if (last && stats.uptime > last.uptime) {
-    const dt = stats.uptime - last.uptime;
+  const dt = last ? (group ? at - last.at : stats.uptime - last.uptime) : 0;
+  if (last && dt > 0) {
     rates = [(stats.publishes - last.publishes) / dt, (stats.deliveries - last.deliveries) / dt];
     push(series.publishes, rates[0]);
     push(series.deliveries, rates[1]);
   }
-  last = stats;
+  last = { ...stats, at };
   $("node").textContent = stats.node;
   $("version").textContent = stats.version;
   $("uptime").textContent = formatUptime(stats.uptime);
@@ -306,6 +314,54 @@ $("presence-form").addEventListener("submit", (event) => {
   refreshPresence();
 });
 
+// -- nodes --------------------------------------------------------------------------------
+// Every node sharing the broker (GET /nodes), as its last heartbeat said; polled with the topics.
+
+function showNodes({ node: answering, nodes }) {
+  $("node-rows").replaceChildren(
+    ...nodes.map((n) => {
+      const tr = document.createElement("tr");
+      const id = cell(n.id, "id");
+      if (n.id === answering) {
+        id.title = "this answer came from it";
+        tr.className = "current";
+      }
+      const beat = document.createElement("time");
+      const at = new Date(n.last_heartbeat * 1000);
+      beat.dateTime = at.toISOString();
+      beat.textContent = at.toLocaleTimeString();
+      const when = cell("");
+      when.append(beat);
+      const host = cell(`${n.host} (pid ${n.pid})`);
+      if (n.group) host.title = `worker of ${n.group}`;
+      tr.append(
+        id,
+        host,
+        cell(n.version),
+        cell(n.connections.toLocaleString(), "num"),
+        cell(n.topics.toLocaleString(), "num"),
+        cell(formatUptime(n.uptime)),
+        when,
+      );
+      return tr;
+    }),
+  );
+  const hosts = new Set(nodes.map((n) => n.host)).size;
+  $("nodes-summary").textContent =
+    `${nodes.length} node${nodes.length === 1 ? "" : "s"} on ${hosts} host${hosts === 1 ? "" : "s"} ` +
+    "sharing the broker; each writes its line every third of --presence-ttl.";
+}
+
+async function refreshNodes() {
+  try {
+    showNodes(await api("nodes"));
+  } catch (error) {
+    if (error instanceof AuthRequired) return;
+    const summary = $("nodes-summary");
+    summary.textContent = error.code ? `Refused (${error.code}): ${error.message}` : error.message;
+  }
+}
+
 // -- polling ------------------------------------------------------------------------------
 
 let ticks = 0;
@@ -316,7 +372,7 @@ async function poll(now = false) {
   if (!dialog.open) {
     try {
       showStats(await api("stats"));
-      if (now || ticks % 2 === 0) await Promise.all([refreshTopics(), refreshPresence()]);
+      if (now || ticks % 2 === 0) await Promise.all([refreshTopics(), refreshPresence(), refreshNodes()]);
       setApiStatus("live", true);
     } catch (error) {
       if (!(error instanceof AuthRequired)) {
