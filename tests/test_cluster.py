@@ -184,3 +184,16 @@ async def test_workers_metrics_show_every_worker_and_stats_add_them_up(
     for ws in sockets:
         await ws.close()
     assert server.process is not None
+
+
+async def test_nodes_answers_503_while_redis_is_down(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    server = start_server("--broker", redis_server.url, "--broker-timeout", "0.5")
+    api = Api(session, server.url)
+    assert (await api.call("GET", "/nodes"))[0] == 200
+    redis_server.stop()
+    status, body = await api.call("GET", "/nodes")
+    assert (status, body["error"]["code"]) == (503, "broker_unavailable"), body
+    status, stats = await api.call("GET", "/stats")  # a node alone never needs the registry
+    assert (status, stats["workers"]) == (200, 1)
