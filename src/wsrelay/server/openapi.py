@@ -46,8 +46,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         431: "Headers that never end (code headers_too_large; on a publisher's connection "
         "served by the native driver).",
         503: "A capacity limit was reached (too_many_connections), or the broker is "
-        "unreachable (broker_unavailable: nothing was done); retry after the Retry-After "
-        "header's seconds. A publish may also answer publish_outcome_unknown: the broker "
+        "unreachable (broker_unavailable: nothing was done), or a topic's namespace asks the "
+        "authorization backend and it did not decide in time (authorization_unavailable: "
+        "refused, fail closed); retry after the Retry-After header's seconds. A publish "
+        "may also answer publish_outcome_unknown: the broker "
         "stopped answering after the publish was sent, so it may have been published; "
         "retry with the same idempotency_key to publish it exactly once.",
     }
