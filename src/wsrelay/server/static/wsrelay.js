@@ -16,6 +16,11 @@
  * (a `gap` frame), the client emits `notrecovered` for it: reload what the page derives
  * from that topic from your own backend.
  *
+ * Patterns: `subscribe("news.*")` (the server's wildcard subscriptions) brings the
+ * messages of every matching topic, each with its own topic's name; `on("news.*", …)`
+ * handles them, matched locally by the same rules ({@link topicMatches}). A pattern has
+ * no position, so what it brings while disconnected is not recovered.
+ *
  * The check: a browser shows a page neither the status nor the headers of a refused
  * WebSocket upgrade, only a close with 1006. So after a connection that failed before
  * opening, wsrelay.js asks the relay with a plain `GET` on the same URL, its query
@@ -83,6 +88,53 @@
 
 /** Characters a topic may hold (the server also limits the length). */
 const TOPIC = /^[A-Za-z0-9_\-.:/@]+$/;
+/** Characters a pattern may hold: a topic's, `*` and `>`. */
+const PATTERN = /^[A-Za-z0-9_\-.:/@*>]+$/;
+
+/**
+ * Whether `text` is a pattern (holds `*` or `>`) rather than a topic.
+ * @param {string} text
+ * @returns {boolean}
+ */
+export function isPattern(text) {
+  return text.includes("*") || text.includes(">");
+}
+
+/**
+ * Whether `topic` matches `pattern`, by the server's rules (its `core/patterns.py`,
+ * NATS semantics). Segments are separated by `.`; in `pattern`, `*` matches any run of
+ * characters within one segment (as a whole segment, at least one character: `news.*`
+ * matches `news.eu`, not `news.eu.fr` nor `news`), `>` as the whole last segment
+ * matches the rest, one or more segments (`news.>` matches `news.eu` and `news.eu.fr`,
+ * not `news` nor `news.`); everything else matches itself. A pattern without `*` or
+ * `>` matches only the topic equal to it.
+ * @param {string} pattern
+ * @param {string} topic
+ * @returns {boolean}
+ */
+export function topicMatches(pattern, topic) {
+  if (!isPattern(pattern)) return pattern === topic;
+  let regex = compiled.get(pattern);
+  if (!regex) {
+    if (compiled.size >= 4096) compiled.clear();
+    const segments = pattern.split(".");
+    const parts = segments.map((segment, index) => {
+      if (segment === ">" && index === segments.length - 1) return "[^\\n]+";
+      if (segment === "*") return "[^.]+";
+      return segment.split("*").map(escapeRegExp).join("[^.]*");
+    });
+    regex = new RegExp(`^(?:${parts.join("\\.")})$`);
+    compiled.set(pattern, regex);
+  }
+  return regex.test(topic);
+}
+
+/** Patterns compiled by {@link topicMatches}. @type {Map<string, RegExp>} */
+const compiled = new Map();
+
+function escapeRegExp(text) {
+  return text.replace(/[.*+?^${}()|[\]\\/-]/g, "\\$&");
+}
 
 /** The states a {@link Relay} goes through, reported by its `state` event. */
 export const States = Object.freeze({
@@ -346,13 +398,18 @@ export class Relay extends EventTarget {
 
   /**
    * Add topics. Sent now if open, else with the whole set when the connection opens.
-   * @param {...string} topics
+   * A topic may be a pattern (the server's wildcard subscriptions): `news.*` (one
+   * segment: `news.eu`, not `news.eu.fr`) or `news.>` (one or more), each wildcard a
+   * whole segment. A pattern has no position: it is never sent with `since`, and what
+   * it brings while the client is away is not recovered (subscribe to a topic by name
+   * to recover it).
+   * @param {...string} topics topics or patterns
    * @returns {Promise<string[]>} the server's topic set once it has acknowledged;
    *   rejects with a {@link RelayError} if it refused (the topics are then dropped), or
    *   a TypeError for a topic that cannot be valid (nothing is sent)
    */
   subscribe(...topics) {
-    const invalid = topicProblem(topics);
+    const invalid = topicProblem(topics, "subscription");
     if (invalid) return Promise.reject(invalid);
     const added = topics.filter((t) => !this.#topics.has(t));
     for (const t of topics) this.#topics.add(t);
@@ -362,12 +419,13 @@ export class Relay extends EventTarget {
   }
 
   /**
-   * Remove topics.
-   * @param {...string} topics
+   * Remove topics (a pattern is removed as subscribed: `news.*` leaves `news.eu`, if
+   * subscribed by name, alone).
+   * @param {...string} topics topics or patterns
    * @returns {Promise<string[]>} the server's topic set once it has acknowledged
    */
   unsubscribe(...topics) {
-    const invalid = topicProblem(topics);
+    const invalid = topicProblem(topics, "subscription");
     if (invalid) return Promise.reject(invalid);
     const removed = topics.filter((t) => this.#topics.has(t));
     for (const t of topics) this.#topics.delete(t);
@@ -460,15 +518,21 @@ export class Relay extends EventTarget {
   /**
    * Call `handler(message, topic, offset)` for each message on `topic`, or on every
    * topic for `"*"`; `offset` is the message's place in its topic (see `positions`).
+   * `topic` may be a pattern, matched by the server's rules ({@link topicMatches}):
+   * `on("news.*", …)` receives `news.eu`'s messages, `on("news.>", …)` `news.eu.fr`'s
+   * too, `on("chat:*", …)` `chat:1`'s (here, unlike in a subscription, `*` may be part
+   * of a segment). A bare `"*"` keeps meaning every topic, not the single-segment
+   * pattern. A message reaches each registration it matches once (a handler added for
+   * both `news.eu` and `news.*` is called twice).
    * `message` is what was published: a string, or the JSON value (already parsed; a
    * string holding JSON text stays a string). Handling does not subscribe: call
    * {@link Relay#subscribe} too.
-   * @param {string} topic a topic, or `"*"`
+   * @param {string} topic a topic, a pattern, or `"*"` for every topic
    * @param {(message: *, topic: string, offset: number) => void} handler
    * @returns {() => void} a function that removes the handler
    */
   on(topic, handler) {
-    const invalid = topic === "*" ? null : topicProblem([topic]);
+    const invalid = topic === "*" ? null : topicProblem([topic], "handler");
     if (invalid) throw invalid;
     if (typeof handler !== "function") throw new TypeError("handler must be a function");
     let set = this.#handlers.get(topic);
@@ -689,6 +753,7 @@ export class Relay extends EventTarget {
   #since(topics) {
     const since = {};
     for (const topic of topics) {
+      if (isPattern(topic)) continue; // a pattern has no position (the server refuses one)
       const position = this.#positions.get(topic);
       if (position?.epoch) since[topic] = { offset: position.offset, epoch: position.epoch };
     }
@@ -732,7 +797,11 @@ export class Relay extends EventTarget {
         if (frame.offset <= known.offset) return; // received already (an overlapping replay)
         known.offset = frame.offset;
       }
-      for (const key of [frame.topic, "*"]) {
+      const keys = [frame.topic, "*"];
+      for (const key of this.#handlers.keys()) {
+        if (key !== "*" && isPattern(key) && topicMatches(key, frame.topic)) keys.push(key);
+      }
+      for (const key of keys) {
         for (const handler of this.#handlers.get(key) ?? []) {
           try {
             handler(frame.message, frame.topic, frame.offset);
@@ -796,7 +865,10 @@ export class Relay extends EventTarget {
    */
   #learnPositions(topics) {
     if (this.#managed || !this.#socket || this.#state !== States.OPEN) return;
-    const unknown = (topics ?? []).filter((topic) => !this.#positions.has(topic));
+    // Patterns have no position to learn.
+    const unknown = (topics ?? []).filter(
+      (topic) => !isPattern(topic) && !this.#positions.has(topic),
+    );
     if (unknown.length === 0) return;
     this.#pending.push({ resolve() {}, reject() {}, quiet: true, learning: true });
     this.#socket.send(JSON.stringify({ subscribe: unknown }));
@@ -868,12 +940,37 @@ function presenceClient({ client, user, node, connected_at: connectedAt }) {
   return { client, user: user ?? null, node, connectedAt };
 }
 
-/** A TypeError for the first topic that cannot be valid, or null. */
-function topicProblem(topics) {
+/**
+ * A TypeError for the first topic that cannot be valid, or null. With `patterns`,
+ * patterns are valid too: `"subscription"` as the server accepts them in a
+ * subscription (`*` and `>` whole segments, `>` the last), `"handler"` as
+ * {@link topicMatches} reads them (`*` may also be part of a segment, `chat:*`).
+ * @param {unknown[]} topics
+ * @param {"subscription" | "handler" | null} [patterns=null]
+ */
+function topicProblem(topics, patterns = null) {
   if (topics.length === 0) return new TypeError("give at least one topic");
   for (const topic of topics) {
-    if (typeof topic !== "string" || !TOPIC.test(topic)) {
+    if (typeof topic === "string" && TOPIC.test(topic)) continue;
+    if (!patterns || typeof topic !== "string" || !isPattern(topic)) {
       return new TypeError(`invalid topic ${JSON.stringify(topic)}: use letters, digits and _-.:/@`);
+    }
+    const problem = patternProblem(topic, patterns === "subscription");
+    if (problem) return new TypeError(`invalid pattern ${JSON.stringify(topic)}: ${problem}`);
+  }
+  return null;
+}
+
+/** What is wrong with the pattern `text`, or null (the server's `validate_subscription`). */
+function patternProblem(text, wholeSegments) {
+  if (!PATTERN.test(text)) return "use letters, digits and _-.:/@, with * and >";
+  const segments = text.split(".");
+  for (const [index, segment] of segments.entries()) {
+    if (segment.includes(">") && (segment !== ">" || index !== segments.length - 1)) {
+      return "> may only be the whole last segment (news.>)";
+    }
+    if (wholeSegments && segment.includes("*") && segment !== "*") {
+      return "in a subscription * must be a whole segment (news.*), not part of one";
     }
   }
   return null;
