@@ -135,6 +135,8 @@ def _add_sub(commands: Any) -> None:
         "sub",
         help="subscribe and print messages",
         description="Register, connect and print each message published to TOPIC... "
+        "(a TOPIC may be a pattern, news.* or news.>, which prefixes each line with its "
+        "topic) "
         "until interrupted; reconnects by itself (notices go to stderr) and recovers what "
         "was published meanwhile, each message once; a topic that could not be recovered "
         "(the server lost its history, e.g. it restarted on the memory broker) gets a "
@@ -143,6 +145,7 @@ def _add_sub(commands: Any) -> None:
         "node shedding load), it waits that long (at most 300 s, plus a random 0 to "
         "max(20%, 0.5 s)) before trying again, the first connection included.",
         epilog="example: wsrelay sub cats dogs --json\n"
+        "         wsrelay sub 'news.*'   (a pattern: every news.<one segment> topic)\n"
         "         wsrelay sub cats --user-id 42 --url http://relay.internal:8000",
     )
     sub.add_argument("topics", metavar="TOPIC", nargs="+")
@@ -372,7 +375,8 @@ async def _sub(relay: Any, args: argparse.Namespace) -> int:
             _note(_not_recovered(event))
 
     encode = msgspec.json.Encoder().encode
-    prefixed = len(args.topics) > 1
+    # Each line names its topic when it could be one of several: a pattern matches many.
+    prefixed = len(args.topics) > 1 or any("*" in t or ">" in t for t in args.topics)
     while True:
         subscription = relay.subscribe(
             *args.topics, user_id=_user_id(args.user_id), on_event=notice
