@@ -227,7 +227,7 @@ async def test_the_browser_client_reconnects_and_resubscribes_after_a_restart(
     assert await Api(session, server.url).publish("restart.a", "before") == 1
     await expect(messages(page).first).to_contain_text("restart.abefore")
     before = await page.locator("#client-detail").text_content()
-    assert before is not None and "/ws/" in before
+    assert before is not None and "/ws/" in before and before.endswith("over WebSocket")
 
     assert server.stop() == 0  # SIGTERM: the page sees 1001 "going away"
     state = page.locator("#client-state")

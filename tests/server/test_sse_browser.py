@@ -110,3 +110,20 @@ async def test_wsrelay_js_falls_back_to_sse_and_recovers_over_it(
         assert [m for m in got if m[0] == "br.b"] == [["br.b", {"n": 2}, 1], ["br.b", "three", 2]]
         assert await page.evaluate("window.notRecovered") == []
         assert await page.evaluate("relay.transport") == "sse"
+
+
+async def test_the_console_falls_back_to_sse_and_says_so(
+    page: Page,  # noqa: F811
+    server: ServerProcess,
+    proxy: NoUpgrades,
+) -> None:
+    from playwright.async_api import expect
+
+    from tests.server.test_console_browser import messages, subscribe_in_page
+
+    await page.goto(proxy.url + "/console")
+    await subscribe_in_page(page, "console.sse")
+    await expect(page.locator("#client-detail")).to_contain_text("over server-sent events")
+    async with aiohttp.ClientSession() as http:
+        assert await Api(http, server.url).publish("console.sse", "hello") == 1
+    await expect(messages(page).first).to_contain_text("console.ssehello")

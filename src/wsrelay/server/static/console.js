@@ -580,7 +580,9 @@ function newRelay(user, publishGrants = []) {
     maxDelay: 5000, // a console should come back quickly
   });
   client.addEventListener("state", (event) => showClientState(event.detail.state));
-  client.addEventListener("open", (event) => detail(`on ${shortUrl(event.detail.url)}`));
+  client.addEventListener("open", ({ detail: d }) => {
+    detail(`on ${shortUrl(d.url)} over ${d.transport === "sse" ? "server-sent events" : "WebSocket"}`);
+  });
   client.addEventListener("subscribed", (event) => {
     showSubscribed(event.detail.topics);
     refreshPresence(); // its own join is not announced to it
