@@ -175,9 +175,11 @@ async def test_workers_metrics_show_every_worker_and_stats_add_them_up(
     assert answering == ids  # both answered: the views above were not one worker's
 
     async def all_counted() -> bool:
-        return bool((await fresh("GET", url + "/stats"))[1]["publishes"] == 24)
+        # Deliveries too: another worker's count is as old as its last heartbeat.
+        stats = (await fresh("GET", url + "/stats"))[1]
+        return bool((stats["publishes"], stats["deliveries"]) == (24, 24 * 16))
 
-    await eventually(all_counted, "24 publishes added up")
+    await eventually(all_counted, "24 publishes and their deliveries added up")
     for _ in range(10):  # the same total, whichever worker answers
         status, stats = await fresh("GET", url + "/stats")
         assert (stats["publishes"], stats["deliveries"]) == (24, 24 * 16)
