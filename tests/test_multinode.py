@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -11,8 +12,12 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from tests.redis_server import RedisServer
+from tests.server.test_sse import post as sse_post
+from tests.server.test_sse import stream as sse_stream
 from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber
 from wsrelay import codes
+from wsrelay.config import STACKS
+from wsrelay.relay import FORWARD_TIMEOUT
 
 Start = Callable[..., ServerProcess]
 
@@ -192,3 +197,76 @@ async def test_nodes_share_each_users_registration_count(
     assert status == 200
     await a.register("carol")
     assert (await b.call("POST", "/register", {"user_id": "carol"}))[0] == 429
+
+
+# -- POST /sse/<id> on a node that does not hold the stream (issue 14 item 1) -----------------
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_an_sse_command_posted_to_another_node_is_carried_out_by_the_streams(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession, stack: str
+) -> None:
+    """A stream open on A, its commands posted to B (``--stack`` ``stack``): B forwards
+    each to A over Redis and answers with A's answer; the acknowledgement and the live
+    messages go down A's stream; refusals are the same JSON errors as on A."""
+    node_a = start_server("--broker", redis_server.url, "--max-message-size", "4096")
+    node_b = start_server(
+        "--broker", redis_server.url, "--max-message-size", "4096", "--stack", stack
+    )
+    a, b = Api(session, node_a.url), Api(session, node_b.url)
+    client_id = (await a.register(1, ["fw.cats"]))["id"]
+    on_a, on_b = f"{node_a.url}/sse/{client_id}", f"{node_b.url}/sse/{client_id}"
+    async with sse_stream(session, on_a) as (events, _):
+        status, answer = await sse_post(session, on_b, {"subscribe": ["fw.dogs"]})
+        assert status == 200 and answer["type"] == "subscribed", answer
+        assert answer["topics"] == ["fw.cats", "fw.dogs"]
+        assert await events.until("subscribed") == answer  # streamed on A, in order
+        await b.publish("fw.dogs", "woof")
+        assert (await events.message())[:2] == ("fw.dogs", "woof")
+
+        refused = {"publish": {"topic": "fw.cats", "message": "m", "id": 3}}
+        here = await sse_post(session, on_a, refused)
+        assert here[0] == 403 and here[1]["error"]["code"] == "forbidden_topic", here
+        assert await sse_post(session, on_b, refused) == here  # the same refusal from B
+
+        for payload, expected in [
+            (b"\xff{}", (400, "invalid_json")),  # refused by B itself
+            (b"x" * 5000, (413, "payload_too_large")),  # refused by B itself
+            (b"not json", (400, "invalid_json")),  # forwarded, refused by A
+            ({"subscribe": ["bad topic"]}, (400, "invalid_topic")),
+            ({"nonsense": 1}, (400, "invalid_field")),
+        ]:
+            status, body = await sse_post(session, on_b, payload)
+            assert (status, body["error"]["code"]) == expected, (payload, body)
+        status, body = await sse_post(session, f"{node_b.url}/sse/{'0' * 32}", {"topics": True})
+        assert (status, body["error"]["code"]) == (404, "unknown_client")
+
+        status, answer = await sse_post(session, on_b, {"unsubscribe": ["fw.cats"]})
+        assert (status, answer["topics"]) == (200, ["fw.dogs"])
+        assert (await events.until("subscribed"))["topics"] == ["fw.dogs"]
+
+
+async def test_an_sse_command_for_a_registration_streaming_nowhere_is_not_streaming(
+    start_server: Start, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """No node holds a connection of the registration: 409 ``not_streaming`` once the
+    bounded wait passes; one holding a WebSocket of it answers 409 at once."""
+    node_a, node_b = nodes(start_server, redis_server, 2)
+    a = Api(session, node_a.url)
+    client_id = (await a.register(1, ["fw.t"]))["id"]
+    on_b = f"{node_b.url}/sse/{client_id}"
+    started = time.monotonic()
+    status, body = await sse_post(session, on_b, {"subscribe": ["fw.u"]})
+    waited = time.monotonic() - started
+    assert (status, body["error"]["code"]) == (409, "not_streaming"), body
+    assert "no node sharing the broker" in body["error"]["message"]
+    assert FORWARD_TIMEOUT * 0.9 <= waited < FORWARD_TIMEOUT + TIMEOUT
+
+    sub = await connect(on(node_a, {"id": client_id}))
+    await sub.subscribe("fw.fence")  # attached on A
+    started = time.monotonic()
+    status, body = await sse_post(session, on_b, {"subscribe": ["fw.u"]})
+    assert (status, body["error"]["code"]) == (409, "not_streaming"), body
+    assert "on this node" in body["error"]["message"]  # A's own answer, not B's timeout
+    assert time.monotonic() - started < FORWARD_TIMEOUT
+    await sub.close()

@@ -390,3 +390,40 @@ async def test_commands_at_once_share_one_position_read_and_later_ones_read_anew
         await relay.publish("t", "after")
         for sink in sinks:
             assert sink.frames == [b'{"type":"message","topic":"t","message":"after","offset":2}']
+
+
+async def test_a_command_forwarded_to_the_node_holding_the_client_gets_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forwards a command for a client attached on B: only B's runner carries it out
+    (with B's client), and its answer is A's; a client attached nowhere gets no answer
+    within the bounded wait."""
+    a, b = await two_nodes(MemoryBus())
+    ran: list[tuple[str, str, str]] = []
+
+    def runner(node: str) -> Any:
+        async def run(client: Client, text: str) -> tuple[int, str]:
+            ran.append((node, client.id, text))
+            return 403, '{"error":{"code":"forbidden_topic","message":"no"}}'
+
+        return run
+
+    a.command_runner, b.command_runner = runner("a"), runner("b")
+    client = await a.register("u", ["t"])
+    await b.attach(await b.lookup(client.id), RecordingSink())
+    answer = await a.forward_command(client.id, '{"subscribe":["x"]}')
+    assert answer == (403, '{"error":{"code":"forbidden_topic","message":"no"}}')
+    assert ran == [("b", client.id, '{"subscribe":["x"]}')]
+    nowhere = await a.register("v")
+    monkeypatch.setattr("wsrelay.relay.FORWARD_TIMEOUT", 0.05)
+    assert await a.forward_command(nowhere.id, "{}") is None
+    assert len(ran) == 1 and not a._forwarded
+    await a.stop()
+    await b.stop()
+
+
+def test_control_events_of_older_nodes_decode_with_the_new_fields_defaults() -> None:
+    from wsrelay.relay import ControlEvent, _decode_control
+
+    old = _decode_control(b'["unregistered","c1","n1"]')
+    assert old == ControlEvent("unregistered", "c1", "n1", "", 0, "")

@@ -145,7 +145,7 @@ class NotFound(ClientError):
 
 class NotStreaming(ClientError):
     """A command was posted to ``/sse/<id>`` while no SSE stream of that registration
-    is open on this node."""
+    is open: not on this node, and no node sharing the broker answered for one."""
 
     code = "not_streaming"
     http_status = 409

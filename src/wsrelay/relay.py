@@ -23,14 +23,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import msgspec
 
 from wsrelay import codes
 from wsrelay.brokers import Backend, MemoryBus
-from wsrelay.brokers.memory import MemoryPresence
+from wsrelay.brokers.memory import MemoryBroker, MemoryPresence
 from wsrelay.config import Settings
 from wsrelay.core import presence as presence_rules
 from wsrelay.core import topics as topic_rules
@@ -66,6 +66,17 @@ topic alphabet, so no client can subscribe or publish to it."""
 HOLD_TIMEOUT: Final = 5.0
 """Seconds a connection opened with ``recover`` waits for its first command before the
 publications held for its topics are sent anyway."""
+
+
+FORWARD_TIMEOUT: Final = 5.0
+"""Seconds a node waits for the answer to a command it forwarded to the node holding the
+client's stream (:meth:`Relay.forward_command`) before it gives up."""
+
+
+CommandRunner = Callable[[Client, str], Awaitable[tuple[int, str]]]
+"""Carries out a command forwarded by another node for a client attached here, with the
+client's own connection (the server's SSE streams: ``POST /sse/<id>`` on another node);
+returns the HTTP status and JSON body the asking node answers with."""
 
 
 ENVELOPE_OVERHEAD: Final = 64
@@ -106,11 +117,20 @@ class ControlEvent(msgspec.Struct, array_like=True):
     catches up on it: a deleted registration's socket is closed wherever it is).
     ``attached`` is announced, live only: it is sent on every attach, so in a
     reconnect storm it must be cheap; a node cut off from the broker at that moment
-    keeps the older connection until it ends by itself."""
+    keeps the older connection until it ends by itself.
+
+    ``command`` (announced): node ``node`` asks the node holding ``client_id``'s
+    connection to carry out the command ``body`` for it, under ``request``; that node
+    announces ``answer`` back (``node`` still the asking node, ``status`` and ``body`` the
+    HTTP answer). The last three fields were added later: events without them decode
+    with the defaults, and nodes without them ignore the fields and the two events."""
 
     event: str
     client_id: str
     node: str
+    request: str = ""
+    status: int = 0
+    body: str = ""
 
 
 _encode_control = msgspec.json.Encoder().encode
@@ -155,6 +175,12 @@ class Relay:
         """Times this node's subscribers of a topic were told publications were lost."""
         self._moved: set[str] = set()
         """Clients whose connection here is closing because it reconnected elsewhere."""
+        self.command_runner: CommandRunner | None = None
+        """Carries out commands other nodes forward for clients attached here (set by the
+        server); None: such commands are not answered."""
+        self._forwarded: dict[str, asyncio.Future[tuple[int, str]]] = {}
+        """Commands this node forwarded, by request id, waiting for their answer."""
+        self._running: set[asyncio.Task[None]] = set()
         store = backend.presence if backend.presence is not None else MemoryPresence()
         self.presence = PresenceTracker(store, self.rules, self.node_id, self._announce_presence)
 
@@ -619,14 +645,66 @@ class Relay:
             if event.node != self.node_id:
                 self._close_user(event.client_id)
             return
+        if event.event == "answer":
+            waiting = self._forwarded.get(event.request)
+            if event.node == self.node_id and waiting is not None and not waiting.done():
+                waiting.set_result((event.status, event.body))
+            return
         client = self.registry.attached(event.client_id)
         if client is None or client.sink is None or event.node == self.node_id:
             return
-        if event.event == "unregistered":
+        if event.event == "command":
+            if self.command_runner is not None:
+                task = asyncio.get_running_loop().create_task(self._run_forwarded(client, event))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        elif event.event == "unregistered":
             client.sink.close(codes.NORMAL, "unregistered")
         elif event.event == "attached":
             self._moved.add(client.id)
             client.sink.close(codes.REPLACED, "replaced by a newer connection")
+
+    # -- commands for a connection on another node -------------------------------------------
+
+    @property
+    def forwards(self) -> bool:
+        """Whether other nodes may hold this node's clients' connections (a shared
+        broker): :meth:`forward_command` can reach them."""
+        return not isinstance(self.broker, MemoryBroker)
+
+    async def forward_command(self, client_id: str, text: str) -> tuple[int, str] | None:
+        """Have the node holding ``client_id``'s connection carry out the command
+        ``text`` (its :attr:`command_runner`): its HTTP status and JSON body, or None if
+        no node answered within :data:`FORWARD_TIMEOUT` (none holds the connection, or
+        the one holding it is cut off or too slow).
+
+        Raises:
+            BrokerUnavailable: the command could not be handed to the other nodes.
+        """
+        request = secrets.token_hex(8)
+        waiting: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self._forwarded[request] = waiting
+        try:
+            event = ControlEvent("command", client_id, self.node_id, request, 0, text)
+            await self.broker.announce(Publication(CONTROL_TOPIC, _encode_control(event).decode()))
+            try:
+                async with asyncio.timeout(FORWARD_TIMEOUT):
+                    return await waiting
+            except TimeoutError:
+                return None
+        finally:
+            del self._forwarded[request]
+
+    async def _run_forwarded(self, client: Client, event: ControlEvent) -> None:
+        runner = self.command_runner
+        if runner is None:
+            return
+        try:
+            status, body = await runner(client, event.body)
+            answer = ControlEvent("answer", client.id, event.node, event.request, status, body)
+            await self.broker.announce(Publication(CONTROL_TOPIC, _encode_control(answer).decode()))
+        except Exception:
+            log.exception("could not answer a command forwarded by node %s", event.node)
 
     # -- presence ---------------------------------------------------------------------------
 

@@ -94,6 +94,7 @@ def create_app(
             secret=settings.webhook_secret,
         )
     app[RELAY] = Relay(settings, frame_text, backend, events=webhooks, authorizer=authorizer)
+    app[RELAY].command_runner = sse.run_forwarded  # POST /sse/<id> posted to another node
     if group is not None:
         app[cluster.GROUP] = group
     app[cluster.BEACON] = Beacon(

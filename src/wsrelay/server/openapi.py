@@ -35,8 +35,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         "forbidden_topic; the message names the topic and the rule).",
         404: "No such registration.",
         408: "The body did not arrive within request_timeout.",
-        409: "No SSE stream of this registration is open on this node (code not_streaming): "
-        "open GET /sse/<id> first, and post to the node serving it.",
+        409: "No SSE stream of this registration is open (code not_streaming): not on this "
+        "node and, with a shared broker, no node holding one answered within 5 s (a command "
+        "posted to a node that does not hold the stream is forwarded to the one that does); "
+        "open GET /sse/<id> first.",
         413: "The body is larger than max_body_size.",
         426: "Not a WebSocket upgrade request.",
         429: "The user already holds max_registrations_per_user registrations "

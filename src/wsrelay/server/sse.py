@@ -35,10 +35,12 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from wsrelay.core.registry import Client
 from wsrelay.core.schema import CloseFrame, StreamFrame, encode
 from wsrelay.core.session import Refusal, Send, Session, admit
 from wsrelay.core.sse import KEEP_ALIVE, RETRY, StreamPositions, event, parse_event_id
 from wsrelay.errors import BadRequest, InvalidJSON, NotStreaming, PayloadTooLarge, RelayError
+from wsrelay.relay import FORWARD_TIMEOUT
 from wsrelay.server import routes
 from wsrelay.server.auth import cors_headers
 from wsrelay.server.connection import CLOSE_TIMEOUT, Connection, attach, closed, opened, unframe
@@ -228,9 +230,29 @@ class SseConnection(Connection, asyncio.Protocol):
 def _not_streaming() -> NotStreaming:
     return NotStreaming(
         "no SSE stream of this registration is open on this node: open GET /sse/<id> "
-        "first, and post its commands to the node serving it (a WebSocket takes its "
-        "commands as frames)"
+        "first (a WebSocket takes its commands as frames)"
     )
+
+
+def _nowhere_streaming() -> NotStreaming:
+    return NotStreaming(
+        "no node sharing the broker holds an SSE stream of this registration (none "
+        f"answered within {FORWARD_TIMEOUT:g} s): open GET /sse/<id> first (a WebSocket "
+        "takes its commands as frames)"
+    )
+
+
+async def run_forwarded(client: Client, text: str) -> tuple[int, str]:
+    """A command another node received by ``POST /sse/<id>`` for ``client``, attached
+    here (:attr:`~wsrelay.relay.Relay.command_runner`): carried out by its stream as a
+    local ``POST`` is; the HTTP status and JSON body to answer with."""
+    connection = client.sink
+    try:
+        if not isinstance(connection, SseConnection) or connection.closing:
+            raise _not_streaming()
+        return 200, (await connection.command(text)).decode()
+    except RelayError as error:
+        return error.http_status, encode(error.to_dict()).decode()
 
 
 # -- aiohttp's handlers ---------------------------------------------------------------------------
@@ -310,7 +332,12 @@ def _sent(action: object) -> Send:
 
 async def command(request: web.Request) -> web.Response:
     """``POST /sse/<id>``: one command for the registration's SSE stream (the JSON a
-    WebSocket sends as a frame), answered with the frame a WebSocket would receive."""
+    WebSocket sends as a frame), answered with the frame a WebSocket would receive.
+
+    A stream open on another node sharing the broker gets the command through
+    :meth:`~wsrelay.relay.Relay.forward_command`, and that node's answer (the frame or the
+    refusal, as its own ``POST`` would give) is this one's; no answer within
+    :data:`~wsrelay.relay.FORWARD_TIMEOUT`: 409 ``not_streaming``."""
     shared: Shared = request.app[SHARED]
     shared.gate.check_origin(request.headers.get("Origin"))
     client_id = request.match_info["client_id"]
@@ -319,7 +346,9 @@ async def command(request: web.Request) -> web.Response:
     connection = client.sink if client is not None else None
     if not isinstance(connection, SseConnection) or connection.closing:
         await relay.lookup(client_id)  # 404 unknown_client: no such registration at all
-        raise _not_streaming()
+        if client is not None or not relay.forwards:  # a WebSocket here, or one node
+            raise _not_streaming()
+        connection = None  # perhaps on another node: the command is forwarded
     limit = shared.settings.max_message_size  # what a WebSocket frame may hold
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
@@ -330,8 +359,14 @@ async def command(request: web.Request) -> web.Response:
         text = body.decode()
     except UnicodeDecodeError as exc:
         raise InvalidJSON(f"the command is not valid UTF-8 (byte {exc.start})") from None
-    answer = await connection.command(text)
-    response = web.Response(body=answer, content_type="application/json")
+    if connection is not None:
+        status, answer = 200, await connection.command(text)
+    else:
+        forwarded = await relay.forward_command(client_id, text)
+        if forwarded is None:
+            raise _nowhere_streaming()
+        status, answer = forwarded[0], forwarded[1].encode()
+    response = web.Response(status=status, body=answer, content_type="application/json")
     response.headers.update(cors_headers(routes.SSE_BY_ID))
     return response
 
