@@ -48,6 +48,7 @@ from wsrelay.errors import (
     InvalidField,
     InvalidTopic,
     NotFound,
+    RateLimited,
     TooManyRegistrations,
     TooManyTopics,
 )
@@ -71,6 +72,12 @@ publications held for its topics are sent anyway."""
 FORWARD_TIMEOUT: Final = 5.0
 """Seconds a node waits for the answer to a command it forwarded to the node holding the
 client's stream (:meth:`Relay.forward_command`) before it gives up."""
+
+MAX_FORWARDS_PER_CLIENT: Final = 8
+"""Commands of one registration a node forwards at once (each holds an HTTP request and
+a wait of up to :data:`FORWARD_TIMEOUT`); past it ``POST /sse/<id>`` is refused at once
+with 429 ``rate_limited`` (the node holding the stream carries them out one at a time
+anyway)."""
 
 
 CommandRunner = Callable[[Client, str], Awaitable[tuple[int, str]]]
@@ -179,6 +186,8 @@ class Relay:
         """Carries out commands other nodes forward for clients attached here (set by the
         server); None: such commands are not answered."""
         self._forwarded: dict[str, asyncio.Future[tuple[int, str]]] = {}
+        self._forwarding: dict[str, int] = {}
+        """Commands forwarded and unanswered, by client id (:data:`MAX_FORWARDS_PER_CLIENT`)."""
         """Commands this node forwarded, by request id, waiting for their answer."""
         self._running: set[asyncio.Task[None]] = set()
         store = backend.presence if backend.presence is not None else MemoryPresence()
@@ -679,8 +688,17 @@ class Relay:
         the one holding it is cut off or too slow).
 
         Raises:
+            RateLimited: :data:`MAX_FORWARDS_PER_CLIENT` commands of this client are
+                already waiting for their answer.
             BrokerUnavailable: the command could not be handed to the other nodes.
         """
+        pending = self._forwarding.get(client_id, 0)
+        if pending >= MAX_FORWARDS_PER_CLIENT:
+            raise RateLimited(
+                f"{pending} commands of this registration are already waiting for the "
+                "node holding its stream: wait for their answers"
+            )
+        self._forwarding[client_id] = pending + 1
         request = secrets.token_hex(8)
         waiting: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         self._forwarded[request] = waiting
@@ -694,6 +712,11 @@ class Relay:
                 return None
         finally:
             del self._forwarded[request]
+            left = self._forwarding[client_id] - 1
+            if left:
+                self._forwarding[client_id] = left
+            else:
+                del self._forwarding[client_id]
 
     async def _run_forwarded(self, client: Client, event: ControlEvent) -> None:
         runner = self.command_runner
