@@ -52,4 +52,5 @@ async def test_a_post_flood_for_one_registration_holds_a_bounded_number_of_forwa
         async with session.post(target, data="{}") as response:
             return response.status
 
-    assert await asyncio.gather(status(f"{node_b.url}/sse/{other}"), status(url)) == (409, 409)
+    statuses = await asyncio.gather(status(f"{node_b.url}/sse/{other}"), status(url))
+    assert list(statuses) == [409, 409], statuses
