@@ -120,7 +120,7 @@ class HttpAuthorizer:
         problem: str
         try:
             async with self._session.post(self.url, data=body, headers=headers) as response:
-                data = await response.content.read(MAX_ANSWER + 1)
+                data = await _read_at_most(response, MAX_ANSWER + 1)
                 if response.status != 200:
                     problem = f"it answered {response.status}"
                 elif len(data) > MAX_ANSWER:
@@ -140,3 +140,18 @@ class HttpAuthorizer:
             f"the authorization backend could not decide {', '.join(request.topics)}: "
             f"{problem}; try again later"
         )
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``response``, whole, or its first ``limit`` bytes if it is longer
+    (``content.read(n)`` alone gives only what has arrived so far: a body in several
+    pieces would be cut)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        part = await response.content.read(limit - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
