@@ -119,7 +119,9 @@ class HttpAuthorizer:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)
         problem: str
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as response:
+            async with self._session.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as response:  # a redirect is "another status": no decision
                 data = await _read_at_most(response, MAX_ANSWER + 1)
                 if response.status != 200:
                     problem = f"it answered {response.status}"

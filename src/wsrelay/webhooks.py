@@ -213,7 +213,11 @@ class WebhookSender:
             SIGNATURE_HEADER: sign(self.secret, body),
         }
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as response:
+            # Not following redirects: a 301/302/303 repeats the call as a GET without the
+            # events (whose 2xx would count them delivered), and takes the signature along.
+            async with self._session.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 await response.read()
                 if 200 <= response.status < 300:
                     return True
