@@ -186,7 +186,9 @@ async def test_a_trusted_proxys_forwarded_address_is_logged_and_counted(
     assert ("/publish", 400, "198.51.100.9") in refusals
     assert ("/history", 400, "198.51.100.10") in refusals
     per_ip = [(status, peer) for route, status, peer in refusals if route.startswith("/ws")]
-    assert per_ip == [(429, "203.0.113.7"), (429, "203.0.113.7"), (429, PROXY)]
+    assert per_ip[:3] == [(429, "203.0.113.7"), (429, "203.0.113.7"), (429, PROXY)]
+    # eventually_connects may be refused while the first connection's slot is released.
+    assert set(per_ip[3:]) <= {(429, "203.0.113.7")}, per_ip
 
 
 async def test_a_spoofed_header_from_an_untrusted_peer_is_ignored(
