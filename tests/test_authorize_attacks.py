@@ -4,6 +4,7 @@ and still allow only the topics asked."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,7 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.utils import Api, ServerProcess, free_port
+from tests.receivers import Backend
+from tests.server.test_sse import stream
+from tests.utils import TIMEOUT, Api, ServerProcess, free_port
+from wsrelay.server.sse import MAX_WAITING_COMMANDS
 
 Start = Callable[..., ServerProcess]
 
@@ -72,3 +76,45 @@ async def test_a_decision_arriving_in_pieces_is_read_whole(
     assert refused["type"] == "error", refused
     assert refused["error"]["code"] == "forbidden_topic", refused
     await client.close()
+
+
+async def test_posts_piling_up_behind_a_hanging_hook_are_bounded_per_stream(
+    start_server: Start, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A stream's commands run one at a time; with the hook hanging, a flood of POSTs
+    for it must not queue without bound: past MAX_WAITING_COMMANDS they are refused at
+    once (429 rate_limited)."""
+    backend = await Backend().start()
+    try:
+        backend.decide = lambda body: {topic: True for topic in body["topics"]}
+        backend.stall.clear()
+        config = tmp_path / "wsrelay.toml"
+        config.write_text(RULES)
+        relay = start_server(
+            "--config",
+            str(config),
+            "--authorize-url",
+            backend.url + "/authorize",
+            "--authorize-timeout",
+            "0.5",
+        )
+        client_id = (await Api(session, relay.url).register(3))["id"]
+        url = f"{relay.url}/sse/{client_id}"
+        flood = MAX_WAITING_COMMANDS * 5
+
+        async def one(i: int) -> int:
+            data = json.dumps({"subscribe": [f"doc.{i}"]})
+            async with session.post(url, data=data) as response:
+                return response.status
+
+        async with stream(session, url):
+            tasks = [asyncio.ensure_future(one(i)) for i in range(flood)]
+            done, _ = await asyncio.wait(tasks, timeout=TIMEOUT)
+            refused = [t.result() for t in done if t.result() == 429]
+            assert len(refused) >= flood - MAX_WAITING_COMMANDS - 1, [t.result() for t in done]
+            backend.stall.set()
+            statuses = await asyncio.gather(*tasks)
+        assert set(statuses) <= {200, 429, 503}, statuses
+    finally:
+        backend.stall.set()
+        await backend.stop()

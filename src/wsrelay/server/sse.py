@@ -39,7 +39,14 @@ from wsrelay.core.registry import Client
 from wsrelay.core.schema import CloseFrame, StreamFrame, encode
 from wsrelay.core.session import Refusal, Send, Session, admit
 from wsrelay.core.sse import KEEP_ALIVE, RETRY, StreamPositions, event, parse_event_id
-from wsrelay.errors import BadRequest, InvalidJSON, NotStreaming, PayloadTooLarge, RelayError
+from wsrelay.errors import (
+    BadRequest,
+    InvalidJSON,
+    NotStreaming,
+    PayloadTooLarge,
+    RateLimited,
+    RelayError,
+)
 from wsrelay.relay import FORWARD_TIMEOUT
 from wsrelay.server import routes
 from wsrelay.server.auth import cors_headers
@@ -56,6 +63,11 @@ LAST_EVENT_ID: Final = "last_event_id"
 """The query parameter standing for the ``Last-Event-ID`` header, for a first connection
 (``EventSource`` cannot set headers); the header wins when both are given (a browser's
 own reconnection sends the URL as it was, and the header with the newest id)."""
+
+MAX_WAITING_COMMANDS: Final = 8
+"""Commands of one stream waiting for their turn (they run one at a time, and one may
+wait on the authorization hook or the broker); past it ``POST /sse/<id>`` is refused at
+once with 429 ``rate_limited``."""
 
 END: Final = b"0\r\n\r\n"
 """The last chunk of a chunked response."""
@@ -77,6 +89,7 @@ class SseConnection(Connection, asyncio.Protocol):
         "_previous",
         "_shared",
         "_waiter",
+        "_waiting",
         "address",
         "positions",
         "session",
@@ -100,6 +113,7 @@ class SseConnection(Connection, asyncio.Protocol):
         self._previous: Any = None  # aiohttp's request handler, told of the end
         self._deadline: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._waiting = 0  # commands posted and not yet answered
 
     # -- the fan-out's side ---------------------------------------------------------------------
 
@@ -169,18 +183,27 @@ class SseConnection(Connection, asyncio.Protocol):
         Raises:
             RelayError: the command was refused (the HTTP call's answer).
         """
-        async with self._lock:
-            if self.closing:
-                raise _not_streaming()
-            try:
-                action = await self.session.carry_out(text)
-            except Refusal as refusal:
-                raise refusal.error from None
-            if not isinstance(action, Send):  # JSON mode answers every command
-                raise AssertionError(f"an SSE command answered {action!r}")
-            if not action.reply:
-                self.apply(action)
-            return action.payload
+        if self._waiting >= MAX_WAITING_COMMANDS:
+            raise RateLimited(
+                f"{self._waiting} commands of this stream are already waiting for their "
+                "turn: wait for their answers"
+            )
+        self._waiting += 1
+        try:
+            async with self._lock:
+                if self.closing:
+                    raise _not_streaming()
+                try:
+                    action = await self.session.carry_out(text)
+                except Refusal as refusal:
+                    raise refusal.error from None
+                if not isinstance(action, Send):  # JSON mode answers every command
+                    raise AssertionError(f"an SSE command answered {action!r}")
+                if not action.reply:
+                    self.apply(action)
+                return action.payload
+        finally:
+            self._waiting -= 1
 
     def heartbeat(self, ping: bool) -> None:
         """Every half ping interval: a comment, which keeps proxies from timing the
