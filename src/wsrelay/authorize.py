@@ -26,7 +26,7 @@ import msgspec
 
 from wsrelay.core.events import Action
 from wsrelay.errors import AuthorizationUnavailable
-from wsrelay.webhooks import SIGNATURE_HEADER, sign
+from wsrelay.webhooks import SIGNATURE_HEADER, read_at_most, shown, sign
 
 log = logging.getLogger("wsrelay.authorize")
 
@@ -122,7 +122,7 @@ class HttpAuthorizer:
             async with self._session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as response:  # a redirect is "another status": no decision
-                data = await _read_at_most(response, MAX_ANSWER + 1)
+                data = await read_at_most(response, MAX_ANSWER + 1)
                 if response.status != 200:
                     problem = f"it answered {response.status}"
                 elif len(data) > MAX_ANSWER:
@@ -137,23 +137,8 @@ class HttpAuthorizer:
         except (aiohttp.ClientError, OSError) as exc:
             problem = f"it could not be reached ({exc or type(exc).__name__})"
         self.unavailable += 1
-        log.warning("authorization hook %s: %s", self.url, problem)
+        log.warning("authorization hook %s: %s", shown(self.url), problem)
         raise AuthorizationUnavailable(
             f"the authorization backend could not decide {', '.join(request.topics)}: "
             f"{problem}; try again later"
         )
-
-
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body of ``response``, whole, or its first ``limit`` bytes if it is longer
-    (``content.read(n)`` alone gives only what has arrived so far: a body in several
-    pieces would be cut)."""
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        part = await response.content.read(limit - size)
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
-    return b"".join(parts)

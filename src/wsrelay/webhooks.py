@@ -31,6 +31,7 @@ from typing import Final
 
 import aiohttp
 import msgspec
+import yarl
 
 from wsrelay.core.events import Event
 
@@ -49,6 +50,8 @@ REQUEST_TIMEOUT: Final = 10.0
 """Seconds one POST may take before it counts as failed (and is retried)."""
 STOP_TIMEOUT: Final = 5.0
 """Seconds a stopping node keeps delivering what is queued."""
+MAX_RECEIVER_ANSWER: Final = 64 * 1024
+"""Bytes of a receiver's answer read (only its status matters); the rest is dropped."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -198,7 +201,7 @@ class WebhookSender:
                     len(batch),
                     batch[0].id,
                     batch[-1].id,
-                    self.url,
+                    shown(self.url),
                     elapsed,
                 )
                 return
@@ -218,10 +221,36 @@ class WebhookSender:
             async with self._session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                await response.read()
+                # Read (to keep the connection) but never more than a receiver's answer
+                # needs: a huge body must not fill this node's memory.
+                await read_at_most(response, MAX_RECEIVER_ANSWER)
                 if 200 <= response.status < 300:
                     return True
-                log.warning("webhook POST %s answered %d", self.url, response.status)
+                log.warning("webhook POST %s answered %d", shown(self.url), response.status)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.warning("webhook POST %s failed: %s", self.url, exc or type(exc).__name__)
+            log.warning("webhook POST %s failed: %s", shown(self.url), exc or type(exc).__name__)
         return False
+
+
+async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``response``, whole, or its first ``limit`` bytes if it is longer
+    (``content.read(n)`` alone gives only what has arrived so far: a body in several
+    pieces would be cut)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        part = await response.content.read(limit - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
+def shown(url: str) -> str:
+    """``url`` as logs show it: without its query and credentials, which may hold a token."""
+    try:
+        plain = yarl.URL(url).with_query(None).with_fragment(None)
+        return str(plain.with_user(None).with_password(None))
+    except ValueError:
+        return "<unreadable URL>"
