@@ -10,7 +10,8 @@ warm-up probe is through, so what it records is the hold (next to nothing) and t
 Tools: ``strace`` (``strace -c -f``: calls per system call, slow: ptrace stops every call),
 ``perf-syscalls`` (``perf stat`` on the syscall tracepoints: counts, next to no overhead),
 ``perf-trace`` (``perf trace -s``), ``py-spy`` (``py-spy record --native``, speedscope or
-raw output), ``strace-k:CALL,...`` (the native stack of each such call), ``signals``
+raw output), ``strace-k:CALL,...`` (the native stack of each such call),
+``perf-record:CALL`` (``perf record`` with dwarf call graphs of one system call), ``signals``
 (SIGUSR2 to the server at the start, SIGUSR1 at the end: for a probe loaded with
 ``PYTHONPATH=<dir with a sitecustomize.py>``), ``none``.
 Counts are printed per delivery (subscribers x messages).
