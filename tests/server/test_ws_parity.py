@@ -241,12 +241,18 @@ def _close_code(sock: socket.socket) -> int:
     return int(struct.unpack("!H", data[index + 2 : index + 4])[0])
 
 
+STALL = 0.5
+"""Seconds past which a health check or a delivery during the ping flood means a stall."""
+
+
 async def test_a_ping_flood_does_not_stall_other_clients(
     server: ServerProcess, session: aiohttp.ClientSession, topic: str
 ) -> None:
     """While one client floods pings as fast as it can (reconnecting each time it is
-    cut off), /health from another connection answers within 200 ms and another
-    subscriber gets each publication within 100 ms; the server's memory stays bounded."""
+    cut off), /health from another connection and each publication to another
+    subscriber keep coming (each well within 0.5 s: a server the flood stalled would take
+    the flood's 3 s; how fast they are under load is a benchmark's business, and a
+    100 ms bound failed a loaded CI run by 4 ms); the server's memory stays bounded."""
     api = Api(session, server.url)
     other = await bystander(api, topic)
     registration = await api.register()
@@ -271,13 +277,13 @@ async def test_a_ping_flood_does_not_stall_other_clients(
     finally:
         flooder.stop.set()
         await asyncio.to_thread(flooder.join, TIMEOUT)
+        await other.close()  # also when an assertion above failed (else: unclosed later)
     assert flooder.sent > 10 * len(FLOOD), "the flood never got going"
     assert codes.POLICY_VIOLATION in flooder.closes, flooder.closes
     grown = server_process.memory_info().rss - before
     assert grown < 50 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB"
-    assert max(health) < 0.2, f"/health took up to {max(health) * 1000:.0f} ms"
-    assert max(delivery) < 0.1, f"delivery took up to {max(delivery) * 1000:.0f} ms"
-    await other.close()
+    assert max(health) < STALL, f"/health took up to {max(health) * 1000:.0f} ms"
+    assert max(delivery) < STALL, f"delivery took up to {max(delivery) * 1000:.0f} ms"
 
 
 async def test_a_reset_after_a_ping_flood_is_no_server_error(
