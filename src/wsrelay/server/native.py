@@ -281,7 +281,9 @@ class NativeConnection(Connection, asyncio.Protocol):
             stats=shared.stats,
         )
         self._shared = shared
-        self._ws = wsp if wsp is not None else shared.protocol()
+        self._ws: WebSocketProtocol | None = wsp if wsp is not None else shared.protocol()
+        """websockets' protocol while it holds state; None while the connection rests
+        (:meth:`_rest`), when a fresh one would be the same."""
         self.session: Session | None = None
         self._task: asyncio.Task[None] | None = None
         self._commands: list[_Queued] | None = None  # text (or a binary marker) awaiting its turn
@@ -322,7 +324,7 @@ class NativeConnection(Connection, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self._unread is None:
-            self._ws.receive_eof()
+            self._protocol().receive_eof()
             self._write_pending()
         return None  # close the transport
 
@@ -355,7 +357,7 @@ class NativeConnection(Connection, asyncio.Protocol):
 
     def _receive(self, data: bytes) -> None:
         """Parse ``data`` a slice at a time; keep the rest unparsed once a task runs."""
-        wsp = self._ws
+        wsp = self._protocol()
         size = len(data)
         offset = 0
         while offset < size:
@@ -374,6 +376,8 @@ class NativeConnection(Connection, asyncio.Protocol):
                 break
         if self._task is not None or self._write_paused:
             self._transport.pause_reading()
+        else:
+            self._rest()
 
     def _on_events(self, events: Sequence[Frame | Request]) -> None:
         if self.session is None:
@@ -461,6 +465,38 @@ class NativeConnection(Connection, asyncio.Protocol):
         if self._task is None and not self._write_paused and not self._lost:
             # Also when closing: the client's answer to our close must be read.
             self._transport.resume_reading()
+            self._rest()
+
+    def _protocol(self) -> WebSocketProtocol:
+        """websockets' protocol, a fresh open one if the connection rested."""
+        wsp = self._ws
+        if wsp is None:
+            wsp = self._ws = self._shared.protocol(State.OPEN)
+        return wsp
+
+    def _rest(self) -> None:
+        """Let go of websockets' protocol while it holds nothing a fresh open one lacks.
+
+        An idle connection then costs no protocol (about 1.4 KiB), and none keeps its
+        handshake request: the protocol's parser is a generator whose suspended frame
+        holds the request for as long as the protocol lives (2-3 KiB; docs/decisions/0013).
+        """
+        wsp = self._ws
+        if (
+            wsp is not None
+            and self.session is not None
+            and not self.held
+            and not self.closing
+            and wsp.state is State.OPEN
+            and wsp.current_size is None
+            and not wsp.expect_continuation_frame
+            and wsp.pong_due is None
+            and wsp.close_due is None
+            and not wsp.reader.buffer
+            and not wsp.events
+            and not wsp.writes
+        ):
+            self._ws = None
 
     def _apply(self, action: Action) -> None:
         if isinstance(action, Send):
@@ -485,7 +521,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         gate = shared.gate_for(self.address)
         try:
             client_id, query, route = routes.websocket_target(request.path)
-            session, response = await handshake(gate, self._ws, request, client_id, query)
+            session, response = await handshake(gate, self._protocol(), request, client_id, query)
         except RelayError as exc:
             self._refuse(exc, route, started)
             return
@@ -511,7 +547,7 @@ class NativeConnection(Connection, asyncio.Protocol):
             self._deadline.cancel()
             self._deadline = None
         self._shared.handshaking.discard(self)
-        self._ws.send_response(response)
+        self._protocol().send_response(response)
         self._write_pending()
         await self._start(session)
 
@@ -540,7 +576,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         )
         self._early = None
         if not self._lost:
-            self._ws.send_response(Response(status.value, status.phrase, headers, body))
+            self._protocol().send_response(Response(status.value, status.phrase, headers, body))
             self._write_pending()
         self._task = None
         if self._lost:
@@ -572,7 +608,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         early, self._early = self._early, None
         if early and not self.closing:
             self._on_frames(early)
-            self._ws.pong()
+            self._protocol().pong()
             self._write_pending()
         if self._commands:  # the early frames brought commands: run them now
             await self._run_commands()
@@ -582,13 +618,16 @@ class NativeConnection(Connection, asyncio.Protocol):
     # -- output ---------------------------------------------------------------------------------
 
     def _write_pending(self) -> None:
+        wsp = self._ws
+        if wsp is None:  # at rest: nothing to send
+            return
         transport = self._transport
-        for data in self._ws.data_to_send():
+        for data in wsp.data_to_send():
             if data:
                 transport.write(data)
             else:  # websockets' end of stream: a server closes the TCP connection first
                 transport.close()
-        if self._ws.close_sent is not None and not self.closing:
+        if wsp.close_sent is not None and not self.closing:
             # websockets failed the connection (1002, 1009...) or answered a client's close.
             self.closing = True
             self._drop_later()
@@ -601,7 +640,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         else:
             action = Close(code, close_reason(reason))
         code, reason = action.code, action.reason
-        wsp = self._ws
+        wsp = self._protocol()
         if wsp.state is State.OPEN:
             wsp.send_close(code, reason)
             self._write_pending()
@@ -616,7 +655,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         self.take_raw()
         self._unread = None
         self._commands = None
-        self._ws.fail(action.code, action.reason)
+        self._protocol().fail(action.code, action.reason)
         self._write_pending()
         self._drop_later()
 
@@ -627,7 +666,7 @@ class NativeConnection(Connection, asyncio.Protocol):
             self._deadline = self._shared.loop.call_later(CLOSE_TIMEOUT, self._transport.abort)
 
     def heartbeat(self, ping: bool) -> None:
-        if self.closing or self._ws.state is not State.OPEN:
+        if self.closing or (self._ws is not None and self._ws.state is not State.OPEN):
             return
         if ping:
             self._heard = False  # any frame from now on proves the client is there
@@ -674,13 +713,15 @@ class NativeConnection(Connection, asyncio.Protocol):
     def _received(self) -> tuple[int, str] | None:
         """The client's close frame, if the client closed first."""
         wsp = self._ws
+        if wsp is None:  # it rested: nothing was received since it was open
+            return None
         if wsp.close_rcvd is not None and wsp.close_rcvd_then_sent is not False:
             return wsp.close_rcvd.code, wsp.close_rcvd.reason
         return None
 
     def _failed(self) -> tuple[int, str] | None:
         """The close websockets sent on a protocol error, if it did."""
-        sent = self._ws.close_sent
+        sent = self._ws.close_sent if self._ws is not None else None
         return (sent.code, sent.reason) if sent is not None else None
 
     def abort(self) -> None:
