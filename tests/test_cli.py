@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -14,9 +15,11 @@ import threading
 from collections.abc import Iterator
 from typing import IO
 
+import aiohttp
 import pytest
 
 from tests.gate import Gate
+from tests.tcp_proxy import Proxy
 from tests.utils import TIMEOUT, Api, ServerProcess, free_port
 from wsrelay.cli import main
 from wsrelay.config import Settings, env_name
@@ -340,6 +343,67 @@ def test_sub_reconnects_by_itself_and_cleans_up_on_sigterm(start_server, topic: 
     # SIGTERM deleted the registration.
     stats = run("stats", "--once", "--url", second.url).stdout
     assert re.search(r"^registrations +0$", stats, flags=re.MULTILINE), stats
+
+
+async def test_sub_prints_what_was_published_while_its_connection_was_cut_once_in_order(
+    server: ServerProcess, session: aiohttp.ClientSession, topic: str
+) -> None:
+    """`wsrelay sub --json` through a TCP proxy that cuts its connection (the server keeps
+    running): what is published while it is away, while it reconnects and after is
+    printed once each, in order, with consecutive offsets, on the same registration and
+    with no "not recovered" notice."""
+    api = Api(session, server.url)
+    published: list[str] = []
+
+    async def publish(count: int) -> None:
+        for _ in range(count):
+            published.append(f"m{len(published)}")
+            status, body = await api.call(
+                "POST", "/publish", {"topic": topic, "message": published[-1]}
+            )
+            assert status == 200, body
+
+    async with Proxy(server.url) as proxy:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wsrelay", "sub", topic, "--json", "--url", proxy.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        out, err = Lines(process.stdout), Lines(process.stderr)
+        try:
+            ready = await asyncio.to_thread(err.next, TIMEOUT * 4)
+            assert ready == f"subscribed to {topic}; waiting for messages"
+            await publish(5)
+            lines = [await asyncio.to_thread(out.next) for _ in range(5)]
+
+            proxy.down()
+            lost = await asyncio.to_thread(err.next)
+            assert lost.startswith("wsrelay sub: connection lost (close 1006"), lost
+            await publish(30)  # while it is away
+            proxy.up()
+            during = asyncio.create_task(publish(30))  # while it reconnects and recovers
+            notices = await asyncio.to_thread(err.until, "reconnected")
+            assert notices[-1] == f"wsrelay sub: reconnected; subscribed to {topic}", notices
+            await during
+            await publish(5)  # live again
+            while len(lines) < len(published):
+                lines.append(await asyncio.to_thread(out.next))
+        finally:
+            process.terminate()
+            assert await asyncio.to_thread(process.wait, TIMEOUT) == 143
+            for stream in (out, err):
+                stream.thread.join(TIMEOUT)  # read to the end
+            process.stdout.close()
+            process.stderr.close()
+    printed = [json.loads(line) for line in lines]
+    assert [(p["message"], p["offset"]) for p in printed] == [
+        (message, offset) for offset, message in enumerate(published, start=1)
+    ]
+    assert list(out.queue.queue) == [None]  # and nothing more was printed
+    rest = [line for line in err.queue.queue if line is not None]
+    assert not [line for line in [*notices, *rest] if "not recovered" in line], rest
 
 
 def test_sub_waits_as_long_as_the_server_asks_with_retry_after(start_server, topic: str) -> None:
