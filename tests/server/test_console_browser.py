@@ -272,6 +272,48 @@ async def test_the_browser_client_reconnects_and_resubscribes_after_a_restart(
     await expect(page.locator("#api-status")).to_have_text("live")
 
 
+async def test_console_shows_what_was_published_while_its_connection_was_cut_once_in_order(
+    server: ServerProcess, session: aiohttp.ClientSession, page: Page, topic: str
+) -> None:
+    """The console, served through a TCP proxy that cuts its connections (the relay keeps
+    running, memory broker): messages published while it is away and while it reconnects
+    appear in the log once each, in order, with no "not recovered" notice, on the same
+    registration."""
+    from tests.tcp_proxy import Proxy
+
+    api = Api(session, server.url)
+    published = [f"m{i}" for i in range(90)]
+    async with Proxy(server.url) as proxy:
+        await page.goto(proxy.url + "/console")
+        await subscribe_in_page(page, topic)
+        detail = page.locator("#client-detail")
+        before = await detail.text_content()
+        assert before is not None and "/ws/" in before
+        for text in published[:10]:
+            assert await api.publish(topic, text) == 1
+        await expect(page.locator("#message-count")).to_have_text("(10)")
+
+        proxy.down()
+        await expect(page.locator("#client-state")).not_to_have_text("connected")
+        for text in published[10:50]:  # while the console is away
+            assert await api.publish(topic, text) == 0
+        proxy.up()
+        for text in published[50:]:  # while it reconnects, and after
+            await api.publish(topic, text)
+        await expect(page.locator("#message-count")).to_have_text(
+            f"({len(published)})", timeout=RECONNECT_WAIT
+        )
+        await expect(page.locator("#client-state")).to_have_text("connected")
+        published.append("fence")  # anything delivered twice would come before it
+        assert await api.publish(topic, "fence") == 1
+        await expect(page.locator("#message-count")).to_have_text(f"({len(published)})")
+        shown = await messages(page).locator(".text").all_text_contents()
+        assert shown[::-1] == published  # newest first in the log
+        await expect(page.locator("#messages li.notice")).to_have_count(0)
+        assert await detail.text_content() == before  # the same registration
+        assert proxy.accepted >= 2  # it did connect again
+
+
 async def test_console_message_text_keeps_its_width_on_a_phone(
     start_server: Callable[..., ServerProcess], session: aiohttp.ClientSession, page: Page
 ) -> None:
