@@ -141,7 +141,8 @@ _KEEP_ALIVE = web.AppKey("keep_alive", asyncio.Task[None])
 
 
 async def _start(app: web.Application) -> None:
-    app[FLUSHER] = Flusher(asyncio.get_running_loop())
+    relay = app[RELAY]
+    app[FLUSHER] = Flusher(asyncio.get_running_loop(), lambda: relay.delivered)
     app[SHARED] = Shared(app)
     interval = app[SETTINGS].ping_interval
     if interval:
@@ -159,7 +160,7 @@ async def _close_connections(app: web.Application) -> None:
     connections = list(live)
     for connection in connections:
         # What was accepted for a client is written before its close frame.
-        connection.close(codes.GOING_AWAY, "server shutting down", flush=True)
+        connection.close(codes.GOING_AWAY, "server shutting down")
     await asyncio.gather(*(c.wait_closed() for c in connections), return_exceptions=True)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from websockets.frames import Frame, Opcode
@@ -92,21 +93,54 @@ async def attach(connection: Connection, relay: Relay, session: Session) -> Rela
     return refusal
 
 
+MAX_FLUSH_PASSES = 4
+"""Event-loop passes the :class:`Flusher` may wait, while publications keep coming,
+before it writes what is queued."""
+
+
 class Flusher:
-    """Writes every connection that has queued frames, once per event-loop pass."""
+    """Writes every connection that has queued frames, once the publications stop coming.
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    It writes in the first event-loop pass that brought no new publication (``progress``
+    unchanged), and at the latest :data:`MAX_FLUSH_PASSES` passes after the first frame was
+    queued. Under a burst the publications of several passes then go out in one write per
+    connection, and a write costs the kernel about the same for one frame or twenty: the
+    burst's CPU per delivery falls by 40% (docs/decisions/0013). A lone publication waits
+    one more pass, which comes at once: with callbacks ready, the loop's poll does not wait.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("_dirty", "_loop", "_passes", "_progress", "_scheduled", "_seen")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, progress: Callable[[], int] | None = None
+    ) -> None:
+        """``progress``: a count that grows with every publication handed to connections
+        (:attr:`wsrelay.relay.Relay.delivered`); without it, every pass is written."""
         self._loop = loop
+        self._progress = progress
         self._dirty: list[Connection] = []
         self._scheduled = False
+        self._passes = 0
+        self._seen = 0
 
     def schedule(self, connection: Connection) -> None:
         self._dirty.append(connection)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._passes = 0
+            self._seen = -1
+            self._loop.call_soon(self._pass)
+
+    def _pass(self) -> None:
+        progress = self._progress
+        if progress is not None and self._passes < MAX_FLUSH_PASSES - 1:
+            seen = progress()
+            if seen != self._seen:  # publications came in the last pass: more may follow
+                self._seen = seen
+                self._passes += 1
+                self._loop.call_soon(self._pass)
+                return
+        self._flush()
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -168,7 +202,7 @@ class Connection(Outbox):
             first = self.push(frame)
         except OutboxOverflow:
             self._stats.slow_consumers += 1
-            self.close(codes.SLOW_CONSUMER, "slow consumer: outbox limit exceeded")
+            self.close(codes.SLOW_CONSUMER, "slow consumer: outbox limit exceeded", flush=False)
             return False
         if first:
             self._flusher.schedule(self)
@@ -203,10 +237,10 @@ class Connection(Outbox):
             return self._pending
         return self._pending + self._transport.get_write_buffer_size()
 
-    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
+    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         """Close with ``code`` in the background. What is queued is written
         first if ``flush`` (a client that keeps up then misses nothing that was
-        accepted before the close), else dropped."""
+        accepted before the close), else dropped (a slow consumer's)."""
         if self.closing:
             return
         if flush:
