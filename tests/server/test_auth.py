@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import InvalidStatus
 
 from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber
+from wsrelay.config import STACKS
 
 KEYS = ("key-old-0123456789", "key-new-9876543210")
 PROTECTED = [
@@ -30,6 +31,7 @@ PROTECTED = [
     ("DELETE", "/register/0123456789abcdef0123456789abcdef", None),
     ("POST", "/publish", {"topic": "t", "message": "m"}),
     ("GET", "/metrics", None),
+    ("GET", "/history?topic=t", None),
 ]
 
 
@@ -39,10 +41,13 @@ async def refused(status_and_body: tuple[int, Any], status: int, code: str) -> N
     assert body["error"]["code"] == code and body["error"]["message"], body
 
 
-@pytest.fixture(scope="module")
-def keyed() -> Iterator[ServerProcess]:
-    """A server with two API keys (rotation), given comma-separated in the variable."""
-    process = ServerProcess(env={"WSRELAY_API_KEY": ",".join(KEYS)}).start()
+@pytest.fixture(scope="module", params=STACKS)
+def keyed(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """A server with two API keys (rotation), given comma-separated in the variable; on
+    each stack (the native one answers some routes itself)."""
+    process = ServerProcess(
+        ["--stack", request.param], env={"WSRELAY_API_KEY": ",".join(KEYS)}
+    ).start()
     yield process
     assert process.stop() == 0
     assert "Traceback" not in process.log(), process.log()
@@ -104,6 +109,9 @@ async def test_every_configured_key_works_and_open_routes_stay_open(
         assert status == 200
         async with session.get(keyed.url + "/metrics", headers=headers) as response:
             assert response.status == 200
+        status, page = await api.call("GET", f"/history?topic={topic}", headers=headers)
+        assert status == 200, page
+        assert [p["message"] for p in page["publications"]] == list(KEYS[:offset])
     assert len(epochs) == 1  # one topic, one epoch, whichever key published
     for path in ("/health", "/ready", "/openapi.json"):
         async with session.get(keyed.url + path) as response:
