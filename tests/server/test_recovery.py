@@ -14,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import websockets
 
 from tests.utils import TIMEOUT, Api, ServerProcess, Subscriber, stop_and_check
+from wsrelay.brokers.redis_scripts import keys
 from wsrelay.config import STACKS
 from wsrelay.core.history import MAX_REPLAY
 
@@ -361,6 +363,60 @@ async def test_history_size_bounds_recovery(
     assert ack["positions"][topic]["recovered"] is True
     assert [m["message"] for m in await messages(sub, 3)] == ["3", "4", "5"]
     await sub.close()
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_history_size_0_keeps_positions_and_no_history_so_nothing_missed_is_recovered(
+    start_server: Any,
+    session: aiohttp.ClientSession,
+    topic: str,
+    broker: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """``--history-size 0`` (README: no history, no recovery; docs/decisions/0008:
+    offsets and epochs are still given): publishes answer consecutive offsets in one
+    epoch and are delivered with them; ``/history`` answers the topic's position and no
+    publication; a subscribe whose ``since`` is behind is ``recovered: false`` with the
+    current position and replays nothing, one that missed nothing is ``recovered:
+    true``."""
+    args = ["--history-size", "0"]
+    if broker == "redis":
+        args += ["--broker", request.getfixturevalue("redis_server").url]
+    api = Api(session, start_server(*args).url)
+    live = await api.connect(1, [topic])
+    ack = await live.subscribe(topic)
+    assert ack["positions"][topic]["offset"] == 0  # (an empty position: its epoch may go)
+    sent = [await publish(api, topic, f"m{i}") for i in (1, 2, 3)]
+    epoch = sent[0]["epoch"]
+    assert [(s["offset"], s["epoch"]) for s in sent] == [(1, epoch), (2, epoch), (3, epoch)]
+    got = await messages(live, 3)
+    assert [(m["message"], m["offset"]) for m in got] == [("m1", 1), ("m2", 2), ("m3", 3)]
+
+    for params in ({"topic": topic}, {"topic": topic, "since": "1"}):
+        status, page = await api.call("GET", "/history", params=params)
+        assert status == 200, page
+        assert page == {"topic": topic, "epoch": epoch, "offset": 3, "publications": []}
+
+    behind = await api.connect(2)
+    ack = await behind.command(
+        {"subscribe": [topic], "since": {topic: {"offset": 1, "epoch": epoch}}}
+    )
+    assert ack["positions"][topic] == {"offset": 3, "epoch": epoch, "recovered": False}, ack
+    current = await api.connect(3)
+    ack = await current.command(
+        {"subscribe": [topic], "since": {topic: {"offset": 3, "epoch": epoch}}}
+    )
+    assert ack["positions"][topic] == {"offset": 3, "epoch": epoch, "recovered": True}, ack
+    await publish(api, topic, "m4")
+    for sub in (live, behind, current):  # the next frame is m4: nothing was replayed
+        assert [(m["message"], m["offset"]) for m in await messages(sub, 1)] == [("m4", 4)]
+        await sub.close()
+    if broker == "redis":  # no stream at all
+        admin = aioredis.from_url(request.getfixturevalue("redis_server").url)
+        try:
+            assert await admin.exists(keys(topic)[0]) == 0
+        finally:
+            await admin.aclose()
 
 
 async def test_a_restarted_memory_server_has_a_new_epoch(
