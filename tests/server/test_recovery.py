@@ -1,7 +1,13 @@
-"""Offsets, history and recovery on a real server, on both WebSocket stacks (memory broker).
+"""Offsets, history and recovery on a real server, on both WebSocket stacks (memory broker,
+and Redis where a test says so).
 
-The Redis broker's part (several nodes, Redis outages) is in tests/test_redis_recovery.py;
-the clients' automatic recovery in tests/test_client.py and the browser tests.
+The Redis broker's part is in tests/brokers/test_redis_history.py (what it keeps and
+tells a node that missed something), tests/test_redis_order.py (pub/sub losses filled
+or reported as gaps), tests/test_redis_outage.py and tests/test_redis_faults.py (Redis
+killed or stalled under nodes), tests/test_node_failover.py (a node dies under its
+clients) and tests/test_redis_recovery_attacks.py; the clients' automatic recovery in
+tests/test_client_recovery.py (Python), tests/test_cli.py (`wsrelay sub`) and
+tests/server/test_console_browser.py (wsrelay.js and the console).
 """
 
 from __future__ import annotations
