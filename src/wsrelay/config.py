@@ -115,8 +115,10 @@ class Settings:
     broker_timeout: float = _setting(
         5.0,
         "Seconds a Redis command may take, waiting for a connection included; past it "
-        "(a stalled or unreachable Redis) the request gets 503 broker_unavailable "
-        "(Redis broker only).",
+        "(a stalled or unreachable Redis) the request gets 503 broker_unavailable, or "
+        "publish_outcome_unknown for a publish already sent (retry it with the same "
+        "idempotency_key); a publish sent to a Redis that stops answering gets that as "
+        "soon as the health probe declares Redis down (Redis broker only).",
         metavar="SECONDS",
     )
     max_body_size: int = _setting(
