@@ -275,7 +275,10 @@ async def test_refused_commands_are_json_errors(server: ServerProcess) -> None:
                 status, body = await post(http, url, payload)
                 assert (status, body["error"]["code"]) == expected, body
             async with http.post(url, data="{}", headers={"Origin": "http://evil.example"}) as r:
-                assert (r.status, (await r.json())["error"]["code"]) == (403, "origin_not_allowed")
+                error = (await r.json())["error"]
+                assert (r.status, error["code"]) == (403, "origin_not_allowed")
+                # The same refusal as a WebSocket's, in words true for a stream too.
+                assert error["message"].startswith("connections from origin 'http://evil.example'")
 
 
 async def test_an_idle_stream_gets_keep_alive_comments(server: ServerProcess) -> None:

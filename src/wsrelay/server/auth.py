@@ -161,7 +161,7 @@ def check_origin(origin: str | None, patterns: tuple[str, ...]) -> None:
         return
     if not any(fnmatch.fnmatchcase(origin.lower(), p.lower()) for p in patterns):
         raise Forbidden(
-            f"WebSocket connections from origin {origin[:200]!r} are not allowed",
+            f"connections from origin {origin[:200]!r} are not allowed",
             code="origin_not_allowed",
         )
 

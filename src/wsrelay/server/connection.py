@@ -169,10 +169,10 @@ class Connection(Outbox):
     It *is* its :class:`~wsrelay.core.outbox.Outbox` (a subclass, not a member):
     one object per connection instead of three (outbox, bound method, list), and
     one attribute lookup less per frame. A driver subclasses it to say how a
-    close is sent (:meth:`_send_close`) and when it is over (:meth:`wait_closed`).
+    close is sent (:meth:`_send_close`), and calls :meth:`_ended` when it is over.
     """
 
-    __slots__ = ("_flusher", "_stats", "_transport", "closing", "held", "raw")
+    __slots__ = ("_closed", "_flusher", "_stats", "_transport", "_waiter", "closing", "held", "raw")
 
     def __init__(
         self,
@@ -191,6 +191,8 @@ class Connection(Outbox):
         self._transport = transport
         self._flusher = flusher
         self._stats = stats if stats is not None else ConnectionStats()
+        self._closed = False  # everything after the connection ended is done
+        self._waiter: asyncio.Future[None] | None = None
 
     def measure_buffered(self) -> int:
         return self._transport.get_write_buffer_size()
@@ -259,5 +261,17 @@ class Connection(Outbox):
         raise NotImplementedError
 
     async def wait_closed(self) -> None:
-        """Return once the connection has closed (after :meth:`close`)."""
-        raise NotImplementedError
+        """Return once the connection has closed (after :meth:`close`) and the driver has
+        done everything that follows (:meth:`_ended`)."""
+        if self._closed:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._waiter)
+
+    def _ended(self) -> None:
+        """Called by the driver once the connection is over and accounted for."""
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

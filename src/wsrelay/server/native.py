@@ -247,7 +247,6 @@ class NativeConnection(Connection, asyncio.Protocol):
     """
 
     __slots__ = (
-        "_closed",
         "_commands",
         "_deadline",
         "_early",
@@ -258,7 +257,6 @@ class NativeConnection(Connection, asyncio.Protocol):
         "_shared",
         "_task",
         "_unread",
-        "_waiter",
         "_write_paused",
         "_ws",
         "address",
@@ -292,9 +290,7 @@ class NativeConnection(Connection, asyncio.Protocol):
         self._fragments: list[Data] | None = None  # a text message arriving in pieces
         self._heard = True  # anything received since the last ping
         self._lost = False
-        self._closed = False  # everything after the connection ended is done
         self._write_paused = False
-        self._waiter: asyncio.Future[None] | None = None
         self._previous: asyncio.BaseProtocol | None = None  # aiohttp's, for an adopted one
         self.address: str | None = None
         """The client's address (behind a trusted proxy, the one it forwards), for the
@@ -678,13 +674,6 @@ class NativeConnection(Connection, asyncio.Protocol):
                 self.session.closing(ABNORMAL_CLOSURE, "no pong within half the ping interval")
             self._transport.abort()
 
-    async def wait_closed(self) -> None:
-        if self._closed:
-            return
-        if self._waiter is None:
-            self._waiter = self._shared.loop.create_future()
-        await asyncio.shield(self._waiter)
-
     async def _end(self) -> None:
         """After the connection is gone: detach the client and account for it."""
         shared, session = self._shared, self.session
@@ -705,10 +694,8 @@ class NativeConnection(Connection, asyncio.Protocol):
         except Exception:
             log.exception("could not detach a closed connection")
         finally:
-            self._closed = True
             self._task = None
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
+            self._ended()
 
     def _received(self) -> tuple[int, str] | None:
         """The client's close frame, if the client closed first."""

@@ -82,13 +82,11 @@ class SseConnection(Connection, asyncio.Protocol):
     """One SSE stream, from the moment its head is written to its end."""
 
     __slots__ = (
-        "_closed",
         "_deadline",
         "_lock",
         "_lost",
         "_previous",
         "_shared",
-        "_waiter",
         "_waiting",
         "address",
         "positions",
@@ -109,10 +107,8 @@ class SseConnection(Connection, asyncio.Protocol):
         self.address: str | None = None
         self._lock = asyncio.Lock()  # commands run one at a time, as a WebSocket's do
         self._lost = False
-        self._closed = False
         self._previous: Any = None  # aiohttp's request handler, told of the end
         self._deadline: asyncio.TimerHandle | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._waiting = 0  # commands posted and not yet answered
 
     # -- the fan-out's side ---------------------------------------------------------------------
@@ -227,13 +223,6 @@ class SseConnection(Connection, asyncio.Protocol):
         if self._deadline is None and not self._lost:
             self._deadline = self._shared.loop.call_later(CLOSE_TIMEOUT, transport.abort)
 
-    async def wait_closed(self) -> None:
-        if self._closed:
-            return
-        if self._waiter is None:
-            self._waiter = self._shared.loop.create_future()
-        await asyncio.shield(self._waiter)
-
     async def _end(self) -> None:
         """After the connection is gone: detach the client and account for it."""
         shared, session = self._shared, self.session
@@ -245,9 +234,7 @@ class SseConnection(Connection, asyncio.Protocol):
         except Exception:
             log.exception("could not detach a closed SSE stream")
         finally:
-            self._closed = True
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
+            self._ended()
 
 
 def _not_streaming() -> NotStreaming:
