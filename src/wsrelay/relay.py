@@ -403,9 +403,8 @@ class Relay:
         # A replay is queued at once: more than the outbox takes would close the client
         # as a slow consumer, and it would come back to ask for the same again.
         budget = self.settings.outbox_limit // 2
-        for topic, page in zip(named, pages, strict=True):
+        for topic, (page, asked) in zip(named, pages, strict=True):
             top = page.position
-            asked = since.get(topic)
             if asked is None:
                 # The stream continues after the last publication handed over here before
                 # the hold began: everything held since follows, nothing is dropped.
@@ -432,10 +431,15 @@ class Relay:
             replay = [p for p in replay if p.skip != client.id]
         return Followed(positions, replay)
 
-    async def _read(self, topic: str, since: Position | None) -> HistoryPage:
+    async def _read(
+        self, topic: str, since: Position | None
+    ) -> tuple[HistoryPage, Position | None]:
+        """The page to answer ``topic`` with, and ``since`` as a position in its epoch
+        (``Broker.recover``: a position answered before the topic's first publication
+        stands for one in the epoch made since, while nothing was lost)."""
         if since is None:
-            return await self._read_position(topic)
-        return await self.broker.history(topic, since=since.offset, limit=MAX_REPLAY + 1)
+            return await self._read_position(topic), None
+        return await self.broker.recover(topic, since, MAX_REPLAY + 1)
 
     async def _read_position(self, topic: str) -> HistoryPage:
         """The topic's position, one read shared by every command asking for it in the

@@ -22,6 +22,7 @@ from tests.utils import TIMEOUT
 from wsrelay.brokers import Broker, RegistrationStore
 from wsrelay.brokers.base import PresenceStore
 from wsrelay.core.fanout import Publication
+from wsrelay.core.history import Position, recovered
 from wsrelay.core.registry import Client
 from wsrelay.core.schema import PresenceClient
 
@@ -162,14 +163,44 @@ class BrokerConformance:
         assert only.publications == [] and only.position == page.position
         assert (await b.history("h", since=7, limit=10)).publications == []
 
-    async def test_a_topic_never_published_gets_an_epoch_that_its_first_publication_keeps(
+    async def test_a_position_read_before_the_first_publication_recovers_from_it(
         self, nodes: tuple[Node, Node]
     ) -> None:
+        """A topic never published has a position (offset 0) that a client may recover
+        from once the topic is published: its first publications, from offset 1, and the
+        position in the topic's epoch it stands for. The broker may answer it without an
+        epoch of the topic's own (Redis creates nothing for it), so it is compared through
+        ``recover``, not by its epoch."""
         (a, _), (b, _) = nodes
         before = (await b.history("fresh")).position
         assert before.offset == 0 and before.epoch
-        receipt = await a.publish(Publication("fresh", "first"))
-        assert receipt.position.epoch == before.epoch and receipt.position.offset == 1
+        receipts = [await a.publish(Publication("fresh", m)) for m in ("first", "second")]
+        epoch = receipts[0].position.epoch
+        assert [(r.position.epoch, r.position.offset) for r in receipts] == [(epoch, 1), (epoch, 2)]
+        page, since = await b.recover("fresh", before, 10)
+        assert since == Position(epoch, 0) and recovered(page, since)
+        assert [(p.offset, p.message) for p in page.publications] == [(1, "first"), (2, "second")]
+        # A client that saw the first one live (its frames carry no epoch: it still labels
+        # offset 1 with the position it was answered) recovers the rest.
+        page, since = await b.recover("fresh", Position(before.epoch, 1), 10)
+        assert since == Position(epoch, 1) and recovered(page, since)
+        assert [p.offset for p in page.publications] == [2]
+
+    async def test_a_position_read_before_any_publication_is_recovered_while_none_came(
+        self, nodes: tuple[Node, Node]
+    ) -> None:
+        (_, _), (b, _) = nodes
+        before = (await b.history("quiet")).position
+        page, since = await b.recover("quiet", before, 10)
+        assert since.offset == 0 and page.publications == [] and recovered(page, since)
+        assert page.position == since  # the position to answer the client
+
+    async def test_an_unknown_epoch_is_not_recovered(self, nodes: tuple[Node, Node]) -> None:
+        (a, _), (b, _) = nodes
+        await a.publish(Publication("known", "x"))
+        for epoch in ("e", "g:nothing:0", "g::1", "g:x:-1", ""):
+            page, since = await b.recover("known", Position(epoch, 0), 10)
+            assert since == Position(epoch, 0) and not recovered(page, since), epoch
 
     async def test_an_idempotency_key_publishes_once(self, nodes: tuple[Node, Node]) -> None:
         (a, _), (b, inbox) = nodes

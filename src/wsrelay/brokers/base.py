@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wsrelay.core.fanout import Publication
-from wsrelay.core.history import HistoryPage, Receipt
+from wsrelay.core.history import HistoryPage, Position, Receipt
 from wsrelay.core.registry import Client
 from wsrelay.core.schema import NodeInfo, PresenceClient
 
@@ -113,8 +113,26 @@ class Broker(Protocol):
     ) -> HistoryPage:
         """Up to ``limit`` kept publications of ``topic`` with an offset above ``since``,
         oldest first (newest first if ``reverse``), and the topic's current position,
-        read together (``limit`` 0: only the position). A topic never published to gets
-        its epoch here, so that the position answered stays valid.
+        read together (``limit`` 0: only the position). A topic never published to is
+        answered a position at offset 0 that :meth:`recover` accepts later: the memory
+        broker gives it its epoch here (kept in memory), the Redis broker an *empty
+        position* that stores nothing and that it vouches for in :meth:`recover`.
+
+        Raises:
+            wsrelay.errors.BrokerUnavailable: the engine is unreachable.
+        """
+        ...
+
+    async def recover(
+        self, topic: str, since: Position, limit: int
+    ) -> tuple[HistoryPage, Position]:
+        """What a client at ``since`` needs to recover ``topic``: up to ``limit`` kept
+        publications with an offset above ``since.offset``, oldest first, with the
+        topic's position (as :meth:`history`); and ``since`` as a position in the page's
+        epoch: ``since`` itself, or the position it stands for there when the broker can
+        tell that nothing of the topic was lost since (a position it answered before the
+        topic's first publication). :func:`wsrelay.core.history.recovered` decides with
+        the two.
 
         Raises:
             wsrelay.errors.BrokerUnavailable: the engine is unreachable.

@@ -21,6 +21,12 @@ idempotency key). :class:`~wsrelay.brokers.redis_probe.HealthProbe` pings Redis
 twice a second: while it gets no answer the node is unhealthy (``/ready`` 503),
 publishes fail at once, and those in flight fail as soon as it says so.
 
+A topic never published has no keys, and reading its position creates none (anyone may
+subscribe to fresh names): it is answered an *empty position* naming Redis's generation
+(one key for the whole Redis, made anew when Redis lost or evicted keys or restarted) and
+time, which :meth:`RedisBroker.recover` trusts while neither can have let a later epoch
+of the topic go (docs/decisions/0008).
+
 Announcements (:meth:`RedisBroker.announce`, the relay's "connected elsewhere"
 signal) are a bare ``PUBLISH`` on the topic's channel, ``"- - <data>"``: no
 position, no stream, not handed to the node that made them.
@@ -51,8 +57,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
@@ -107,6 +113,27 @@ CLOSE_TIMEOUT = 1.0
 
 ANNOUNCED = b"-"
 """The epoch and offset of an announcement: it has neither."""
+
+EMPTY_LIFETIME_MS: Final = META_TTL * 1000
+"""Milliseconds (Redis's clock) an empty position is vouched for: an epoch made after it
+lives at least META_TTL (every node's ``max(history_ttl, META_TTL)``), so none can have
+expired within that time."""
+
+
+def empty_epoch(epoch: str) -> tuple[str, int] | None:
+    """``(generation, Redis's time in ms)`` of an empty position's epoch
+    (``g:<generation>:<ms>``, see :meth:`RedisBroker.history`), or None for any other
+    epoch (a topic's own are 8 hex characters)."""
+    if not epoch.startswith("g:"):
+        return None
+    generation, _, born = epoch[2:].rpartition(":")
+    if not generation or not born.isascii() or not born.isdigit() or len(born) > 15:
+        return None
+    return generation, int(born)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Data(msgspec.Struct, array_like=True):
@@ -225,7 +252,14 @@ class RedisBroker:
         self._meta_ms = int(max(history.ttl, META_TTL) * 1000)
         self._window_ms = max(1, int(history.idempotency_window * 1000))
         self._registrations = registrations
-        self._probe = HealthProbe(self._client, self._probe_verdict)
+        self._generation: str | None = None
+        """Redis's generation (:data:`~wsrelay.brokers.redis_scripts.GENERATION`) as last
+        read: the probe reads it again after every PONG."""
+        self._probe = HealthProbe(
+            self._client,
+            self._probe_verdict,
+            also=(self._generation_command, self._generation_read),
+        )
         self._batch: list[_Pending] = []
         self._in_flight: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
@@ -235,7 +269,7 @@ class RedisBroker:
         self._globs: dict[str, set[str]] = {}
         """glob -> the subscribed patterns it stands for (``news.*`` and ``news.>`` share
         one)."""
-        self._sequencer = Sequencer(self._read, self._hand, self._gap)
+        self._sequencer = Sequencer(self._read, self._hand, self._gap, self._vouched)
         self._pubsub: Any = None
         self._pubsub_ready = asyncio.Event()
         """Set once the current pub/sub connection made its first SUBSCRIBE: redis-py
@@ -561,13 +595,19 @@ class RedisBroker:
     async def history(
         self, topic: str, *, since: int | None = None, limit: int = 0, reverse: bool = False
     ) -> HistoryPage:
+        """A topic without a position in Redis (never published, or its position lost) is
+        answered the *empty position* ``g:<generation>:<ms>`` at offset 0, and nothing is
+        stored for it: the generation this node knew before the read, and Redis's time
+        then. :meth:`recover` vouches for it while nothing can have been lost since."""
         size = self._size(topic)
         try:
+            # Read before the topic, so that an unchanged generation afterwards means
+            # nothing was lost from before the read on.
+            generation = self._generation or (await self._generation_now())[0]
             reply = await self._commands.script(
                 scripts.HISTORY,
                 scripts.keys(topic),
                 (
-                    new_epoch(),
                     self._meta_ms,
                     max(0, since or 0),
                     limit if size > 0 else 0,
@@ -578,8 +618,8 @@ class RedisBroker:
             )
         except FAILURES as exc:
             raise unavailable(exc) from None
-        epoch_bytes, top, raw = reply
-        epoch = epoch_bytes.decode()
+        epoch_bytes, top, raw, *born = reply
+        epoch = f"g:{generation}:{_text(born[0])}" if born else epoch_bytes.decode()
         if topic in self._topics:
             self._sequencer.floor(topic, epoch, top)
         publications = []
@@ -589,6 +629,56 @@ class RedisBroker:
                 Publication(topic, data.message, data.user, offset, epoch, data.skip, data.json)
             )
         return HistoryPage(publications, Position(epoch, top))
+
+    async def recover(
+        self, topic: str, since: Position, limit: int
+    ) -> tuple[HistoryPage, Position]:
+        """An empty position ``since`` (:meth:`history`) stands for the topic's current
+        epoch if Redis's generation did not change since and it is younger than
+        :data:`EMPTY_LIFETIME_MS` (both checked after the read): then no epoch of the topic
+        can have been lost since it was answered, and the first one made since is the
+        current one (or none yet)."""
+        page = await self.history(topic, since=since.offset, limit=limit)
+        try:
+            vouched = await self._vouched([since.epoch])
+        except FAILURES as exc:
+            raise unavailable(exc) from None
+        if not vouched:
+            return page, since
+        top = page.position
+        if empty_epoch(top.epoch) is None:
+            return page, Position(top.epoch, since.offset)
+        # Still never published: nothing to miss, and the position answered now is as good.
+        return page, (top if since.offset == 0 else since)
+
+    async def _vouched(self, epochs: Iterable[str]) -> set[str]:
+        """Of ``epochs``, the empty positions' that nothing can have been lost since:
+        Redis's generation unchanged (read now, after what they are checked against) and
+        younger than :data:`EMPTY_LIFETIME_MS`. No command without an empty position."""
+        empty = {epoch: parsed for epoch in epochs if (parsed := empty_epoch(epoch))}
+        if not empty:
+            return set()
+        generation, now = await self._generation_now()
+        return {
+            epoch
+            for epoch, (made_in, born) in empty.items()
+            if made_in == generation and 0 <= now - born < EMPTY_LIFETIME_MS
+        }
+
+    async def _generation_now(self) -> tuple[str, int]:
+        """Redis's generation (made anew if it changed) and Redis's time in ms."""
+        generation, now = await self._commands.script(
+            scripts.GENERATION, (scripts.GENERATION_KEY,), (new_epoch(), 1)
+        )
+        self._generation = _text(generation)
+        return self._generation, int(now)
+
+    def _generation_command(self) -> tuple[Any, ...]:
+        """What the probe sends after each PONG: the generation, made anew if it changed."""
+        return ("EVAL", scripts.GENERATION.source, 1, scripts.GENERATION_KEY, new_epoch(), 0)
+
+    def _generation_read(self, reply: Any) -> None:
+        self._generation = _text(reply[0])
 
     async def _read(
         self, topic: str, epoch: str, first: int, last: int | None

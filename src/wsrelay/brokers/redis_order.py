@@ -26,7 +26,11 @@ A topic is handled alike whether it arrived on its own channel or through a patt
 
 A topic on which nothing arrived yet since it was subscribed has no position;
 the positions the node answers clients (:meth:`Sequencer.floor`, from history
-reads made after subscribing) say where a catch-up starts for it.
+reads made after subscribing) say where a catch-up starts for it. A floor that
+is an empty position (the topic had no publication: no epoch of its own) is
+continued by the topic's next epoch from offset 1 without a gap if the broker
+vouches for it after the read (:data:`Vouch`), and is a gap like any other
+epoch change otherwise.
 """
 
 from __future__ import annotations
@@ -52,16 +56,21 @@ Gap: TypeAlias = Callable[[str, str, int], None]
 """``gap(topic, epoch, offset)``: tell the listener publications before ``offset + 1``
 were lost."""
 
+Vouch: TypeAlias = Callable[[list[str]], Awaitable[set[str]]]
+"""``vouch(epochs)``: those of ``epochs`` that are empty positions nothing can have been
+lost since (so a topic's next epoch continues them from offset 1), asked after the read."""
+
 
 class Sequencer:
     """Per topic, the position handed over last; see the module docstring. Calls are
     made one at a time (from the broker's listening task), so the positions cannot
     change under a read."""
 
-    def __init__(self, read: Read, hand: Hand, gap: Gap) -> None:
+    def __init__(self, read: Read, hand: Hand, gap: Gap, vouch: Vouch | None = None) -> None:
         self._read = read
         self._hand_over = hand
         self._tell_gap = gap
+        self._vouch = vouch
         self.positions: dict[str, tuple[str, int]] = {}
         """topic -> (epoch, offset) handed over (or declared lost) last."""
         self.floors: dict[str, tuple[str, int]] = {}
@@ -114,13 +123,19 @@ class Sequencer:
         if not known:
             return
         answers = await read_all([(t, epoch, last + 1) for t, (epoch, last) in known])
+        moved = [
+            epoch
+            for (_, (epoch, _)), (current, _, _) in zip(known, answers, strict=True)
+            if current is not None and current != epoch
+        ]
+        continued = await self._vouch(moved) if moved and self._vouch is not None else set()
         for (topic, (epoch, last)), (current, top, entries) in zip(known, answers, strict=True):
             if current is None:
                 continue  # history gone: the new epoch's first publication says so
             if current == epoch:
                 self._advance(topic, epoch, last + 1, entries, top, lost=False)
             else:
-                self._advance(topic, current, 1, entries, top, lost=True)
+                self._advance(topic, current, 1, entries, top, lost=epoch not in continued)
 
     async def _fill(self, topic: str, epoch: str, first: int, last: int, *, lost: bool) -> None:
         entries: Entries = []

@@ -13,6 +13,10 @@ A node too busy to read its sockets for a second (a reconnect storm on one
 core) must not take its own lateness for an outage: before declaring one, the
 probe checks that its event loop runs on time (a 50 ms sleep takes less than
 250 ms), and waits on while it does not.
+
+After each PONG it may send one more command (``also``; the Redis broker reads
+Redis's generation, docs/decisions/0008), awaited the same way; Redis refusing
+it is logged once and does not count against Redis's health.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 log = logging.getLogger("wsrelay.redis")
@@ -46,6 +50,11 @@ STALL_PATIENCE: Final = 10.0
 (a stalled Redis answers on the old one when it resumes; a dead route never does)."""
 
 
+Also: TypeAlias = tuple[Callable[[], tuple[Any, ...]], Callable[[Any], None]]
+"""``(command, answered)``: the command to send after each PONG (made anew each time), and
+what is called with its reply."""
+
+
 class HealthProbe:
     """Pings Redis; calls ``changed(up, reason)`` on every change of its verdict."""
 
@@ -56,6 +65,7 @@ class HealthProbe:
         *,
         interval: float = PROBE_INTERVAL,
         timeout: float = PROBE_TIMEOUT,
+        also: Also | None = None,
     ) -> None:
         pool = client.connection_pool
         self._connection_class = pool.connection_class
@@ -67,6 +77,8 @@ class HealthProbe:
             "health_check_interval": 0,
         }
         self._changed = changed
+        self._also = also
+        self._also_refused = False
         self._interval = interval
         self._timeout = timeout
         self.up = False
@@ -110,9 +122,11 @@ class HealthProbe:
                 async with asyncio.timeout(self._timeout):
                     await connection.connect()  # type: ignore[no-untyped-call]
                 while True:
-                    await self._ping(connection)
+                    await self._ask(connection, ("PING",))
                     answered = True
                     self._verdict(True, "PONG")
+                    if self._also is not None:
+                        await self._ask_also(connection, *self._also)
                     await self._pause()
             except (RedisError, OSError, TimeoutError) as exc:
                 if answered and not isinstance(exc, TimeoutError):
@@ -128,8 +142,26 @@ class HealthProbe:
                         await connection.disconnect(nowait=True)
             await self._pause()
 
-    async def _ping(self, connection: Any) -> None:
-        await connection.send_command("PING", check_health=False)
+    async def _ask_also(
+        self,
+        connection: Any,
+        command: Callable[[], tuple[Any, ...]],
+        answered: Callable[[Any], None],
+    ) -> None:
+        sent = command()
+        try:
+            reply = await self._ask(connection, sent)
+        except ResponseError as exc:
+            if not self._also_refused:
+                log.warning("Redis refused the probe's %s: %s", sent[0], exc)
+                self._also_refused = True
+            return
+        answered(reply)
+
+    async def _ask(self, connection: Any, command: tuple[Any, ...]) -> Any:
+        """Send ``command`` and return its reply, declaring Redis down if it is late."""
+        name = command[0]
+        await connection.send_command(*command, check_health=False)
         reply = asyncio.ensure_future(connection.read_response())
         try:
             await asyncio.wait({reply}, timeout=self._timeout)
@@ -142,11 +174,11 @@ class HealthProbe:
                 await asyncio.wait({reply}, timeout=LAG_LIMIT)
                 waited += LAG_LIMIT
             if not reply.done():
-                self._verdict(False, f"no answer to PING within {waited:g} s (stalled?)")
+                self._verdict(False, f"no answer to {name} within {waited:g} s (stalled?)")
                 await asyncio.wait({reply}, timeout=STALL_PATIENCE)
                 if not reply.done():
-                    raise TimeoutError(f"no answer to PING within {STALL_PATIENCE:g} s")
-            reply.result()
+                    raise TimeoutError(f"no answer to {name} within {STALL_PATIENCE:g} s")
+            return reply.result()
         finally:
             if not reply.done():
                 reply.cancel()

@@ -3,13 +3,15 @@
 Per topic, under one hash tag (Redis Cluster puts a topic's keys in one slot):
 
 ``wsrelay:{<topic>}:epoch``
-    The topic's epoch, a random id made with its history (``SET`` by whichever
-    script finds it missing, from an id the node passes in).
+    The topic's epoch, a random id made with its history (``SET`` by the publish
+    script when it finds it missing, from an id the node passes in).
 ``wsrelay:{<topic>}:offset``
     The last offset given (``INCR``). It and the epoch live ``max(history_ttl,
     META_TTL)`` after the topic's last publish or history read, so a quiet topic
-    keeps its epoch. A topic that lost either one lost its history: the script
-    that notices makes a new epoch, offsets start again at 1, the stream goes.
+    keeps its epoch. A topic that lost either one lost its history: the next
+    publish makes a new epoch, offsets start again at 1, the stream goes. Reading
+    a topic without them (never published, or lost) writes nothing: the history
+    script answers Redis's time instead, for the node's *empty position*.
 ``wsrelay:{<topic>}:stream``
     The last ``history_size`` publications, entry id ``0-<offset>``, fields ``d``
     (the payload) and ``t`` (Redis's clock, ms, to expire entries older than
@@ -23,6 +25,15 @@ Per topic, under one hash tag (Redis Cluster puts a topic's keys in one slot):
 Live traffic goes to the channel ``wsrelay:{<topic>}:live`` as
 ``"<epoch> <offset> <payload>"``, ``PUBLISH``-ed by the same script: the
 channel carries a topic's publications in offset order.
+
+One key for the whole Redis:
+
+``wsrelay:generation``
+    A hash: ``id``, a random id, and ``mark``, Redis's ``run_id`` and
+    ``evicted_keys`` when it was made. :data:`GENERATION` makes a new id when the
+    key is missing (FLUSHALL, Redis restarted empty) or the mark changed (Redis
+    restarted, even from a snapshot; keys were evicted), so an unchanged id means
+    that no topic's keys were lost since, other than by expiry. No TTL.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from typing import Final
 from wsrelay.brokers.redis_client import Script
 
 LIVE_SUFFIX: Final = "}:live"
+
+GENERATION_KEY: Final = "wsrelay:generation"
 
 
 def keys(topic: str) -> tuple[str, str, str]:
@@ -52,9 +65,9 @@ def topic_of(channel_name: str) -> str:
     return channel_name[len("wsrelay:{") : -len(LIVE_SUFFIX)]
 
 
-# Shared by the scripts that may find a topic's history lost: make a new epoch, offsets
-# from 1, no stream (its entries belong to the lost epoch, and XADD 0-1 would be refused
-# after them).
+# The publish script's, when it finds a topic's history lost (or never made): a new epoch,
+# offsets from 1, no stream (its entries belong to the lost epoch, and XADD 0-1 would be
+# refused after them).
 _POSITION = """
 local function position(stream, offset_key, epoch_key, new_epoch, meta_ttl)
   local epoch = redis.call('GET', epoch_key)
@@ -99,19 +112,33 @@ return {at, 0}
 """
 )
 
+_NOW = """
+local function now_ms()
+  local now = redis.call('TIME')
+  return now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+end
+"""
+
 HISTORY = Script(
-    _POSITION
+    _NOW
     + """
 -- KEYS: stream, offset, epoch
--- ARGV: new epoch, meta ttl ms, since, limit, reverse (1/0), history size, history ttl ms
+-- ARGV: meta ttl ms, since, limit, reverse (1/0), history size, history ttl ms
 -- Returns {epoch, offset, entries}: at most limit entries with an offset above since,
--- among the last history-size offsets and younger than history ttl.
-local epoch, top = position(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
-local limit = tonumber(ARGV[4])
+-- among the last history-size offsets and younger than history ttl. A topic without a
+-- position (never published, or its position lost) is answered {false, 0, {}, Redis's
+-- time in ms}, and nothing is written: reading a topic never creates its keys.
+local epoch = redis.call('GET', KEYS[3])
+local top = redis.call('GET', KEYS[2])
+if not epoch or not top then return {false, 0, {}, now_ms()} end
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+top = tonumber(top)
+local limit = tonumber(ARGV[3])
 if limit <= 0 or top == 0 then return {epoch, top, {}} end
 -- Entries are in time order: drop the prefix older than the history ttl.
 local now = redis.call('TIME')
-local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7])
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[6])
 while true do
   local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 64)
   if #head == 0 then break end
@@ -131,10 +158,10 @@ while true do
   redis.call('XTRIM', KEYS[1], 'MINID', '0-' .. (last + 1))
 end
 -- Never more than history-size, even if the stream keeps more.
-local low = math.max(tonumber(ARGV[3]), top - tonumber(ARGV[6])) + 1
+local low = math.max(tonumber(ARGV[2]), top - tonumber(ARGV[5])) + 1
 if low > top then return {epoch, top, {}} end
 local entries
-if ARGV[5] == '1' then
+if ARGV[4] == '1' then
   entries = redis.call('XREVRANGE', KEYS[1], '0-' .. top, '0-' .. low, 'COUNT', limit)
 else
   entries = redis.call('XRANGE', KEYS[1], '0-' .. low, '0-' .. top, 'COUNT', limit)
@@ -156,5 +183,34 @@ if epoch ~= ARGV[1] then first = '1' end
 local last = ARGV[3]
 if last ~= '+' then last = '0-' .. last end
 return {epoch, top, redis.call('XRANGE', KEYS[1], '0-' .. first, last, 'COUNT', ARGV[4])}
+"""
+)
+
+GENERATION = Script(
+    _NOW
+    + """
+-- KEYS: the generation key.  ARGV: an id for a new generation, 1 to answer Redis's time
+-- Returns {generation id[, Redis's time in ms]}: the id held, or a new one (ARGV[1]) if
+-- the key is missing or Redis restarted or evicted keys since the id was made. Where
+-- INFO cannot be read, every call makes a new one (nothing can be vouched for).
+local function info(section, name)
+  local text = redis.pcall('INFO', section)
+  if type(text) ~= 'string' then return nil end
+  return string.match('\\n' .. text, '\\n' .. name .. ':(%w+)')
+end
+local run, evicted = info('server', 'run_id'), info('stats', 'evicted_keys')
+local mark = ARGV[1]
+if run and evicted then mark = run .. ' ' .. evicted end
+local held = redis.call('HGETALL', KEYS[1])
+local id, seen = nil, nil
+for i = 1, #held, 2 do
+  if held[i] == 'id' then id = held[i + 1] elseif held[i] == 'mark' then seen = held[i + 1] end
+end
+if not id or seen ~= mark then
+  id = ARGV[1]
+  redis.call('HSET', KEYS[1], 'id', id, 'mark', mark)
+end
+if ARGV[2] == '1' then return {id, now_ms()} end
+return {id}
 """
 )
