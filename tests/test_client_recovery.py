@@ -333,3 +333,40 @@ async def test_duplicates_are_dropped_and_a_gap_is_reported() -> None:
             {"topics": ["t"], "since": {"t": {"offset": 11, "epoch": "e1"}}},
         ]
         assert sub.positions == {"t": Position(12, "e1")}
+
+
+async def test_a_recovered_answer_in_a_new_epoch_keeps_what_came_live_before_it() -> None:
+    """A topic never published answers an empty position (Redis: ``g:<generation>:<ms>``).
+    Recovered later, the answer names the topic's real epoch with the same numbering; what
+    came live before that answer (a hold that timed out) is not taken again from the
+    replay."""
+
+    async def script(ws: web.WebSocketResponse, command: dict[str, Any], n: int) -> None:
+        if n == 1:
+            positions = {"t": {"offset": 0, "epoch": "g:x:1"}}
+            await ws.send_str(
+                json.dumps({"type": "subscribed", "topics": ["t"], "positions": positions})
+            )
+            await ws.send_str(message(1))
+            await ws.send_str(message(2))
+            await ws.close(code=1011, message=b"test: reconnect")
+        else:
+            await ws.send_str(message(3))  # live, before the answer
+            await ws.send_str(message(4))
+            positions = {"t": {"offset": 2, "epoch": "e1", "recovered": True}}
+            await ws.send_str(
+                json.dumps({"type": "subscribed", "topics": ["t"], "positions": positions})
+            )
+            for frame in (message(3, "replayed"), message(4, "replayed"), message(5)):
+                await ws.send_str(frame)
+            await ws.receive()  # until the client closes
+
+    async with (
+        scripted_relay(script) as (url, seen),
+        Relay(url, backoff=FAST) as relay,
+        relay.subscribe("t") as sub,
+    ):
+        received = await receive(sub, 5)
+        assert [(m.offset, m.message) for m in received] == [(i, f"m{i}") for i in range(1, 6)]
+        assert seen[1][1]["since"] == {"t": {"offset": 2, "epoch": "g:x:1"}}
+        assert sub.positions == {"t": Position(5, "e1")}

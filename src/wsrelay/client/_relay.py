@@ -1031,9 +1031,11 @@ class Subscription:
         for topic, answer in frame.positions.items():
             known = self._positions.get(topic)
             position = Position(answer.offset, answer.epoch)
-            if known is not None and known.epoch == position.epoch:
+            if known is not None and (known.epoch == position.epoch or answer.recovered):
                 # Messages received after the command was sent (a hold that timed out)
-                # are already past the position answered; their replay is dropped.
+                # are already past the position answered; their replay is dropped. A
+                # recovered answer may name a new epoch with the same numbering (a topic
+                # first published since an empty position: docs/decisions/0008).
                 position = Position(max(known.offset, position.offset), position.epoch)
             self._positions[topic] = position
             if answer.recovered is False:

@@ -768,8 +768,12 @@ export class Relay extends EventTarget {
     for (const [topic, answer] of Object.entries(positions ?? {})) {
       const known = this.#positions.get(topic) ?? null;
       let offset = answer.offset;
-      // Messages received after the command was sent are past the position answered.
-      if (known && known.epoch === answer.epoch) offset = Math.max(offset, known.offset);
+      // Messages received after the command was sent are past the position answered. A
+      // recovered answer may name a new epoch with the same numbering (a topic first
+      // published since an empty position).
+      if (known && (known.epoch === answer.epoch || answer.recovered === true)) {
+        offset = Math.max(offset, known.offset);
+      }
       this.#positions.set(topic, { offset, epoch: answer.epoch });
       if (answer.recovered === false) {
         const reason = known && known.epoch === answer.epoch ? "too_far_behind" : "epoch_changed";
