@@ -106,8 +106,8 @@ async def test_a_stalled_redis_refuses_before_the_upgrade_with_retry_after(
 
 
 RESTART_BUDGET = 75.0
-"""Seconds for every client to be back. The claim is 30 s uninstrumented (bench/storm.py
-measures it; docs/benchmarks.md); here coverage traces the node (every Python subprocess
+"""Seconds for every client to be back. `python bench/fanout.py --scenario storm`
+measures it uninstrumented; here coverage traces the node (every Python subprocess
 of the suite), which runs it about 2.5 times slower. This test's own process is not
 traced (no_cover): it runs the 5,000 clients."""
 
