@@ -232,8 +232,9 @@ class Settings:
         "native",
         "What serves new connections. native: a WebSocket upgrade goes to a driver on "
         "the websockets library's sans-I/O protocol (about 4.3 KiB per idle connection "
-        "instead of 19, docs/decisions/0013), a publish to one on the httptools parser (about 2.9 times "
-        "aiohttp's requests/s, docs/decisions/0005), everything else to aiohttp. aiohttp: "
+        "instead of 19, docs/decisions/0013), a publish to one on the httptools parser "
+        "(about 2.9 times aiohttp's requests/s, docs/decisions/0005), everything else to "
+        "aiohttp. aiohttp: "
         "aiohttp serves everything. Same API and rules either way.",
         metavar="STACK",
     )
