@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.server.inprocess import served as serve
 from tests.server.rawws import CLOSE, CONTINUATION, PING, PONG, TEXT, RawWebSocket, encode_frame
-from tests.utils import TIMEOUT, free_port
+from tests.utils import TIMEOUT
 from wsrelay.config import STACKS, Settings
 from wsrelay.server.app import create_app
-from wsrelay.server.front import RelaySite
 from wsrelay.server.keys import CONNECTIONS, RELAY
-from wsrelay.server.native import SHARED, NativeConnection
+from wsrelay.server.native import NativeConnection
 
 
 @dataclass
@@ -45,17 +45,8 @@ class Served:
 @pytest.fixture(params=STACKS)
 async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     app = create_app(Settings())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site: web.BaseSite
-    if request.param == "native":
-        site = RelaySite(runner, app[SHARED], "127.0.0.1", port)
-    else:
-        site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    yield Served(f"ws://127.0.0.1:{port}", app)
-    await runner.cleanup()
+    async with serve(app, request.param) as url:
+        yield Served(url, app)
 
 
 async def until(condition: Callable[[], bool]) -> None:

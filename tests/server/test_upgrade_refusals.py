@@ -17,15 +17,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.server.inprocess import served as serve
 from tests.server.rawws import RawWebSocket
-from tests.utils import free_port
 from wsrelay.brokers import Backend, MemoryBus
 from wsrelay.config import STACKS, Settings
 from wsrelay.errors import BrokerUnavailable
 from wsrelay.server.app import create_app
-from wsrelay.server.front import RelaySite
 from wsrelay.server.keys import RELAY
-from wsrelay.server.native import SHARED
 
 
 class FailingSubscriptions:
@@ -60,17 +58,8 @@ async def relay_app(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     memory = MemoryBus().backend()
     broker = FailingSubscriptions(memory.broker)
     app = create_app(Settings(), backend=Backend(broker, memory.registrations))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site: web.BaseSite
-    if request.param == "native":
-        site = RelaySite(runner, app[SHARED], "127.0.0.1", port)
-    else:
-        site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    yield Served(f"ws://127.0.0.1:{port}", app, broker)
-    await runner.cleanup()
+    async with serve(app, request.param) as url:
+        yield Served(url, app, broker)
 
 
 async def test_a_broker_failure_at_attach_is_a_503_before_the_upgrade(
