@@ -370,3 +370,35 @@ async def test_a_recovered_answer_in_a_new_epoch_keeps_what_came_live_before_it(
         assert [(m.offset, m.message) for m in received] == [(i, f"m{i}") for i in range(1, 6)]
         assert seen[1][1]["since"] == {"t": {"offset": 2, "epoch": "g:x:1"}}
         assert sub.positions == {"t": Position(5, "e1")}
+
+
+async def test_a_recovered_answer_in_another_epoch_than_a_real_known_one_is_taken_as_is() -> None:
+    """Only an empty position's numbering carries over to another epoch: a position in a
+    real epoch (here moved by a gap frame just before the answer) is not compared with an
+    answer in another one, whose messages after the answered offset are all delivered."""
+
+    async def script(ws: web.WebSocketResponse, command: dict[str, Any], n: int) -> None:
+        if n == 1:
+            positions = {"t": {"offset": 0, "epoch": "e0"}}
+            await ws.send_str(
+                json.dumps({"type": "subscribed", "topics": ["t"], "positions": positions})
+            )
+            await ws.send_str(message(1))
+            await ws.close(code=1011, message=b"test: reconnect")
+        else:
+            await ws.send_str(json.dumps({"type": "gap", "topic": "t", "offset": 7, "epoch": "e9"}))
+            positions = {"t": {"offset": 2, "epoch": "e1", "recovered": True}}
+            await ws.send_str(
+                json.dumps({"type": "subscribed", "topics": ["t"], "positions": positions})
+            )
+            await ws.send_str(message(3))
+            await ws.receive()  # until the client closes
+
+    async with (
+        scripted_relay(script) as (url, _),
+        Relay(url, backoff=FAST) as relay,
+        relay.subscribe("t") as sub,
+    ):
+        received = await receive(sub, 2)
+        assert [(m.offset, m.message) for m in received] == [(1, "m1"), (3, "m3")]
+        assert sub.positions == {"t": Position(3, "e1")}

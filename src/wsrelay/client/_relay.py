@@ -70,6 +70,7 @@ from wsrelay.client._presence import (
     UserDisconnected,
     UserStatus,
 )
+from wsrelay.core.schema import EMPTY_EPOCH_PREFIX
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 MAX_BATCH: Final = 1000
@@ -1031,11 +1032,14 @@ class Subscription:
         for topic, answer in frame.positions.items():
             known = self._positions.get(topic)
             position = Position(answer.offset, answer.epoch)
-            if known is not None and (known.epoch == position.epoch or answer.recovered):
+            if known is not None and (
+                known.epoch == position.epoch
+                or (answer.recovered and known.epoch.startswith(EMPTY_EPOCH_PREFIX))
+            ):
                 # Messages received after the command was sent (a hold that timed out)
                 # are already past the position answered; their replay is dropped. A
-                # recovered answer may name a new epoch with the same numbering (a topic
-                # first published since an empty position: docs/decisions/0008).
+                # recovered answer to an empty position (a topic never published then)
+                # names the real epoch, with the same numbering (docs/decisions/0008).
                 position = Position(max(known.offset, position.offset), position.epoch)
             self._positions[topic] = position
             if answer.recovered is False:

@@ -191,6 +191,11 @@ class BatchPublishResponse(msgspec.Struct):
 MAX_HISTORY_PAGE = 1000
 """Most publications one ``GET /history`` answers."""
 
+EMPTY_EPOCH_PREFIX: Final = "g:"
+"""How the epoch of an empty position begins: the position of a topic never published
+(Redis answers ``g:<generation>:<ms>`` at offset 0, docs/decisions/0008). Recovered from
+later, it is answered in the topic's own epoch, with the same numbering."""
+
 
 class HistoryItem(msgspec.Struct):
     offset: int

@@ -769,9 +769,10 @@ export class Relay extends EventTarget {
       const known = this.#positions.get(topic) ?? null;
       let offset = answer.offset;
       // Messages received after the command was sent are past the position answered. A
-      // recovered answer may name a new epoch with the same numbering (a topic first
-      // published since an empty position).
-      if (known && (known.epoch === answer.epoch || answer.recovered === true)) {
+      // recovered answer to an empty position (a topic never published then) names the
+      // real epoch, with the same numbering.
+      const empty = known && known.epoch.startsWith("g:") && answer.recovered === true;
+      if (known && (known.epoch === answer.epoch || empty)) {
         offset = Math.max(offset, known.offset);
       }
       this.#positions.set(topic, { offset, epoch: answer.epoch });
