@@ -203,3 +203,42 @@ async def test_a_node_cut_off_across_a_flush_reports_the_gap(
     assert [(p.message, p.offset) for p in got] == [("1", 1), ("2", 2)]
     await a.stop()
     await b.stop()
+
+
+async def evalsha_calls(admin: aioredis.Redis) -> int:
+    """EVALSHA run so far (the node's scripts; the probe's runs with EVAL)."""
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_forged_or_stale_empty_positions_cost_redis_no_generation_check(
+    broker: RedisBroker, admin: aioredis.Redis
+) -> None:
+    """One command recovering many topics from positions that cannot be trusted (another
+    generation, a time in the future or older than META_TTL) reads each topic once and
+    asks Redis nothing more; trustworthy ones share one generation check."""
+    await eventually(
+        lambda: asyncio.sleep(0, broker._redis_clock is not None), "the probe's first check"
+    )
+    generation, now = generation_of((await broker.history("warm")).position)
+    n = 256
+    forged = [
+        Position(f"g:x:{now}", 0),
+        Position(f"g:{generation}:{now + 3_600_000}", 0),
+        Position(f"g:{generation}:{now - (META_TTL + 3_600) * 1000}", 0),
+        Position(f"g:{generation}:{'9' * 15}", 0),
+    ]
+    before = await evalsha_calls(admin)
+    answers = await asyncio.gather(
+        *(broker.recover(f"t{i}", forged[i % len(forged)], 10) for i in range(n))
+    )
+    assert await evalsha_calls(admin) - before == n  # one history read each, nothing else
+    assert not any(recovered(page, since) for page, since in answers)
+
+    positions = await asyncio.gather(*(broker.history(f"t{i}") for i in range(n)))
+    before = await evalsha_calls(admin)
+    answers = await asyncio.gather(
+        *(broker.recover(f"t{i}", p.position, 10) for i, p in enumerate(positions))
+    )
+    assert await evalsha_calls(admin) - before <= n + 2  # the reads, and a shared check
+    assert all(recovered(page, since) for page, since in answers)

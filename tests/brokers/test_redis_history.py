@@ -79,9 +79,9 @@ async def test_ttls_the_stream_lives_history_ttl_the_position_longer(
 ) -> None:
     a, _ = await node(redis_server.url, "a", HistoryLimits(size=10, ttl=120))
     await a.publish(Publication("t", "x"))
-    stream, offset, epoch = keys("t")
+    stream, offset, epoch, run = keys("t")
     assert 119_000 < await admin.pttl(stream) <= 120_000
-    for key in (offset, epoch):
+    for key in (offset, epoch, run):
         assert META_TTL * 1000 - 5_000 < await admin.pttl(key) <= META_TTL * 1000
     await a.stop()
 

@@ -25,7 +25,9 @@ A topic never published has no keys, and reading its position creates none (anyo
 subscribe to fresh names): it is answered an *empty position* naming Redis's generation
 (one key for the whole Redis, made anew when Redis lost or evicted keys or restarted) and
 time, which :meth:`RedisBroker.recover` trusts while neither can have let a later epoch
-of the topic go (docs/decisions/0008).
+of the topic go (docs/decisions/0008). A topic's position is trusted only in the Redis
+process that made it (the scripts compare Redis's ``run_id``): a Redis restarted, even from
+a snapshot that lacks the last offsets given, starts new epochs rather than give them again.
 
 Announcements (:meth:`RedisBroker.announce`, the relay's "connected elsewhere"
 signal) are a bare ``PUBLISH`` on the topic's channel, ``"- - <data>"``: no
@@ -57,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -118,6 +121,11 @@ EMPTY_LIFETIME_MS: Final = META_TTL * 1000
 """Milliseconds (Redis's clock) an empty position is vouched for: an epoch made after it
 lives at least META_TTL (every node's ``max(history_ttl, META_TTL)``), so none can have
 expired within that time."""
+
+
+CLOCK_SLACK_MS: Final = 60_000
+"""Milliseconds an empty position's time may be off Redis's clock as last read (the
+read's round trip, the probe's period) before it is refused without asking Redis."""
 
 
 def empty_epoch(epoch: str) -> tuple[str, int] | None:
@@ -255,6 +263,9 @@ class RedisBroker:
         self._generation: str | None = None
         """Redis's generation (:data:`~wsrelay.brokers.redis_scripts.GENERATION`) as last
         read: the probe reads it again after every PONG."""
+        self._redis_clock: float | None = None
+        """Redis's time in ms minus this node's monotonic clock in ms, as last read."""
+        self._generation_waiting: asyncio.Future[tuple[str, int]] | None = None
         self._probe = HealthProbe(
             self._client,
             self._probe_verdict,
@@ -603,7 +614,7 @@ class RedisBroker:
         try:
             # Read before the topic, so that an unchanged generation afterwards means
             # nothing was lost from before the read on.
-            generation = self._generation or (await self._generation_now())[0]
+            generation = self._generation or (await self._generation_shared())[0]
             reply = await self._commands.script(
                 scripts.HISTORY,
                 scripts.keys(topic),
@@ -654,16 +665,53 @@ class RedisBroker:
     async def _vouched(self, epochs: Iterable[str]) -> set[str]:
         """Of ``epochs``, the empty positions' that nothing can have been lost since:
         Redis's generation unchanged (read now, after what they are checked against) and
-        younger than :data:`EMPTY_LIFETIME_MS`. No command without an empty position."""
+        younger than :data:`EMPTY_LIFETIME_MS`. No command without an empty position that
+        could pass: one naming another generation than the one last read, or a time
+        clearly outside the window by Redis's clock as last read, is refused here (a
+        forged ``since`` costs Redis nothing). Concurrent calls share one check."""
         empty = {epoch: parsed for epoch in epochs if (parsed := empty_epoch(epoch))}
+        known, clock = self._generation, self._redis_clock
+        if known is not None and clock is not None:
+            now = time.monotonic() * 1000 + clock
+            empty = {
+                epoch: (made_in, born)
+                for epoch, (made_in, born) in empty.items()
+                if made_in == known
+                and -CLOCK_SLACK_MS <= now - born < EMPTY_LIFETIME_MS + CLOCK_SLACK_MS
+            }
         if not empty:
             return set()
-        generation, now = await self._generation_now()
+        generation, now = await self._generation_shared()
         return {
             epoch
             for epoch, (made_in, born) in empty.items()
             if made_in == generation and 0 <= now - born < EMPTY_LIFETIME_MS
         }
+
+    async def _generation_shared(self) -> tuple[str, int]:
+        """:meth:`_generation_now`, one script for every caller that asks before it is
+        sent (each asks after its own read, so the script runs after every one of them)."""
+        waiting = self._generation_waiting
+        if waiting is None:
+            waiting = self._generation_waiting = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._generation_send, waiting)
+        return await asyncio.shield(waiting)
+
+    def _generation_send(self, waiting: asyncio.Future[tuple[str, int]]) -> None:
+        self._generation_waiting = None  # who asks from now on needs a later script
+        task = asyncio.ensure_future(self._generation_now())
+
+        def done(task: asyncio.Future[tuple[str, int]]) -> None:
+            if waiting.done():
+                return
+            if task.cancelled():
+                waiting.cancel()
+            elif (exc := task.exception()) is not None:
+                waiting.set_exception(exc)
+            else:
+                waiting.set_result(task.result())
+
+        task.add_done_callback(done)
 
     async def _generation_now(self) -> tuple[str, int]:
         """Redis's generation (made anew if it changed) and Redis's time in ms."""
@@ -671,14 +719,17 @@ class RedisBroker:
             scripts.GENERATION, (scripts.GENERATION_KEY,), (new_epoch(), 1)
         )
         self._generation = _text(generation)
+        self._redis_clock = int(now) - time.monotonic() * 1000
         return self._generation, int(now)
 
     def _generation_command(self) -> tuple[Any, ...]:
-        """What the probe sends after each PONG: the generation, made anew if it changed."""
-        return ("EVAL", scripts.GENERATION.source, 1, scripts.GENERATION_KEY, new_epoch(), 0)
+        """What the probe sends after each PONG: the generation, made anew if it changed,
+        and Redis's time."""
+        return ("EVAL", scripts.GENERATION.source, 1, scripts.GENERATION_KEY, new_epoch(), 1)
 
     def _generation_read(self, reply: Any) -> None:
         self._generation = _text(reply[0])
+        self._redis_clock = int(reply[1]) - time.monotonic() * 1000
 
     async def _read(
         self, topic: str, epoch: str, first: int, last: int | None

@@ -10,8 +10,8 @@ stream before handing over anything newer:
   first;
 * after a reconnect (:meth:`Sequencer.catch_up`): each topic's stream is read
   from the next offset;
-* a new epoch (the node knew E1, now sees E2: Redis restarted empty or was
-  flushed, or the topic's keys expired): the listener is told
+* a new epoch (the node knew E1, now sees E2: Redis restarted, even from a
+  snapshot, or was flushed, or the topic's keys expired): the listener is told
   ``gap(topic, E2, k)`` and gets E2's publications from ``k + 1``, where ``k``
   is 0 unless the stream no longer holds the first ones;
 * entries the stream no longer holds (trimmed, expired, another new epoch):
