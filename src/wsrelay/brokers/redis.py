@@ -95,6 +95,7 @@ from wsrelay.core.history import (
     new_epoch,
 )
 from wsrelay.core.patterns import is_pattern
+from wsrelay.core.schema import EMPTY_EPOCH_PREFIX
 from wsrelay.core.topics import PatternIndex
 from wsrelay.errors import BrokerUnavailable, PublishOutcomeUnknown
 
@@ -132,9 +133,9 @@ def empty_epoch(epoch: str) -> tuple[str, int] | None:
     """``(generation, Redis's time in ms)`` of an empty position's epoch
     (``g:<generation>:<ms>``, see :meth:`RedisBroker.history`), or None for any other
     epoch (a topic's own are 8 hex characters)."""
-    if not epoch.startswith("g:"):
+    if not epoch.startswith(EMPTY_EPOCH_PREFIX):
         return None
-    generation, _, born = epoch[2:].rpartition(":")
+    generation, _, born = epoch[len(EMPTY_EPOCH_PREFIX) :].rpartition(":")
     if not generation or not born.isascii() or not born.isdigit() or len(born) > 15:
         return None
     return generation, int(born)
@@ -630,7 +631,9 @@ class RedisBroker:
         except FAILURES as exc:
             raise unavailable(exc) from None
         epoch_bytes, top, raw, *born = reply
-        epoch = f"g:{generation}:{_text(born[0])}" if born else epoch_bytes.decode()
+        epoch = (
+            f"{EMPTY_EPOCH_PREFIX}{generation}:{_text(born[0])}" if born else epoch_bytes.decode()
+        )
         if topic in self._topics:
             self._sequencer.floor(topic, epoch, top)
         publications = []
