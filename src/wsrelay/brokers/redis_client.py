@@ -284,7 +284,9 @@ class Commands:
                 )
                 for i, result in zip(lost, again[len(scripts) :], strict=True):
                     results[i] = result
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RuntimeError) as exc:
+            # RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed>",
+            # when redis-py writes on a connection Redis has just closed.
             results = [unavailable(exc)] * len(batch)
         except BaseException:  # stopped (cancelled) mid-batch: nobody may wait forever
             for call in batch:
